@@ -1,0 +1,46 @@
+# make demo : set everything up on a fresh machine (venv, torch CPU, data) and run the main job.
+# make test : same set-up, then the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+WORDNET := /usr/share/wordnet/data.noun
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup data demo test bench lint clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: on our machines 2.13.0 CPU comes from a local wheel; a bare 'torch' would pull a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian ships Fashion-MNIST and WordNet; install them when missing and apt is there.
+data:
+	@if [ ! -f $(FASHION) ] || [ ! -f $(WORDNET) ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist wordnet-base >/dev/null; \
+	  else echo "Fashion-MNIST not found at $(FASHION) and no apt-get: pass --data-root DIR with the idx files"; fi; \
+	fi
+
+demo: setup
+	$(BIN)/oodforge demo --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+bench: setup
+	$(BIN)/python benchmarks/bench_metrics.py
+	$(BIN)/python benchmarks/bench_feature_cache.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,101 @@
+"""In-memory image datasets and benchmark suites.
+
+Every dataset in oodforge is an :class:`ArrayDataset`: uint8 images ``[N, C, H, W]`` plus int64
+labels, with a stable ``identity`` string used as the feature-cache key. ``__getitem__`` returns
+float images in ``[0, 1]``; normalisation lives inside the classifier, so input-space methods
+(ODIN, CAM masks, inpainting) all work on the same ``[0, 1]`` pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class ArrayDataset(Dataset):
+    """Images held as a uint8 tensor ``[N, C, H, W]`` with int64 labels (``-1`` = no label).
+
+    ``identity`` names the data for caching (e.g. ``"fashion-mnist/test"``); when omitted it is
+    a hash of the pixels and labels, so two datasets with equal content share cache entries.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | None = None,
+        class_names: list[str] | None = None,
+        identity: str | None = None,
+    ) -> None:
+        images = torch.as_tensor(np.asarray(images))
+        if images.dtype != torch.uint8:
+            raise TypeError(f"ArrayDataset expects uint8 images, got {images.dtype}; scale to 0..255 first")
+        if images.ndim != 4:
+            raise ValueError(f"ArrayDataset expects images shaped [N, C, H, W], got {tuple(images.shape)}")
+        n = images.shape[0]
+        if labels is None:
+            labels = torch.full((n,), -1, dtype=torch.int64)
+        labels = torch.as_tensor(np.asarray(labels)).to(torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        self.images = images.contiguous()
+        self.labels = labels
+        self.class_names = list(class_names) if class_names is not None else None
+        self._identity = identity
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            h = hashlib.sha256()
+            h.update(self.images.numpy().tobytes())
+            h.update(self.labels.numpy().tobytes())
+            self._identity = "sha256:" + h.hexdigest()[:24]
+        return self._identity
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i].float().div_(255.0), self.labels[i]
+
+    def float_images(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """A slice of the images as float32 in ``[0, 1]``."""
+        return self.images[start:stop].float().div_(255.0)
+
+    def subset(self, indices: np.ndarray | list[int], identity_suffix: str | None = None) -> ArrayDataset:
+        """The items at ``indices``; the identity records which ones, so caches stay correct."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        if identity_suffix is None:
+            identity_suffix = "idx:" + hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:12]
+        return ArrayDataset(self.images[idx], self.labels[idx], self.class_names, f"{self.identity}[{identity_suffix}]")
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset({self.identity!r}, n={len(self)}, shape={self.image_shape})"
+
+
+@dataclass
+class Suite:
+    """A benchmark: ID train/test data, named OOD test sets, and their near/far grouping."""
+
+    name: str
+    id_train: ArrayDataset
+    id_test: ArrayDataset
+    ood: dict[str, ArrayDataset]
+    groups: dict[str, list[str]] = field(default_factory=lambda: {"near": [], "far": []})
+    class_names: list[str] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.id_train.image_shape

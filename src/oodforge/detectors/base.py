@@ -1,0 +1,122 @@
+"""Detector API shared by every OOD detector in oodforge.
+
+Conventions (see DESIGN.md):
+
+* ``score`` returns one float per image, **higher = more in-distribution**;
+* the constructor only stores hyperparameters (scikit-learn style); ``fit`` returns ``self``
+  and fitted state ends in ``_``; scoring an unfitted detector raises :class:`NotFittedError`;
+* detectors read a :class:`~oodforge.models.featureset.FeatureSet` computed once per
+  (model, dataset); those that need the pixels or gradients set ``needs_inputs = True`` and get
+  the model and images through :class:`FitContext` / ``FeatureSet.images``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..models.featureset import FeatureSet
+
+
+class NotFittedError(RuntimeError):
+    """Raised when ``score`` is called before ``fit``."""
+
+
+@dataclass
+class FitContext:
+    """Everything a detector may use at fit time; all of it comes from ID training data.
+
+    ``model`` is the frozen classifier (an :class:`oodforge.models.base.Classifier`), ``train``
+    its features on the ID training set, ``outliers`` the features of synthetic outliers
+    (SHIFT / SynOOD stores) when the detector is trained on them, ``device`` where to compute.
+    """
+
+    model: torch.nn.Module
+    train: FeatureSet
+    outliers: FeatureSet | None = None
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.head.weight.detach().cpu().float()
+
+    @property
+    def head_bias(self) -> torch.Tensor:
+        b = self.model.head.bias
+        if b is None:
+            return torch.zeros(self.model.head.out_features)
+        return b.detach().cpu().float()
+
+
+class Detector:
+    """Base class. Subclasses set ``name`` and ``paper`` and implement ``_fit`` / ``_score``."""
+
+    name: ClassVar[str] = "detector"
+    paper: ClassVar[str] = ""
+    needs_inputs: ClassVar[bool] = False  # needs FeatureSet.images and the model at score time
+    needs_outliers: ClassVar[bool] = False  # needs FitContext.outliers
+    needs_feature_map: ClassVar[bool] = False
+
+    def fit(self, ctx: FitContext) -> Detector:
+        if self.needs_outliers and ctx.outliers is None:
+            raise ValueError(f"detector {self.name!r} is trained on synthetic outliers: pass an outlier store "
+                             "(CLI: --outliers DIR, made by `oodforge synth ...`)")
+        self._fit(ctx)
+        self.fitted_ = True
+        return self
+
+    def score(self, feats: FeatureSet) -> np.ndarray:
+        if not getattr(self, "fitted_", False):
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call .fit(ctx) first")
+        if self.needs_inputs and feats.images is None:
+            raise ValueError(f"detector {self.name!r} needs the input images: attach them as FeatureSet.images")
+        s = self._score(feats)
+        s = s.detach().cpu().double().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
+        if s.shape != (len(feats),):
+            raise RuntimeError(f"{self.name}: score returned shape {s.shape}, expected ({len(feats)},)")
+        return s
+
+    # --- to implement -------------------------------------------------------------------
+    def _fit(self, ctx: FitContext) -> None:  # default: nothing to fit
+        self.model_ = ctx.model
+        self.device_ = ctx.device
+
+    def _score(self, feats: FeatureSet) -> np.ndarray | torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make a detector available by its ``name``."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two detectors are named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def create(name: str, **params) -> Detector:
+    """Instantiate a registered detector by name, e.g. ``create("react", percentile=90)``."""
+    from . import _load_all  # noqa: F401  (fills REGISTRY)
+
+    _load_all()
+    if name not in REGISTRY:
+        raise KeyError(f"unknown detector {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**params)
+
+
+def available() -> list[str]:
+    from . import _load_all
+
+    _load_all()
+    return sorted(REGISTRY)

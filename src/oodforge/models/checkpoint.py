@@ -1,0 +1,80 @@
+"""Checkpoints: weights in safetensors plus a JSON sidecar describing how to rebuild the model.
+
+``model.safetensors`` never executes code when loaded; ``meta.json`` records the architecture,
+number of classes, input channels, normalisation, class names and how the model was trained.
+A checkpoint path may be the folder or the ``.safetensors`` file inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbones import build_model
+from .base import Classifier
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+REQUIRED_META = ("arch", "num_classes", "in_channels")
+
+
+def _folder(path: str | Path) -> Path:
+    p = Path(path)
+    return p.parent if p.suffix == ".safetensors" else p
+
+
+def model_meta(model: Classifier) -> dict:
+    return {"arch": getattr(model, "arch", type(model).__name__), "num_classes": model.num_classes,
+            "in_channels": model.in_channels, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+
+
+def save_checkpoint(model: Classifier, path: str | Path, meta: dict | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/meta.json`` atomically (temp file + rename)."""
+    folder = _folder(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    full_meta = {**model_meta(model), **(meta or {})}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS)
+    tmp_meta = folder / (META + ".tmp")
+    tmp_meta.write_text(json.dumps(full_meta, indent=2))
+    os.replace(tmp_meta, folder / META)
+    return folder
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild the model from ``meta.json`` and load its weights; returns ``(model.eval(), meta)``."""
+    folder = _folder(path)
+    wfile, mfile = folder / WEIGHTS, folder / META
+    if not wfile.is_file() or not mfile.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} must contain {WEIGHTS} and {META} "
+                                "(written by `oodforge train` or oodforge.models.checkpoint.save_checkpoint)")
+    try:
+        meta = json.loads(mfile.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mfile} is not valid JSON ({e}); re-save the checkpoint") from e
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{mfile} lacks {missing}; it needs arch, num_classes and in_channels")
+    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta.get("mean"), meta.get("std"))
+    state = load_file(str(wfile))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{wfile} does not match architecture {meta['arch']!r}: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model.to(device).eval(), meta
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A short content hash of the model's parameters and buffers (the feature-cache key)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""oodforge.synood"""
