@@ -15,7 +15,6 @@ setup: $(STAMP) data
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: on our machines 2.13.0 CPU comes from a local wheel; a bare 'torch' would pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'

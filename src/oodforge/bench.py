@@ -1,0 +1,198 @@
+"""Run a benchmark suite: fit detectors on ID-train features, score ID-test and every OOD set.
+
+One forward pass per (model, dataset) feeds every detector (see :mod:`oodforge.models.features`).
+A run writes into its output folder:
+
+* ``results.json`` -- ``{"suite", "id_accuracy", "methods": {method: {ood_set: {auroc, fpr95,
+  aupr_in, aupr_out}}}, "groups": {"near": [...], "far": [...]}, "models": {...}, "config": {...}}``;
+* ``scores.npz`` -- one array per ``"{method}/{set}"`` (set ``"id"`` = ID test), the exact arrays the
+  metrics were computed from, so anyone can recompute them with scikit-learn;
+* ``report.md`` and ``plots/`` -- see :mod:`oodforge.report`.
+
+Methods are detector names from the registry, optionally with parameters and a backbone label:
+``"react"``, ``"knn:k=10"``, ``"shift:input=feature_map"``; a :class:`BenchJob` with a ``label``
+(e.g. the SSOD-trained backbone, label ``"ssod"``) reports its methods as ``"energy@ssod"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data.base import ArrayDataset, Suite
+from .detectors import FitContext, create
+from .metrics import evaluate
+from .models.checkpoint import weights_hash
+from .models.features import extract_features
+from .models.featureset import FeatureSet
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"knn:k=10,backend=torch"`` -> ``("knn", {"k": 10, "backend": "torch"})``."""
+    name, _, rest = spec.partition(":")
+    params: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method {spec!r}: parameters are written key=value, e.g. 'knn:k=10'")
+        params[key.strip()] = _parse_value(value.strip())
+    return name.strip(), params
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a comma-separated method list where parameters also use commas: ``"msp,knn:k=5,backend=torch"``."""
+    out: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" in part and ":" not in part and out:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+@dataclass
+class BenchJob:
+    """A classifier and the methods to run on it; ``label`` suffixes the method names (``energy@ssod``)."""
+
+    model: torch.nn.Module
+    methods: list[str]
+    label: str = ""
+    outliers: ArrayDataset | None = None  # synthetic outliers for detectors that train on them
+    info: dict = field(default_factory=dict)  # recorded in results.json (checkpoint path, training history...)
+
+
+def _key(method: str, label: str) -> str:
+    return f"{method}@{label}" if label else method
+
+
+class _FeatureCache:
+    """Features of one model on named datasets, computed once (and cached on disk when asked)."""
+
+    def __init__(self, model, device, cache_dir, batch_size, progress):
+        self.model, self.device, self.cache_dir = model, device, cache_dir
+        self.batch_size, self.progress = batch_size, progress
+        self._mem: dict[tuple[str, bool], FeatureSet] = {}
+
+    def get(self, dataset: ArrayDataset, feature_map: bool = False) -> FeatureSet:
+        for fm in ((True,) if feature_map else (False, True)):
+            if (dataset.identity, fm) in self._mem:
+                return self._mem[(dataset.identity, fm)]
+        fs = extract_features(self.model, dataset, self.device, self.batch_size, feature_map, self.cache_dir,
+                              self.progress)
+        self._mem[(dataset.identity, feature_map)] = fs
+        return fs
+
+
+def _with_images(fs: FeatureSet, ds: ArrayDataset) -> FeatureSet:
+    return FeatureSet(fs.logits, fs.penultimate, fs.labels, fs.feature_map, images=ds)
+
+
+def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None, device: str = "cpu",
+              cache_dir: str | Path | None = None, seed: int = 0, batch_size: int = 256,
+              progress: bool = True, config: dict | None = None, log=print) -> dict:
+    """Fit and score every method of every job on ``suite``; write the artifacts when ``out`` is given.
+
+    Returns ``(results, scores)`` folded into one dict: ``results`` plus ``"_scores"`` (not written
+    into ``results.json``).
+    """
+    from .report import write_report  # matplotlib is imported only when a report is written
+
+    results: dict = {"suite": suite.name, "id_accuracy": None, "methods": {}, "groups": suite.groups,
+                     "models": {}, "timings": {}, "config": {}}
+    scores: dict[str, np.ndarray] = {}
+    ood_names = list(suite.ood)
+    for job in jobs:
+        cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress)
+        t0 = time.time()
+        test = cache.get(suite.id_test)
+        acc = float((test.logits.argmax(1) == suite.id_test.labels).double().mean())
+        if results["id_accuracy"] is None:
+            results["id_accuracy"] = acc
+        results["models"][job.label or "plain"] = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
+                                                   "weights_hash": weights_hash(job.model), **job.info}
+        for method in job.methods:
+            key = _key(method, job.label)
+            name, params = parse_method(method)
+            det = create(name, **params)
+            fmap = bool(getattr(det, "needs_feature_map", False))
+            t1 = time.time()
+            train = cache.get(suite.id_train, fmap)
+            outliers = None
+            if det.needs_outliers:
+                if job.outliers is None:
+                    raise ValueError(f"method {key!r} trains on synthetic outliers: give an outlier store "
+                                     "(CLI: --outliers DIR from `oodforge synth shift ...`)")
+                outliers = cache.get(job.outliers, fmap)
+            ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers,
+                             device=device, seed=seed, extra={"class_names": suite.class_names})
+            det.fit(ctx)
+            sets = {"id": suite.id_test, **suite.ood}
+            res_m = {}
+            for set_name, ds in sets.items():
+                fs = _with_images(cache.get(ds, fmap), ds)
+                scores[f"{key}/{set_name}"] = det.score(fs)
+            for set_name in ood_names:
+                res_m[set_name] = evaluate(scores[f"{key}/id"], scores[f"{key}/{set_name}"])
+            results["methods"][key] = res_m
+            results["timings"][key] = round(time.time() - t1, 3)
+            if log:
+                avg = np.mean([r["auroc"] for r in res_m.values()])
+                log(f"  {key:<24} mean AUROC {avg:.4f}  ({time.time() - t1:.1f} s)")
+        results["timings"][f"features{('@' + job.label) if job.label else ''}"] = round(time.time() - t0, 3)
+    results["config"] = {**(config or {}), **run_environment(seed, device)}
+    if out is not None:
+        write_artifacts(results, scores, Path(out), suite)
+        write_report(results, scores, Path(out))
+    return {**results, "_scores": scores}
+
+
+def run_environment(seed: int, device: str) -> dict:
+    import sklearn
+
+    return {"seed": seed, "device": device, "oodforge": __version__, "torch": torch.__version__,
+            "numpy": np.__version__, "sklearn": sklearn.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_artifacts(results: dict, scores: dict[str, np.ndarray], out: Path, suite: Suite | None = None) -> None:
+    """``results.json`` and ``scores.npz``, each written to a temp file and renamed (never half-written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in results.items() if not k.startswith("_")}
+    if suite is not None:
+        clean["sets"] = {"id": len(suite.id_test), **{k: len(v) for k, v in suite.ood.items()}}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(clean, indent=2))
+    os.replace(tmp, out / "results.json")
+    tmp_npz = out / "scores.tmp.npz"
+    np.savez_compressed(tmp_npz, **scores)
+    os.replace(tmp_npz, out / "scores.npz")
+
+
+def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, float]:
+    """The method with the highest mean AUROC over a group of OOD sets (all sets when ``group`` is None)."""
+    best, best_v = "", -1.0
+    for m, res in results["methods"].items():
+        if m.split(":")[0].split("@")[0] in exclude:
+            continue
+        sets = results["groups"].get(group, []) if group else list(res)
+        vals = [res[s]["auroc"] for s in sets if s in res]
+        if vals and np.mean(vals) > best_v:
+            best, best_v = m, float(np.mean(vals))
+    return best, best_v

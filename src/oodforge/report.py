@@ -1,0 +1,130 @@
+"""Tables and plots of a benchmark run: ``report.md`` (like Table 1 of the papers) and ``plots/*.png``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import roc_curve
+
+
+def _group_avg(res: dict, sets: list[str], metric: str) -> float | None:
+    vals = [res[s][metric] for s in sets if s in res]
+    return float(np.mean(vals)) if vals else None
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per method, AUROC / FPR95 (in %) per OOD set, then near and far averages."""
+    methods = results["methods"]
+    sets = list(next(iter(methods.values()))) if methods else []
+    groups = [(g, s) for g, s in results.get("groups", {}).items() if s]
+    header = ["method"] + sets + [f"{g} avg" for g, _ in groups] + ["all avg"]
+    rows = []
+    for m, res in methods.items():
+        row = [m]
+        for s in sets:
+            row.append(f"{_fmt(res[s]['auroc'])} / {_fmt(res[s]['fpr95'])}")
+        for _, gs in groups + [("all", sets)]:
+            row.append(f"{_fmt(_group_avg(res, gs, 'auroc'))} / {_fmt(_group_avg(res, gs, 'fpr95'))}")
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(results: dict) -> str:
+    header, rows = table_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(results: dict, title: str | None = None) -> None:
+    """A rich table on the terminal (AUROC / FPR95 in %, best AUROC per column in bold)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(results)
+    accs = ", ".join(f"{k}: {100 * v['id_accuracy']:.2f}%" for k, v in results.get("models", {}).items())
+    t = Table(title=title or f"suite {results['suite']}: AUROC / FPR95 (%)  (ID accuracy {accs})")
+    for h in header:
+        t.add_column(h, justify="left" if h == "method" else "right")
+    for r in rows:
+        t.add_row(*r)
+    Console(width=max(120, 22 * len(header))).print(t)
+
+
+def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_md: str = "") -> Path:
+    """Write ``report.md`` and the ROC / histogram plots; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    pictures = []
+    for method in results["methods"]:
+        safe = method.replace("/", "_").replace(":", "_").replace("=", "-").replace(",", "_").replace("@", "-at-")
+        _plot_roc(method, scores, results, plots / f"roc_{safe}.png")
+        _plot_hist(method, scores, results, plots / f"hist_{safe}.png")
+        pictures.append((method, f"plots/roc_{safe}.png", f"plots/hist_{safe}.png"))
+    accs = "\n".join(f"- ID accuracy ({k}): **{100 * v['id_accuracy']:.2f} %**" for k, v in results["models"].items())
+    groups = "\n".join(f"- {g}-OOD: {', '.join(s)}" for g, s in results["groups"].items() if s)
+    cfg = results.get("config", {})
+    md = [f"# oodforge benchmark: suite `{results['suite']}`", "", accs, groups, "",
+          "AUROC / FPR95 in % (ID = positive class; FPR95 = share of OOD accepted at the threshold that keeps "
+          "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), ""]
+    if extra_md:
+        md += [extra_md, ""]
+    md += ["## Plots", ""]
+    for method, roc, hist in pictures:
+        md.append(f"**{method}**: [ROC]({roc}) · [score histogram]({hist})")
+        md.append("")
+    md += ["## Run", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", ""]
+    path = out / "report.md"
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, path)
+    return path
+
+
+def _plot_roc(method, scores, results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    id_s = scores[f"{method}/id"]
+    for s, r in results["methods"][method].items():
+        fpr, tpr = roc_curve(id_s, scores[f"{method}/{s}"])
+        ax.plot(fpr, tpr, label=f"{s} ({100 * r['auroc']:.1f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.axhline(0.95, color="grey", lw=0.6, ls="--")
+    ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{method}: ROC (AUROC %)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_hist(method, scores, results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    arrays = {"ID test": scores[f"{method}/id"], **{s: scores[f"{method}/{s}"] for s in results["methods"][method]}}
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()])
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0, 1)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+    for name, a in arrays.items():
+        ax.hist(np.clip(a, lo, hi), bins=bins, histtype="step" if name != "ID test" else "stepfilled",
+                alpha=0.45 if name == "ID test" else 0.9, density=True, label=name)
+    ax.set(xlabel="score (higher = more ID)", ylabel="density", title=f"{method}: scores")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
