@@ -56,9 +56,9 @@ def bench(
                             log=typer.echo)
     store = None
     if outliers is not None:
-        from .synth.store import open_store
+        from .synth.store import OutlierStore
 
-        store = open_store(outliers).load()
+        store = OutlierStore(outliers).load()
     job = BenchJob(model, method_list, outliers=store,
                    info={"checkpoint": info.get("checkpoint"), "outlier_store": str(outliers) if outliers else None})
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,

@@ -84,7 +84,7 @@ def write_summary(all_results: dict, out: Path) -> Path:
         plain_methods = {m: v for m, v in res["methods"].items() if "@" not in m}
         best, _ = best_method({**res, "methods": plain_methods}, exclude=("shift", "ssod"))
 
-        def cell(m: str) -> str:
+        def cell(m: str, res: dict = res) -> str:
             r = res["methods"].get(m)
             if not r:
                 return "-"
