@@ -1,0 +1,123 @@
+"""Benchmark suites: ID train/test data plus named OOD test sets grouped into near / far.
+
+=========  =====================================================  ==========================  =====================
+suite      ID (train / test; quick)                               near OOD                    far OOD
+=========  =====================================================  ==========================  =====================
+fashion    Fashion-MNIST, 10 classes (60,000 / 10,000;            -                           digits, textures,
+           quick 3,000 / 600), 1x28x28                                                        photos, noise
+fashion6   Fashion-MNIST T-shirt/top, Trouser, Pullover, Dress,   held-out-classes: test      digits, textures,
+           Sneaker, Bag -> labels 0..5 (36,000 / 6,000;           images of Coat, Sandal,     photos, noise
+           quick 3,000 / 600), 1x28x28                            Shirt, Ankle boot (4,000;
+                                                                  quick 300)
+scenes     Fashion-MNIST objects on real-photo crops, 3x32x32     backgrounds,                textures, noise
+           (20,000 / 4,000; quick 2,000 / 500)                    digits-on-scenes
+=========  =====================================================  ==========================  =====================
+
+OOD set sizes: digits 1,797, the others 2,000 (quick: 300 each). Quick ID subsets are stratified
+and deterministic for the seed. Identities are stable strings (``"fashion6/train"``,
+``"ood/digits/28x28x1/seed0/n1797"``...) so the feature cache is reused across runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from oodforge.data.base import ArrayDataset, Suite
+from oodforge.data.fashion import FASHION_MNIST_CLASSES, load_fashion_mnist
+from oodforge.data.loaders import stratified_indices
+from oodforge.data.ood_sets import FAR_OOD_SETS, far_ood_sets
+
+__all__ = ["SUITES", "FASHION6_CLASSES", "FASHION6_HELD_OUT", "QUICK_ID_SIZES", "QUICK_NEAR_SIZE", "load_suite"]
+
+SUITES: dict[str, str] = {
+    "fashion": "Fashion-MNIST (10 classes, 1x28x28) vs far OOD: real handwritten digits, textures, photo crops, noise",
+    "fashion6": "Fashion-MNIST with 6 ID classes; near OOD = the 4 held-out classes (Coat, Sandal, Shirt, Ankle boot); "
+    "far OOD as in 'fashion'",
+    "scenes": "Fashion-MNIST objects on real-photo backgrounds (3x32x32); near OOD = object-free backgrounds and "
+    "digits on backgrounds (Ming et al. 2022 / SHIFT sec. 5.7); far OOD = textures, noise",
+}
+FASHION6_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Sneaker", "Bag"]
+FASHION6_HELD_OUT = ["Coat", "Sandal", "Shirt", "Ankle boot"]
+QUICK_ID_SIZES = {"train": 3000, "test": 600}
+QUICK_NEAR_SIZE = 300
+
+
+def _quick(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+    idx = stratified_indices(ds.labels.numpy(), n, seed)
+    return ds.subset(idx, identity_suffix=f"quick:n{n}:seed{seed}")
+
+
+def _fashion(data_root, seed: int, quick: bool) -> Suite:
+    train, test = load_fashion_mnist("train", data_root), load_fashion_mnist("test", data_root)
+    if quick:
+        train, test = _quick(train, QUICK_ID_SIZES["train"], seed), _quick(test, QUICK_ID_SIZES["test"], seed)
+    return Suite(
+        name="fashion",
+        id_train=train,
+        id_test=test,
+        ood=far_ood_sets(28, 1, seed=seed, quick=quick),
+        groups={"near": [], "far": list(FAR_OOD_SETS)},
+        class_names=list(FASHION_MNIST_CLASSES),
+        description=SUITES["fashion"],
+    )
+
+
+def _remap(ds: ArrayDataset, keep: list[int], identity: str, class_names: list[str]) -> ArrayDataset:
+    labels = ds.labels.numpy()
+    idx = np.flatnonzero(np.isin(labels, keep))
+    lut = np.full(10, -1, np.int64)
+    lut[keep] = np.arange(len(keep))
+    return ArrayDataset(ds.images.numpy()[idx], lut[labels[idx]], class_names, identity)
+
+
+def _fashion6(data_root, seed: int, quick: bool) -> Suite:
+    keep = [FASHION_MNIST_CLASSES.index(c) for c in FASHION6_CLASSES]
+    held = [FASHION_MNIST_CLASSES.index(c) for c in FASHION6_HELD_OUT]
+    train_full, test_full = load_fashion_mnist("train", data_root), load_fashion_mnist("test", data_root)
+    train = _remap(train_full, keep, "fashion6/train", FASHION6_CLASSES)
+    test = _remap(test_full, keep, "fashion6/test", FASHION6_CLASSES)
+    t_labels = test_full.labels.numpy()
+    near_idx = np.flatnonzero(np.isin(t_labels, held))
+    near = ArrayDataset(test_full.images.numpy()[near_idx], None, None, "fashion6/held-out-classes")
+    if quick:
+        train, test = _quick(train, QUICK_ID_SIZES["train"], seed), _quick(test, QUICK_ID_SIZES["test"], seed)
+        sub = stratified_indices(t_labels[near_idx], QUICK_NEAR_SIZE, seed)
+        near = near.subset(sub, identity_suffix=f"quick:n{QUICK_NEAR_SIZE}:seed{seed}")
+    ood = {"held-out-classes": near, **far_ood_sets(28, 1, seed=seed, quick=quick)}
+    return Suite(
+        name="fashion6",
+        id_train=train,
+        id_test=test,
+        ood=ood,
+        groups={"near": ["held-out-classes"], "far": list(FAR_OOD_SETS)},
+        class_names=list(FASHION6_CLASSES),
+        description=SUITES["fashion6"],
+    )
+
+
+def load_suite(
+    name: str,
+    data_root: str | os.PathLike | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Suite:
+    """Build benchmark suite ``name`` (a key of :data:`SUITES`).
+
+    ``data_root`` is the folder with the Fashion-MNIST IDX files (default: Debian's
+    ``/usr/share/datasets/fashion-mnist``); ``seed`` drives every random choice (quick subsets, OOD
+    crops, compositing); ``quick`` shrinks the suite for smoke tests (sizes in the module docstring);
+    ``cache_dir`` is where ``scenes`` caches its built arrays (default ``$OODFORGE_CACHE/data`` or
+    ``~/.cache/oodforge/data``).
+    """
+    if name == "fashion":
+        return _fashion(data_root, seed, quick)
+    if name == "fashion6":
+        return _fashion6(data_root, seed, quick)
+    if name == "scenes":
+        from oodforge.data.scenes import build_scenes
+
+        return build_scenes(data_root, seed=seed, quick=quick, cache_dir=cache_dir).suite
+    raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
