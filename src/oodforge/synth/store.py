@@ -322,7 +322,8 @@ class OutlierStore:
     def load(self, with_records: bool = False) -> ArrayDataset | tuple[ArrayDataset, list[dict]]:
         """All outliers as one :class:`ArrayDataset`, ordered by ``(source_index, k)``.
 
-        Labels are the *source* image's class (useful for per-class analysis; the outliers are OOD).
+        Labels are the *source* image's class (useful for per-class analysis; the outliers are OOD);
+        the attributes ``source_index`` and ``k`` (int64 arrays) say which ID image each came from.
         The identity is derived from the manifest checksums, so feature caches follow the content.
         """
         entries = self.entries()
@@ -349,6 +350,9 @@ class OutlierStore:
         for e in sorted(entries, key=lambda e: e["sha256"]):
             h.update(e["sha256"].encode())
         ds = ArrayDataset(images, labels, self.config.get("class_names"), identity=f"outliers:{h.hexdigest()[:24]}")
+        # which ID image each outlier came from (e.g. for grids of ID images next to their outliers)
+        ds.source_index = np.array([r["source_index"] for r in recs], dtype=np.int64)
+        ds.k = np.array([r["k"] for r in recs], dtype=np.int64)
         return (ds, recs) if with_records else ds
 
     # --- writing -------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Command functions for ``oodforge synth shift`` and ``oodforge synth merge``.
+
+Plain typer-annotated functions: :mod:`oodforge.cli` registers them. ``python -m oodforge.synth.cli``
+runs them standalone (the same commands).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+SUITE_NAMES = ("fashion", "fashion6", "scenes")
+
+
+def load_source_data(data: str, data_root: Optional[str] = None, seed: int = 0, quick: bool = False):
+    """``--data``: a suite name (its ID training set) or a path/name for :func:`oodforge.data.loaders.load_dataset`."""
+    if data in SUITE_NAMES:
+        from ..data.suites import load_suite
+
+        return load_suite(data, data_root=data_root, seed=seed, quick=quick).id_train
+    from ..data.loaders import load_dataset
+
+    return load_dataset(data, split="train", data_root=data_root)
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def synth_shift(
+    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes) or a "
+                             "path (image folder, .npz, CIFAR batches, ...)."),
+    out: Path = typer.Option(..., "--out", help="Outlier store folder (created, or resumed when it exists)."),
+    masker: str = typer.Option("clipseg", "--masker", help="clipseg (SHIFT) | layercam | gradcam (KIRBY; need "
+                               "--checkpoint)."),
+    inpainter: str = typer.Option("sd", "--inpainter", help="sd (SHIFT) | telea | ns | zero."),
+    k: int = typer.Option(1, "--k", help="Outliers per ID image (K; the paper uses 1 and 8)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N ID images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random step (outlier (i, k) gets its own seed)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Do only work shard i of m ('i/m', i from 0); "
+                                        "merge the shard stores with `oodforge synth merge`."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (fp16 only on CUDA)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="ID images masked and inpainted per step."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Classifier checkpoint (for layercam / "
+                                              "gradcam masks)."),
+    clipseg_model: str = typer.Option("CIDAS/clipseg-rd64-refined", "--clipseg-model",
+                                      help="CLIPSeg hub id or local folder (model + processor, save_pretrained)."),
+    inpaint_model: str = typer.Option("stabilityai/stable-diffusion-2-inpainting", "--inpaint-model",
+                                      help="Stable-Diffusion inpainting hub id or local pipeline folder."),
+    threshold: float = typer.Option(0.2, "--threshold", help="Mask threshold lambda on the saliency (Eq. 2/3)."),
+    dilate: float = typer.Option(0.0, "--dilate", help="Dilate masks by this fraction of the image side "
+                                 "(reference code: 25 px at 512 = 0.05)."),
+    min_coverage: float = typer.Option(0.0, "--min-coverage", help="Skip images whose mask covers less than this "
+                                       "fraction (reference code: 0.02)."),
+    steps: int = typer.Option(50, "--steps", help="SD inference steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="SD classifier-free guidance scale."),
+    size: int = typer.Option(512, "--size", help="SD working resolution (images are resized up, then back)."),
+    sd_batch_size: int = typer.Option(8, "--sd-batch-size", help="Images per SD pipeline call."),
+    radius: int = typer.Option(3, "--radius", help="Inpainting radius in pixels for telea / ns."),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="Comma-separated class names (default: "
+                                              "the dataset's)."),
+    shard_size: int = typer.Option(512, "--shard-size", help="Outliers per committed store shard."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIST files."),
+    quick: bool = typer.Option(False, "--quick", help="Use the suite's small quick split."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of ID images and outliers."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Forge SHIFT outliers (mask the ID object, inpaint the background) into a resumable outlier store."""
+    from .hub import ModelUnavailableError
+    from .inpaint import INPAINTERS, make_inpainter
+    from .masks import MASKERS, make_masker
+    from .shift import forge_shift
+    from .store import StoreError
+
+    if masker not in MASKERS:
+        _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
+    if inpainter not in INPAINTERS:
+        _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
+    dataset = load_source_data(data, data_root, seed, quick)
+    names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
+    mopts = dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, device=device)
+    if masker == "clipseg":
+        m = make_masker("clipseg", model=clipseg_model, **mopts)
+    else:
+        if checkpoint is None:
+            _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR")
+        from ..models.checkpoint import load_checkpoint, weights_hash
+
+        model, _meta = load_checkpoint(checkpoint, device=device)
+        if model.in_channels != dataset.image_shape[0]:
+            _fail(f"--checkpoint {checkpoint} takes {model.in_channels}-channel images but --data {data} has "
+                  f"{dataset.image_shape[0]} channels")
+        m = make_masker(masker, model=model, model_id=f"checkpoint:{weights_hash(model)}", **mopts)
+    if inpainter == "sd":
+        inp = make_inpainter("sd", model=inpaint_model, steps=steps, guidance_scale=guidance, size=size,
+                             batch_size=sd_batch_size, device=device)
+    elif inpainter in ("telea", "ns"):
+        inp = make_inpainter(inpainter, radius=radius)
+    else:
+        inp = make_inpainter(inpainter)
+    t0 = time.time()
+    try:
+        store = forge_shift(dataset, out, m, inp, k=k, seed=seed, limit=limit, shard=shard, device=device,
+                            batch_size=batch_size, class_names=names, progress=progress, shard_size=shard_size)
+    except (ModelUnavailableError, StoreError) as e:
+        _fail(str(e))
+    dt = time.time() - t0
+    n, n_skip = len(store), len(store.skipped())
+    typer.echo(f"{n} outliers in {out} ({n_skip} skipped for low mask coverage); this run: {dt:.1f} s")
+    if grid is not None:
+        from .grid import save_outlier_grid
+
+        typer.echo(f"grid: {save_outlier_grid(dataset, store.load(), grid)}")
+
+
+def synth_merge(
+    stores: list[Path] = typer.Argument(..., help="Store folders of the work shards (`synth shift --shard i/m`)."),
+    out: Path = typer.Option(..., "--out", help="Merged store folder."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if some shards are missing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Merge the outlier stores of sharded runs into one store (equal to an unsharded run)."""
+    from .store import StoreError, merge_stores
+
+    try:
+        merged = merge_stores(stores, out, allow_partial=allow_partial, progress=progress)
+    except (StoreError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"{len(merged)} outliers in {out}")
+
+
+def main() -> None:
+    """``python -m oodforge.synth.cli shift|merge ...``: the same commands without the top-level CLI."""
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+    app.command("shift")(synth_shift)
+    app.command("merge")(synth_merge)
+    try:
+        app()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
