@@ -117,6 +117,20 @@ def test_mahalanobis_matches_explicit_inverse():
     np.testing.assert_allclose(det.score(test), -d.min(1), rtol=1e-7, atol=1e-7)
 
 
+def test_mahalanobis_is_exact_far_from_the_origin():
+    # features with a large common offset and a small spread (like post-ReLU features of a network
+    # whose activations share a big mean): a naive h'Ph - 2h'P mu + mu'P mu loses all digits here
+    model, feats, ctx = handmade(n=400)
+    test = make_test(model)
+    base = create("mahalanobis").fit(ctx).score(test)
+
+    def shifted(fs):
+        return FeatureSet(fs.logits, fs.penultimate.double() * 0.01 + 1e5, fs.labels)
+
+    far = create("mahalanobis").fit(FitContext(model=model, train=shifted(feats))).score(shifted(test))
+    np.testing.assert_allclose(far, base, rtol=1e-6)
+
+
 def test_mahalanobis_input_preprocessing_matches_autograd(toy):
     eps = 0.01
     det = create("mahalanobis", noise=eps, batch_size=7).fit(toy.ctx())

@@ -13,7 +13,6 @@ no-real-outliers setting does not have.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from ..models.featureset import FeatureSet
@@ -24,12 +23,15 @@ __all__ = ["Mahalanobis", "class_means_tied_precision"]
 
 
 def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
-                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class means ``mu_c``, the shared covariance's pseudo-inverse and the class ids (Sec. 2).
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Class means ``mu_c``, the shared covariance's pseudo-inverse, its square root and the class ids.
 
-    ``Sigma = 1/N sum_c sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T``, inverted with ``pinvh`` as in
-    the authors' code (``sklearn.covariance.EmpiricalCovariance``), so a rank-deficient covariance
-    (e.g. dead ReLU units) does not fail. All in float64.
+    ``Sigma = 1/N sum_c sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T`` (Sec. 2). It is inverted as a
+    pseudo-inverse like ``scipy.linalg.pinvh`` in the authors' code (via
+    ``sklearn.covariance.EmpiricalCovariance``): eigenvalues below ``max(eig) * D * eps`` are
+    dropped, so a rank-deficient covariance (dead ReLU units, fewer images than dimensions) does
+    not fail. Returns ``(means [C, D], precision [D, D], whitening [D, r], classes)`` with
+    ``precision = whitening @ whitening.T``; all float64.
     """
     x = features.double().cpu().numpy()
     y = labels.cpu().numpy()
@@ -40,8 +42,13 @@ def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
     means = np.stack([x[y == c].mean(axis=0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     cov = centred.T @ centred / x.shape[0]
-    precision = scipy.linalg.pinvh(cov)
-    return means, precision, classes
+    vals, vecs = np.linalg.eigh(cov)
+    keep = vals > max(vals.max(), 0.0) * cov.shape[0] * np.finfo(np.float64).eps
+    if not keep.any():
+        raise ValueError("mahalanobis: the class-centred ID training features have zero covariance "
+                         "(all features equal within each class); the classifier's features carry no signal")
+    whitening = vecs[:, keep] / np.sqrt(vals[keep])
+    return means, whitening @ whitening.T, whitening, classes
 
 
 @register
@@ -72,21 +79,24 @@ class Mahalanobis(Detector):
     def _fit(self, ctx: FitContext) -> None:
         if self.noise < 0:
             raise ValueError(f"mahalanobis: noise must be >= 0, got {self.noise}")
-        means, precision, classes = class_means_tied_precision(ctx.train.penultimate, ctx.train.labels)
+        means, precision, whitening, classes = class_means_tied_precision(ctx.train.penultimate, ctx.train.labels)
         self.means_ = torch.from_numpy(means)
         self.precision_ = torch.from_numpy(precision)
         self.classes_ = classes
+        # Distances are computed in whitened, centred coordinates z = (h - centre) W with W W^T = Sigma^+:
+        # ||z - m_c||^2 equals (h - mu_c)^T Sigma^+ (h - mu_c), and centring keeps the expansion
+        # ||z||^2 - 2 z.m_c + ||m_c||^2 free of cancellation when features sit far from the origin.
+        self.centre_ = self.means_.mean(dim=0)
+        self.whitening_ = torch.from_numpy(whitening)
+        self.white_means_ = (self.means_ - self.centre_) @ self.whitening_
         self.model_ = ctx.model
         self.device_ = ctx.device
 
     def distances(self, h: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each row of ``h`` to each class mean, ``[N, C]`` (float64)."""
-        # Expanded as h'Ph - 2 h'P mu_c + mu_c'P mu_c (float64), so memory is O(N*C + D*D), not O(N*C*D).
-        mu = self.means_.to(h.device)
-        prec = self.precision_.to(h.device)
-        h = h.double()
-        p_mu = mu @ prec  # [C, D]
-        d = ((h @ prec) * h).sum(dim=1, keepdim=True) - 2.0 * h @ p_mu.T + (p_mu * mu).sum(dim=1)[None, :]
+        z = (h.double() - self.centre_.to(h.device)) @ self.whitening_.to(h.device)
+        m = self.white_means_.to(h.device)
+        d = (z * z).sum(dim=1, keepdim=True) - 2.0 * z @ m.T + (m * m).sum(dim=1)[None, :]
         return d.clamp_min(0.0)
 
     def _score_features(self, h: torch.Tensor) -> torch.Tensor:
