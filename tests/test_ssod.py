@@ -351,3 +351,23 @@ def test_explain_cli(tmp_path):
     save_checkpoint(plain, tmp_path / "plain")
     r2 = CliRunner().invoke(app, [str(tmp_path / "plain"), str(tmp_path / "in.jpg"), str(tmp_path / "o.png")])
     assert r2.exit_code != 0 and "OOD head" in r2.output
+
+
+def test_schedules_and_input_validation():
+    from oodforge.ssod.train import PAPER_SETTING, _lr_factor
+
+    # App. A.4: lr halves every 30 epochs; cosine decays per step from 1 to 0
+    assert [_lr_factor("step", 0, 100, e, 30) for e in (0, 29, 30, 59, 60)] == [1, 1, 0.5, 0.5, 0.25]
+    assert _lr_factor("cosine", 0, 100, 0, 30) == 1.0 and _lr_factor("cosine", 50, 100, 0, 30) == pytest.approx(0.5)
+    assert PAPER_SETTING["lr"] == 1e-4 and PAPER_SETTING["input_size"] == 224
+    model = build_model("ssod:small_resnet", 2, 1)
+    unlabelled = ArrayDataset(np.zeros((4, 1, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="unlabelled"):
+        train_ssod(model, unlabelled, progress=False)
+    labelled = ArrayDataset(np.zeros((4, 1, 8, 8), np.uint8), np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="balance"):
+        train_ssod(model, labelled, balance="none", progress=False)
+    with pytest.raises(TypeError, match="SSODModel"):
+        train_ssod(build_model("small_resnet", 2, 1), labelled, progress=False)
+    hist = train_ssod(model, labelled, epochs=2, batch_size=2, max_steps=3, schedule="step", progress=False)
+    assert len(hist["loss"]) == 2 and hist["positions"] == [2 * 2 * 4, 1 * 2 * 4]  # 2 steps, then 1 (2x2 map)
