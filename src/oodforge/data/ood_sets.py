@@ -78,8 +78,13 @@ def _check(n: int, size: int, channels: int, name: str) -> None:
         raise ValueError(f"{name}: channels must be 1 or 3, got {channels}")
 
 
+#: Bump when a set's recipe changes: identities (feature-cache keys) then get a ``/v<k>`` suffix.
+OOD_VERSION = 1
+
+
 def _identity(name: str, n: int, size: int, channels: int, seed: int, extra: str = "") -> str:
-    return f"ood/{name}/{size}x{size}x{channels}/seed{seed}/n{n}{extra}"
+    version = f"/v{OOD_VERSION}" if OOD_VERSION > 1 else ""
+    return f"ood/{name}/{size}x{size}x{channels}/seed{seed}/n{n}{extra}{version}"
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:

@@ -189,7 +189,8 @@ def build_scenes(
     params = {"version": SCENES_VERSION, "seed": seed, "quick": quick, "sizes": sizes, "fashion": stamp,
               "train_photos": SCENES_TRAIN_PHOTOS, "test_photos": SCENES_TEST_PHOTOS}
     a = cached_arrays("scenes", params, lambda: _build_arrays(data_root, seed, quick, progress), cache_dir, use_cache)
-    tag = f"seed{seed}" + ("/quick" if quick else "")
+    # identities are feature-cache keys: a new SCENES_VERSION (a change of the recipe) changes them too
+    tag = f"seed{seed}" + ("/quick" if quick else "") + (f"/v{SCENES_VERSION}" if SCENES_VERSION > 1 else "")
     names = list(FASHION_MNIST_CLASSES)
     train = ArrayDataset(a["train/images"], a["train/labels"], names, f"scenes/train/{tag}/n{sizes['train']}")
     test = ArrayDataset(a["test/images"], a["test/labels"], names, f"scenes/test/{tag}/n{sizes['test']}")
