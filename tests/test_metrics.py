@@ -43,6 +43,9 @@ def cases():
     yield "tiny_1v1_reversed", np.array([0.1]), np.array([0.3])
     yield "unbalanced", rng.normal(0.5, 1, 5), rng.normal(0, 1, 500)
     yield "ties_across_sets", np.r_[np.zeros(10), np.ones(10)], np.r_[np.ones(5), 2 * np.ones(5)]
+    yield "ties_only_across_sets", np.array([1.0, 2.0, 3.0, 5.0]), np.array([0.0, 2.0, 3.0, 4.0])
+    yield "id_continuous_ood_tied", rng.normal(0.5, 1, 60), rng.integers(-1, 2, 40).astype(float)
+    yield "id_tied_ood_continuous", rng.integers(0, 3, 40).astype(float), rng.normal(0.5, 1, 60)
 
 
 @pytest.mark.parametrize("name,id_s,ood_s", list(cases()), ids=[c[0] for c in cases()])

@@ -10,8 +10,8 @@ Conventions (the same everywhere in oodforge, see ``DESIGN.md``):
   no interpolation) to floating-point rounding, also with heavily tied (e.g. integer) scores.
 
 Every metric is derived from one counting pass (:func:`_count`): the ID and OOD scores are each
-sorted once (``O(N log N)``), the distinct score values of both are merged, and the number of
-ID and OOD images scoring ``>=`` each distinct value is read off with binary searches. All four
+sorted once (``O(N log N)``), collapsed into distinct values with multiplicities, merged, and
+cumulated, giving the number of ID and OOD images scoring ``>=`` each distinct value. All four
 metrics of :func:`evaluate` share that pass.
 
 Why the definitions are spelled out: libraries disagree. Some compute FPR95 at the first ROC
@@ -68,31 +68,48 @@ def _validate(x, what: str) -> np.ndarray:
     return a
 
 
-def _distinct_sorted(x_sorted: np.ndarray) -> np.ndarray:
-    keep = np.empty(x_sorted.shape[0], dtype=bool)
-    keep[:-1] = x_sorted[1:] != x_sorted[:-1]
-    keep[-1] = True
-    return x_sorted[keep]
-
-
-def _merge_distinct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union of two sorted arrays of distinct values, in linear-ish time (no re-sort)."""
-    out = np.empty(a.size + b.size, dtype=np.float64)
-    pos_a = np.searchsorted(b, a, side="left") + np.arange(a.size)
-    pos_b = np.searchsorted(a, b, side="right") + np.arange(b.size)
-    out[pos_a] = a
-    out[pos_b] = b
-    return _distinct_sorted(out)
+def _runs(x_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distinct values (ascending) of a sorted array and how often each occurs (linear time);
+    the counts are ``None`` when every value occurs once."""
+    new = np.empty(x_sorted.size, dtype=bool)
+    new[0] = True
+    np.not_equal(x_sorted[1:], x_sorted[:-1], out=new[1:])
+    if new.all():  # no ties on this side (continuous scores): skip the gather
+        return x_sorted, None
+    starts = np.flatnonzero(new)
+    return x_sorted[starts], np.diff(np.append(starts, x_sorted.size))
 
 
 def _count(id_scores, ood_scores) -> _Counts:
-    """The single sorting/counting pass every metric is computed from."""
+    """The single sorting/counting pass every metric is computed from.
+
+    Each side is sorted once and collapsed into (distinct value, multiplicity) runs; the two run
+    lists are merged with a stable sort (linear for two sorted runs, and tiny when scores are
+    heavily tied); a value present on both sides is combined into one threshold; cumulative
+    sums from the top give the number of ID / OOD scores ``>=`` every distinct value.
+    """
     ids = np.sort(_validate(id_scores, "id_scores"))
     ood = np.sort(_validate(ood_scores, "ood_scores"))
-    values = _merge_distinct(_distinct_sorted(ids), _distinct_sorted(ood))[::-1]  # decreasing
-    tp = ids.size - np.searchsorted(ids, values, side="left")  # number of ID scores >= value
-    fp = ood.size - np.searchsorted(ood, values, side="left")
-    return _Counts(values, tp.astype(np.int64), fp.astype(np.int64), int(ids.size), int(ood.size))
+    va, ca = _runs(ids)
+    vb, cb = _runs(ood)
+    values = np.concatenate((va, vb))
+    order = np.argsort(values, kind="stable")
+    values = values[order]
+    from_id = order < va.size
+    if ca is None and cb is None:
+        c_id, c_ood = from_id.astype(np.int64), (~from_id).astype(np.int64)
+    else:
+        ca = np.ones(va.size, dtype=np.int64) if ca is None else ca
+        cb = np.ones(vb.size, dtype=np.int64) if cb is None else cb
+        c_id = np.concatenate((ca, np.zeros(cb.size, dtype=ca.dtype)))[order]
+        c_ood = np.concatenate((np.zeros(ca.size, dtype=cb.dtype), cb))[order]
+    starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+    if starts.size < values.size:  # some values occur on both sides: one threshold each
+        c_id, c_ood = np.add.reduceat(c_id, starts), np.add.reduceat(c_ood, starts)
+        values = values[starts]
+    tp = np.cumsum(c_id[::-1], dtype=np.int64)  # thresholds decreasing: number of ID scores >= value
+    fp = np.cumsum(c_ood[::-1], dtype=np.int64)
+    return _Counts(values[::-1], tp, fp, int(ids.size), int(ood.size))
 
 
 # --- metrics from counts --------------------------------------------------------------------
