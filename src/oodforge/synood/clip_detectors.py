@@ -16,6 +16,8 @@ The CLIP model comes from the ``clip_model`` parameter or ``FitContext.extra["cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..detectors.base import Detector, FitContext, register
@@ -107,14 +109,25 @@ def mine_negative_labels(pos_feats: torch.Tensor, cand_feats: torch.Tensor, num:
     return order[: max(0, min(int(num), len(order)))]
 
 
+@dataclass
+class MinedLabels:
+    """Negative labels mined by NegMining: words, their prompts, L2-normalised CLIP text features, and the
+    norms of the raw text-encoder outputs (SynOOD's label fine-tuning starts from the raw features)."""
+
+    words: list[str]
+    prompts: list[str]
+    feats: torch.Tensor
+    norms: torch.Tensor
+
+
 def mine_from_lexicon(clip: ClipFeatures, pos_feats: torch.Tensor, lexicon: dict[str, list[str]],
                       class_names: list[str], num: int = 10000, percentile: float = 0.95,
-                      progress: bool = False) -> tuple[list[str], list[str], torch.Tensor]:
+                      progress: bool = False) -> MinedLabels:
     """Mine ``num`` negative labels from a ``{"noun": [...], "adj": [...]}`` lexicon with CLIP.
 
     ID class names are removed from the candidates. As in NegLabel's reference code, nouns and
     adjectives are mined separately, each keeping the same fraction ``num / #candidates`` of its part of
-    speech. Returns ``(words, prompts, features)`` in the order nouns (farthest first), then adjectives.
+    speech. Returns the labels in the order nouns (farthest first), then adjectives.
     """
     id_names = {c.lower() for c in class_names}
     templates = {"noun": NEGLABEL_NOUN_TEMPLATE, "adj": NEGLABEL_ADJ_TEMPLATE}
@@ -123,17 +136,20 @@ def mine_from_lexicon(clip: ClipFeatures, pos_feats: torch.Tensor, lexicon: dict
     if total == 0:
         raise ValueError("the WordNet lexicon has no candidate negative labels (empty data.noun/data.adj?)")
     frac = min(1.0, num / total)
-    words, prompts, feats = [], [], []
+    words, prompts, feats, norms = [], [], [], []
     for pos, tmpl in templates.items():
         if not cands[pos]:
             continue
         p = [tmpl.format(w) for w in cands[pos]]
-        f = clip.encode_text(p, progress=progress, desc=f"CLIP text ({pos}s)")
+        raw = clip.encode_text(p, progress=progress, desc=f"CLIP text ({pos}s)", normalize=False)
+        f = torch.nn.functional.normalize(raw, dim=-1)
         keep = mine_negative_labels(pos_feats, f, int(round(frac * len(p))), percentile)
         words += [cands[pos][i] for i in keep.tolist()]
         prompts += [p[i] for i in keep.tolist()]
         feats.append(f[keep])
-    return words, prompts, torch.cat(feats) if feats else torch.zeros(0, pos_feats.shape[1])
+        norms.append(raw[keep].norm(dim=-1))
+    return MinedLabels(words, prompts, torch.cat(feats) if feats else torch.zeros(0, pos_feats.shape[1]),
+                       torch.cat(norms) if norms else torch.zeros(0))
 
 
 # --- detectors ---------------------------------------------------------------------------------
@@ -191,8 +207,9 @@ class NegLabel(Detector):
         self.clip_ = clip_from(self.clip_model, ctx, self.name, self.cache_dir)
         self.pos_feats_ = self.clip_.encode_text([NEGLABEL_POS_TEMPLATE.format(c) for c in names])
         lexicon = load_wordnet(self.wordnet_dir or (ctx.extra or {}).get("wordnet_dir"), self.first_lemma_only)
-        self.neg_words_, self.neg_prompts_, self.neg_feats_ = mine_from_lexicon(
-            self.clip_, self.pos_feats_, lexicon, names, self.num_neg, self.percentile, self.progress)
+        mined = mine_from_lexicon(self.clip_, self.pos_feats_, lexicon, names, self.num_neg, self.percentile,
+                                  self.progress)
+        self.neg_words_, self.neg_prompts_, self.neg_feats_ = mined.words, mined.prompts, mined.feats
         self.seed_ = ctx.seed
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
@@ -200,5 +217,5 @@ class NegLabel(Detector):
         return neglabel_score(img, self.pos_feats_, self.neg_feats_, self.tau, self.ngroup, self.seed_)
 
 
-__all__ = ["MCM", "NegLabel", "mcm_score", "neglabel_score", "mine_negative_labels", "mine_from_lexicon",
+__all__ = ["MCM", "NegLabel", "MinedLabels", "mcm_score", "neglabel_score", "mine_negative_labels", "mine_from_lexicon",
            "MCM_TEMPLATE", "NEGLABEL_POS_TEMPLATE", "NEGLABEL_NOUN_TEMPLATE", "NEGLABEL_ADJ_TEMPLATE"]

@@ -80,13 +80,14 @@ class ClipFeatures:
     # --- text -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 1000, progress: bool = False,
-                    desc: str = "CLIP text") -> torch.Tensor:
-        """L2-normalised text features ``[len(texts), D]`` (float32, CPU); cached by the list's content."""
+                    desc: str = "CLIP text", normalize: bool = True) -> torch.Tensor:
+        """Text features ``[len(texts), D]`` (float32, CPU), L2-normalised unless ``normalize=False`` (the raw
+        text-encoder outputs, whose norms SynOOD's label fine-tuning starts from); cached by the list's content."""
         h = hashlib.sha256(("\n".join(texts)).encode()).hexdigest()[:24]
         key = f"text:{self.key}:{h}"
         hit = self._lookup(key)
         if hit is not None:
-            return hit
+            return torch.nn.functional.normalize(hit, dim=-1) if normalize else hit
         from tqdm.auto import tqdm
 
         tok = self.processor.tokenizer
@@ -96,11 +97,10 @@ class ClipFeatures:
             enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
                       return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            f = _pooled(self.model.get_text_features(**enc)).float()
-            feats.append(torch.nn.functional.normalize(f, dim=-1).cpu())
+            feats.append(_pooled(self.model.get_text_features(**enc)).float().cpu())
         out = torch.cat(feats) if feats else torch.zeros(0, self.dim)
         self._store(key, out)
-        return out
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
     # --- images -----------------------------------------------------------------------------
     def pixel_values(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:

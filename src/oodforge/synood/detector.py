@@ -78,13 +78,15 @@ class SynOOD(Detector):
         self.clip_ = clip
         self.pos_feats_ = clip.encode_text([NEGLABEL_POS_TEMPLATE.format(c) for c in names])
         lexicon = load_wordnet(self.wordnet_dir or (ctx.extra or {}).get("wordnet_dir"), self.first_lemma_only)
-        self.neg_words_, _, neg0 = mine_from_lexicon(clip, self.pos_feats_, lexicon, names, self.num_neg,
-                                                     self.percentile, self.progress)
+        mined = mine_from_lexicon(clip, self.pos_feats_, lexicon, names, self.num_neg, self.percentile,
+                                  self.progress)
+        self.neg_words_ = mined.words
         if self.per_class is not None:
             train_images = train_images.subset(select_complex_images(train_images, int(self.per_class)))
         id_feats = clip.image_features(train_images, self.clip_batch_size, self.progress, "CLIP ID images")
         out_feats = clip.image_features(ctx.outliers.images, self.clip_batch_size, self.progress, "CLIP outliers")
-        res = finetune_synood(id_feats, train_images.labels, out_feats, self.pos_feats_, neg0,
+        res = finetune_synood(id_feats, train_images.labels, out_feats, self.pos_feats_, mined.feats,
+                              neg_norms=mined.norms,
                               use_projection=self.use_projection, finetune_labels=self.finetune_labels,
                               max_learnable_fraction=self.max_learnable_fraction, tau=self.tau,
                               proj_epochs=self.proj_epochs, proj_lr=self.proj_lr, label_epochs=self.label_epochs,

@@ -115,6 +115,9 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
                          device: str | torch.device = "cpu", progress: bool = False) -> tuple[torch.Tensor, list[float]]:
     """Eqs. 13-14: learn the ``M'`` negative-label features ``init_feats`` from the outliers' image features.
 
+    The parameters are ``init_feats`` as given (the reference code trains the raw text-encoder outputs and
+    normalises them in the forward pass), so their norm sets the effective step size.
+
     ``out_targets`` index into ``init_feats``. The image features stay frozen (``projection`` applies the
     Table-5 "with projection" variant). Returns the L2-normalised trained features and the loss per epoch.
     """
@@ -144,7 +147,8 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
 
 
 def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: torch.Tensor,
-                    pos_feats: torch.Tensor, neg_feats: torch.Tensor, *, use_projection: bool = False,
+                    pos_feats: torch.Tensor, neg_feats: torch.Tensor, *, neg_norms: torch.Tensor | None = None,
+                    use_projection: bool = False,
                     finetune_labels: bool = True, max_learnable_fraction: float = 0.5, tau: float = 0.01,
                     proj_epochs: int = 3, proj_lr: float = 1e-3, proj_weight_decay: float = 1e-5,
                     label_epochs: int = 5, label_lr: float = 2e-3, label_momentum: float = 0.9,
@@ -153,7 +157,9 @@ def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: 
     """The whole of Secs. 3.4-3.5 on precomputed, L2-normalised CLIP features (separate training, Table 5).
 
     Pairs the outliers with negative labels, optionally trains the projection (Eq. 12), then trains the
-    paired labels' features (Eq. 14; on projected features when ``use_projection``).
+    paired labels' features (Eq. 14; on projected features when ``use_projection``). ``neg_norms`` are the
+    norms of the raw text-encoder outputs: as in the reference code, the learnable parameters are the raw
+    (unnormalised) features, so the effective step of lr 2e-3 is the paper's.
     """
     if len(out_feats) == 0:
         raise ValueError("SynOOD fine-tuning needs synthetic outliers (an outlier store with at least one image)")
@@ -171,8 +177,9 @@ def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: 
             progress=progress)
     new_neg = neg_feats.clone().float()
     if finetune_labels:
+        init = sub_feats * neg_norms[subset].unsqueeze(1) if neg_norms is not None else sub_feats
         trained, history["label_loss"] = train_label_features(
-            out_feats, targets, sub_feats, epochs=label_epochs, lr=label_lr, momentum=label_momentum,
+            out_feats, targets, init, epochs=label_epochs, lr=label_lr, momentum=label_momentum,
             weight_decay=label_weight_decay, batch_size=batch_size, tau=tau, seed=seed, projection=proj,
             device=device, progress=progress)
         new_neg[subset] = trained

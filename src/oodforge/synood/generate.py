@@ -186,8 +186,13 @@ class NearBoundaryGenerator:
 
     @torch.no_grad()
     def denoise(self, z_in: torch.Tensor, eps: torch.Tensor, x01: torch.Tensor, prompts: list[str],
-                generators: list[torch.Generator]) -> torch.Tensor:
-        """Eq. 4 then Eqs. 5-6 up to the latent: ``z_0 = gamma(z_T, T, P, M)`` with the full-image mask."""
+                seeds: list[int]) -> torch.Tensor:
+        """Eq. 4 then Eqs. 5-6 up to the latent: ``z_0 = gamma(z_T, T, P, M)`` with the full-image mask.
+
+        The pipeline's own random draws (the VAE sample of the masked image, stochastic schedulers) use
+        generators freshly seeded per call, so ``z_0`` depends on the noise ``eps`` only.
+        """
+        generators = [torch.Generator(device="cpu").manual_seed(int(s) + 1) for s in seeds]
         t0 = self.start_timestep()
         sched = self.pipe.scheduler
         z_t = sched.add_noise(z_in, eps, t0.repeat(z_in.shape[0]))
@@ -224,7 +229,7 @@ class NearBoundaryGenerator:
         losses, scores = [], []
         x = None
         for it in range(self.iterations + 1):
-            z0 = self.denoise(z_in, eps, x01, prompts, gens)
+            z0 = self.denoise(z_in, eps, x01, prompts, seeds)
             last = it == self.iterations
             x, loss, score, grad = self.loss_and_grad(z0, need_grad=not last)
             losses.append(loss)
