@@ -87,18 +87,20 @@ class KNN(Detector):
         k = int(self.k)
         out = []
         step = int(self.batch_size)
+        train = None
         if self.backend_ == "torch":  # keep the [step, n_train] distance block under ~64 MB
             step = max(1, min(step, 2**24 // self.train_.shape[0]))
+            train = self.train_.to(self.device_)
+            train_sq = (train * train).sum(1)[None, :]
         for i in tqdm(range(0, z.shape[0], step), desc="knn", disable=not self.progress, leave=False):
             q = z[i:i + step]
             if self.backend_ == "faiss":
                 d2, _ = self.index_.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
                 out.append(torch.from_numpy(d2[:, k - 1].astype(np.float64)))
             else:
-                train = self.train_.to(self.device_)
                 q = q.to(self.device_)
                 # ||q - t||^2 = ||q||^2 + ||t||^2 - 2 q.t, the same expansion faiss uses
-                d2 = (q * q).sum(1, keepdim=True) + (train * train).sum(1)[None, :] - 2.0 * q @ train.T
+                d2 = (q * q).sum(1, keepdim=True) + train_sq - 2.0 * q @ train.T
                 out.append(torch.topk(d2, k, dim=1, largest=False).values[:, k - 1].double().cpu())
         return torch.cat(out).clamp_min(0.0).sqrt()
 
