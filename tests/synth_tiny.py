@@ -72,7 +72,7 @@ def save_tiny_sd_inpaint(folder: str | Path) -> Path:
                                         intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
                                         vocab_size=len(tok) + 8, max_position_embeddings=77))
     pipe = StableDiffusionInpaintPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
-                                          scheduler=PNDMScheduler(skip_prk_steps=True), safety_checker=None,
+                                          scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
     folder = Path(folder)
     pipe.save_pretrained(folder)

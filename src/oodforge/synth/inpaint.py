@@ -211,9 +211,9 @@ class SDInpainter(Inpainter):
             if isinstance(self.model, str):
                 from diffusers import StableDiffusionInpaintPipeline
 
+                kw = {"torch_dtype": self.dtype} if self.dtype != torch.float32 else {}
                 pipe = from_pretrained(StableDiffusionInpaintPipeline, self.model, "Stable-Diffusion inpainter",
-                                       self.option, torch_dtype=self.dtype, safety_checker=None,
-                                       requires_safety_checker=False)
+                                       self.option, safety_checker=None, requires_safety_checker=False, **kw)
             else:
                 pipe = self.model
             pipe.set_progress_bar_config(disable=True)

@@ -141,7 +141,7 @@ class ShiftRejection(Detector):
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             self.history_.append(total / len(x))
         self.net_ = net.eval()
         self.device_ = device

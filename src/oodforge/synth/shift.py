@@ -114,7 +114,7 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
                     if c <= 0.0 or c < masker.min_coverage:
                         for kk in todo[i]:
                             buf_skip.append({"source_index": i, "k": kk, "reason": "mask coverage below minimum",
-                                             "coverage": round(c, 6)})
+                                             "coverage": c})
                         n_skipped += len(todo[i])
                         bar.update(len(todo[i]))
                         continue
@@ -132,7 +132,7 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
                         lab = int(dataset.labels[i])
                         buf_recs.append({"source_index": i, "k": kk, "seed": s, "label": lab,
                                          "class": names[lab] if names and 0 <= lab < len(names) else None,
-                                         "coverage": round(c, 6)})
+                                         "coverage": c})
                     bar.update(len(rep))
                 bar.set_postfix(cov=f"{np.mean(covs):.2f}", skipped=n_skipped, refresh=False)
                 if len(buf_recs) + len(buf_skip) >= shard_size or time.monotonic() - last_flush > flush_seconds:
