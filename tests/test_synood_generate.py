@@ -129,7 +129,7 @@ def test_skip_gradient_noise_update_reduces_the_energy_loss(pipe):
 def test_missing_pipeline_names_the_option():
     with pytest.raises(MissingModelError, match="--sd-model"):
         load_inpaint_pipeline(None)
-    with pytest.raises(MissingModelError, match="cannot load.*--sd-model"):
+    with pytest.raises(MissingModelError, match="does not exist.*--sd-model"):
         load_inpaint_pipeline("/nonexistent/sd-inpaint")
 
 

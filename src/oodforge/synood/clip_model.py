@@ -162,6 +162,17 @@ class ClipFeatures:
             os.replace(tmp, f)
 
 
+def load_pretrained(cls, ref: str | os.PathLike, what: str, option: str, **kwargs):
+    """``cls.from_pretrained`` through :func:`oodforge.synth.hub.from_pretrained` (local folder or cache first,
+    then the hub), raising :class:`MissingModelError` that names ``option`` when the model is unavailable."""
+    from ..synth.hub import ModelUnavailableError, from_pretrained
+
+    try:
+        return from_pretrained(cls, str(ref), what, option, **kwargs)
+    except ModelUnavailableError as e:
+        raise MissingModelError(str(e)) from e
+
+
 _LOADED: dict[tuple[str, str], ClipFeatures] = {}
 
 
@@ -186,13 +197,8 @@ def load_clip(name_or_path: str | os.PathLike | None, device: str | torch.device
     except ImportError as e:  # pragma: no cover - transformers is a dependency of the foundation extra
         raise MissingModelError(f"{what} needs transformers: pip install 'oodforge[foundation]'") from e
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    try:
-        model = CLIPModel.from_pretrained(str(name_or_path), dtype=dtype)
-        processor = AutoProcessor.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise MissingModelError(f"cannot load the CLIP model {str(name_or_path)!r} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); {what} needs {CLIP_OPTION_HELP}"
-                                ) from e
+    model = load_pretrained(CLIPModel, name_or_path, f"{what}: CLIP model", "--clip-model", dtype=dtype)
+    processor = load_pretrained(AutoProcessor, name_or_path, f"{what}: CLIP processor", "--clip-model")
     clip = ClipFeatures(model.to(dev), processor, str(name_or_path), dev, cache_dir)
     _LOADED[key] = clip
     return clip
@@ -203,4 +209,4 @@ def clear_loaded() -> None:
     _LOADED.clear()
 
 
-__all__ = ["ClipFeatures", "MissingModelError", "load_clip", "clear_loaded", "rgb_uint8_hwc", "CLIP_OPTION_HELP"]
+__all__ = ["ClipFeatures", "MissingModelError", "load_clip", "load_pretrained", "clear_loaded", "rgb_uint8_hwc", "CLIP_OPTION_HELP"]

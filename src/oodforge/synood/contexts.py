@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
-from .clip_model import MissingModelError, resolve_device, rgb_uint8_hwc
+from .clip_model import MissingModelError, load_pretrained, resolve_device, rgb_uint8_hwc
 
 CONTEXT_PROMPT = ("List the elements in this image other than its main object, the {class_name}. "
                   "Answer with a short comma-separated list of nouns.")
@@ -174,15 +174,11 @@ class ContextLabeller:
             raise MissingModelError(f"context labelling needs {VLM_OPTION_HELP}")
         self.device = resolve_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        try:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            self.processor = AutoProcessor.from_pretrained(str(vlm))
-            self.model = AutoModelForImageTextToText.from_pretrained(str(vlm), dtype=dtype).to(self.device).eval()
-        except (OSError, ValueError) as e:
-            raise MissingModelError(f"cannot load the VLM {str(vlm)!r} ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}); context labelling needs "
-                                    f"{VLM_OPTION_HELP}") from e
+        self.processor = load_pretrained(AutoProcessor, vlm, "context labelling: VLM processor", "--vlm")
+        self.model = load_pretrained(AutoModelForImageTextToText, vlm, "context labelling: VLM", "--vlm",
+                                     dtype=dtype).to(self.device).eval()
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"  # decoder-only generation needs left padding in a batch

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import ArrayDataset
-from .clip_model import MissingModelError, resolve_device
+from .clip_model import MissingModelError, load_pretrained, resolve_device
 from .contexts import context_prompt
 from .energy import adapt_images, energy_loss, energy_score, logit_fn
 
@@ -84,16 +84,11 @@ def load_inpaint_pipeline(sd_model: str | os.PathLike | None, device: str | torc
     if sd_model is None or str(sd_model).strip() == "":
         raise MissingModelError(f"SynOOD generation needs {SD_OPTION_HELP}")
     dev = resolve_device(device)
-    try:
-        from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline
 
-        kwargs = {"torch_dtype": torch.float16} if dev.type == "cuda" else {}
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(str(sd_model), safety_checker=None,
-                                                              requires_safety_checker=False, **kwargs)
-    except (OSError, ValueError) as e:
-        raise MissingModelError(f"cannot load the inpainting pipeline {str(sd_model)!r} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); SynOOD generation needs "
-                                f"{SD_OPTION_HELP}") from e
+    kwargs = {"torch_dtype": torch.float16} if dev.type == "cuda" else {}
+    pipe = load_pretrained(StableDiffusionInpaintPipeline, sd_model, "SynOOD generation: inpainting pipeline",
+                           "--sd-model", safety_checker=None, requires_safety_checker=False, **kwargs)
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
