@@ -83,8 +83,8 @@ def tiny_models(tmp_path_factory):
     return save_tiny_clipseg(root / "clipseg"), save_tiny_sd_inpaint(root / "sd")
 
 
-def test_sd_inpainter_from_folder(tiny_models, monkeypatch):
-    _, sd_dir = tiny_models
+def test_sd_inpainter_from_folder(tiny_models, monkeypatch, tmp_path):
+    clip_dir, sd_dir = tiny_models
     inp = make_inpainter("sd", model=str(sd_dir), steps=2, size=32, batch_size=3)
     for c, size in ((1, 28), (3, 32)):
         imgs = torch.from_numpy(square_images(4, c, size))
@@ -103,6 +103,11 @@ def test_sd_inpainter_from_folder(tiny_models, monkeypatch):
         inp(imgs[:1], masks[:1], [0], [0], None)
     with pytest.raises(ModelUnavailableError, match="--inpaint-model"):
         make_inpainter("sd", model=str(sd_dir / "nope")).load()
+    ds = ArrayDataset(square_images(2, 1, 28), np.array([0, 1]), NAMES, "two")
+    with pytest.raises(ModelUnavailableError, match="--inpaint-model"):  # ... and nothing is left behind
+        forge_shift(ds, tmp_path / "never", make_masker("clipseg", model=str(clip_dir)),
+                    make_inpainter("sd", model=str(sd_dir / "nope")), progress=False)
+    assert not (tmp_path / "never").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError, match="--inpaint-model"):
         make_inpainter("sd", model="nobody/no-such-inpainting").load()

@@ -226,13 +226,15 @@ class CamMasker(Masker):
         was_training = model.training
         model.eval()
         try:
-            x = images.to(self.device)
+            # computed where the classifier lives (the masker never moves the user's model)
+            dev = next(model.parameters()).device
+            x = images.to(dev)
             with torch.no_grad():
                 fmap = model.feature_map(x)
             fmap = fmap.detach().float().requires_grad_(True)
             with torch.enable_grad():
                 logits = model.head(model.pool(fmap))
-                tgt = labels.to(self.device).clone()
+                tgt = labels.to(dev).clone()
                 if self.target == "pred":
                     tgt = logits.argmax(1)
                 else:

@@ -67,22 +67,31 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
     names = list(class_names) if class_names is not None else dataset.class_names
     masker.to(device)
     inpainter.to(device)
-    store = OutlierStore(out_dir, shift_config(dataset, masker, inpainter, seed, shard, names))
-
+    config = shift_config(dataset, masker, inpainter, seed, shard, names)
     n_src = len(dataset) if limit is None else min(limit, len(dataset))
-    sources = shard_indices(n_src, shard)
-    with store.writer():
-        done = store.done_keys()
+    sources = shard_indices(n_src, shard).tolist()
+
+    def missing_work(done: set) -> dict[int, list[int]]:
         todo: dict[int, list[int]] = {}
-        for i in sources.tolist():
+        for i in sources:
             missing = [kk for kk in range(k) if (i, kk) not in done]
             if missing:
                 todo[i] = missing
+        return todo
+
+    if (Path(out_dir) / "store.json").is_file():  # resuming: nothing to load if nothing is missing
+        store = OutlierStore(out_dir, config)
+        if not missing_work(store.done_keys()):
+            return store
+    # load the models before creating the store, so a missing model leaves nothing behind
+    masker.load()
+    inpainter.load()
+    store = OutlierStore(out_dir, config)
+    with store.writer():
+        todo = missing_work(store.done_keys())
         total = sum(len(v) for v in todo.values())
         if not todo:
             return store
-        masker.load()
-        inpainter.load()
         src_list = list(todo)
         bar = tqdm(total=total, desc="shift", unit="img", disable=not progress, dynamic_ncols=True)
         buf_imgs: list[np.ndarray] = []
