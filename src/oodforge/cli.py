@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -52,7 +53,7 @@ def bench(
 
     method_list = split_methods(methods) if methods else list(POST_HOC)
     s = _load_suite(suite, data_root, seed, quick)
-    model, info = get_model(s, TrainPlan(epochs=1 if quick else epochs, seed=seed), checkpoint, device,
+    model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
                             log=typer.echo)
     store = None
     if outliers is not None:
@@ -161,6 +162,8 @@ def main() -> None:
     try:
         app()
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+        if os.environ.get("OODFORGE_DEBUG"):
+            raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
 

@@ -51,9 +51,9 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     for name in suites:
         log(f"\n=== suite {name} ===")
         suite = stratified_subset(load_suite(name, data_root=data_root, seed=seed, quick=quick), max_train, seed)
-        ep = 1 if quick else epochs
+        ep = 3 if quick else epochs
         plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed), device=device, progress=progress, log=log)
-        ssod, sinfo = get_model(suite, TrainPlan(method="ssod", epochs=1 if quick else ssod_epochs, seed=seed),
+        ssod, sinfo = get_model(suite, TrainPlan(method="ssod", epochs=2 if quick else ssod_epochs, seed=seed),
                                 device=device, progress=progress, log=log)
         outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device,
                                                         progress=progress, log=log)

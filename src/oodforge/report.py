@@ -98,7 +98,7 @@ def _plot_roc(method, scores, results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     id_s = scores[f"{method}/id"]
     for s, r in results["methods"][method].items():
-        fpr, tpr = roc_curve(id_s, scores[f"{method}/{s}"])
+        fpr, tpr, _ = roc_curve(id_s, scores[f"{method}/{s}"])
         ax.plot(fpr, tpr, label=f"{s} ({100 * r['auroc']:.1f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.axhline(0.95, color="grey", lw=0.6, ls="--")
