@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from oodforge.data.base import ArrayDataset
-from oodforge.models import ARCHS, build_model, extract_features, load_checkpoint, save_checkpoint, train_classifier
+from oodforge.models import (
+    ARCHS,
+    build_model,
+    extract_features,
+    load_checkpoint,
+    save_checkpoint,
+    train_classifier,
+)
 from oodforge.models import features as features_mod
 from oodforge.models.train import accuracy, augment_batch
 
