@@ -40,7 +40,8 @@ def synth_shift(
     inpainter: str = typer.Option("sd", "--inpainter", help="sd (SHIFT) | telea | ns | zero."),
     k: int = typer.Option(1, "--k", help="Outliers per ID image (K; the paper uses 1 and 8)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N ID images."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random step (outlier (i, k) gets its own seed)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random step: outlier (i, k) gets its own seed derived from it; also the suite's seed "
+                      "(quick subsets)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Do only work shard i of m ('i/m', i from 0); "
                                         "merge the shard stores with `oodforge synth merge`."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (fp16 only on CUDA)."),
