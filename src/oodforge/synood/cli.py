@@ -23,6 +23,18 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _load(data: str, data_root: Optional[str], seed: int, quick: bool, size: Optional[int]):
+    """``--data``: a suite name (its ID training set) or a path; ``--size`` resizes a folder of images of
+    mixed sizes (shorter side, then centre crop), e.g. an ImageNet subset."""
+    from ..synth.cli import SUITE_NAMES, load_source_data
+
+    if size is None or data in SUITE_NAMES:
+        return load_source_data(data, data_root, seed, quick)
+    from ..data.loaders import load_dataset
+
+    return load_dataset(data, split="train", size=size, data_root=data_root)
+
+
 def _selection(dataset, per_class: Optional[int], limit: Optional[int]):
     import numpy as np
 
@@ -47,19 +59,20 @@ def label_contexts(
     class_names: Optional[str] = typer.Option(None, "--class-names", help="Comma-separated class names (default: "
                                               "the dataset's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (fp16 only on CUDA)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Resize a folder of images of mixed sizes to SIZE x SIZE "
+                                       "(shorter side, centre crop), e.g. 256 for an ImageNet subset."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIST files."),
     quick: bool = typer.Option(False, "--quick", help="Use the suite's small quick split."),
     seed: int = typer.Option(0, "--seed"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Ask a VLM for the context elements of ID images (all but the main object; SynOOD Eq. 3) into a JSONL file."""
-    from ..synth.cli import load_source_data
     from ..synth.store import shard_indices
     from .clip_model import MissingModelError
     from .contexts import ContextFileError, ContextLabeller
     from .contexts import label_contexts as run
 
-    dataset = load_source_data(data, data_root, seed, quick)
+    dataset = _load(data, data_root, seed, quick, size)
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
     idx = _selection(dataset, per_class, limit)
     idx = idx[shard_indices(len(idx), shard)]
@@ -105,6 +118,8 @@ def synth_synood(
     batch_size: int = typer.Option(4, "--batch-size", help="Images per pipeline call."),
     commit_every: int = typer.Option(32, "--commit-every", help="Outliers per committed store shard."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ... (fp16 only on CUDA)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Resize a folder of images of mixed sizes to SIZE x SIZE "
+                                       "(shorter side, centre crop), e.g. 256 for an ImageNet subset."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIST files."),
     quick: bool = typer.Option(False, "--quick", help="Use the suite's small quick split."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step (outlier (i, k) gets its own seed)."),
@@ -112,7 +127,7 @@ def synth_synood(
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
     from ..models.checkpoint import weights_hash
-    from ..synth.cli import SUITE_NAMES, load_source_data
+    from ..synth.cli import SUITE_NAMES
     from ..synth.store import StoreError
     from .clip_model import MissingModelError
     from .contexts import ContextFileError, read_contexts
@@ -121,7 +136,7 @@ def synth_synood(
 
     if loss_form not in LOSS_FORMS:
         _fail(f"--loss-form must be one of {', '.join(LOSS_FORMS)}, got {loss_form!r}")
-    dataset = load_source_data(data, data_root, seed, quick)
+    dataset = _load(data, data_root, seed, quick, size)
     try:
         ctx = read_contexts(contexts)
     except (FileNotFoundError, ContextFileError) as e:
