@@ -159,9 +159,12 @@ _wire(app, "explain", "oodforge.ssod.cli", "explain")
 
 
 def main() -> None:
+    from .synth.hub import ModelUnavailableError
+    from .synth.store import StoreError
+
     try:
         app()
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, ValueError, KeyError, ModelUnavailableError, StoreError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("OODFORGE_DEBUG"):
             raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
