@@ -59,9 +59,11 @@ def test_bench_quick_writes_reproducible_artifacts(tmp_path):
     assert "near avg" in report and "far avg" in report and "ID accuracy" in report
     assert len(list((out / "plots").glob("roc_*.png"))) == 6
     assert len(list((out / "plots").glob("hist_*.png"))) == 6
-    # on fashion6 the far-OOD sets are easy for a trained classifier: a broken pipeline (wrong sign,
-    # wrong set, untrained model) lands near 0.5
-    assert np.mean([res["methods"]["energy"][s]["auroc"] for s in res["groups"]["far"]]) > 0.7
+    # far-OOD sets are easy in feature space for a trained classifier: a broken pipeline (wrong sign,
+    # wrong set, untrained model) lands near 0.5. (Logit-based scores such as energy are NOT reliable
+    # here: high-contrast textures get larger logits than Fashion-MNIST items, a known failure mode.)
+    for method in ("mahalanobis", "knn:k=5"):
+        assert np.mean([res["methods"][method][s]["auroc"] for s in res["groups"]["far"]]) > 0.8
 
     # the second run reuses the cached classifier and features: same numbers
     proc2 = run_cli("bench", "--suite", "fashion6", "--methods", "msp,energy", "--out", str(tmp_path / "b"), "--quick")

@@ -28,6 +28,22 @@ def _load_suite(suite: str, data_root: Optional[Path], seed: int, quick: bool):
     return load_suite(suite, data_root=data_root, seed=seed, quick=quick)
 
 
+def _check_methods(method_list: list[str], has_outliers: bool) -> None:
+    """Fail before any training when a method is unknown, mis-parameterised or lacks its outliers."""
+    from .bench import parse_method
+    from .detectors import create
+
+    for method in method_list:
+        name, params = parse_method(method)
+        try:
+            det = create(name, **params)
+        except TypeError as e:
+            raise ValueError(f"method {method!r}: {e}") from None
+        if det.needs_outliers and not has_outliers:
+            raise ValueError(f"method {method!r} trains on synthetic outliers: give an outlier store with "
+                             "--outliers DIR (made by `oodforge synth shift ...`)")
+
+
 @app.command()
 def bench(
     suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: fashion, fashion6 or scenes."),
@@ -52,6 +68,7 @@ def bench(
     from .workflows import POST_HOC, TrainPlan, get_model
 
     method_list = split_methods(methods) if methods else list(POST_HOC)
+    _check_methods(method_list, has_outliers=outliers is not None)
     s = _load_suite(suite, data_root, seed, quick)
     model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
                             log=typer.echo)
@@ -167,7 +184,8 @@ def main() -> None:
     except (FileNotFoundError, ValueError, KeyError, ModelUnavailableError, StoreError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("OODFORGE_DEBUG"):
             raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
 
 
