@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -159,20 +158,20 @@ def list_suites() -> None:
         typer.echo(f"{name:<10} {desc}")
 
 
-def _wire(target: typer.Typer, name: str, module: str, func: str) -> None:
-    """Register ``module.func`` as a command when that subsystem is installed."""
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except (ModuleNotFoundError, AttributeError):
-        return
-    target.command(name)(fn)
+def _wire() -> None:
+    """Register the subsystems' command functions (their heavy imports stay inside the functions)."""
+    from .ssod.cli import explain
+    from .synood.cli import label_contexts, synth_synood
+    from .synth.cli import synth_merge, synth_shift
+
+    synth_app.command("shift")(synth_shift)
+    synth_app.command("merge")(synth_merge)
+    synth_app.command("synood")(synth_synood)
+    app.command("contexts")(label_contexts)
+    app.command("explain")(explain)
 
 
-_wire(synth_app, "shift", "oodforge.synth.cli", "synth_shift")
-_wire(synth_app, "merge", "oodforge.synth.cli", "synth_merge")
-_wire(synth_app, "synood", "oodforge.synood.cli", "synth_synood")
-_wire(app, "contexts", "oodforge.synood.cli", "label_contexts")
-_wire(app, "explain", "oodforge.ssod.cli", "explain")
+_wire()
 
 
 def main() -> None:
