@@ -66,6 +66,8 @@ def test_refine_moves_outlier_energies_to_m_out_within_eps(toy_classifier):
     assert np.mean(gap1) < 0.5 * np.mean(gap0)  # energies moved most of the way to the boundary
     assert np.mean(np.abs(s1 - m_out)) < np.mean(np.abs(s0 - m_out))
     assert np.mean(s1[below] > m_out + 0.5 * np.mean(gap0)) < 0.2  # hinge: they stop near it, not deep in ID
+    # each outlier ends at its iterate closest to the boundary (never farther than it started, up to uint8 rounding)
+    assert np.all(np.abs(s1 - m_out) <= np.abs(s0 - m_out) + 0.02)
     # images already past the boundary (ID side) have no hinge gradient: untouched
     inside = id_ds.subset(np.flatnonzero(s_id > m_out + 0.05)[:8])
     assert torch.equal(refine_outliers(model, inside, eps=eps, steps=4, m_out=m_out, progress=False).images,

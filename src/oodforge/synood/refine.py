@@ -40,6 +40,7 @@ def refine_outliers(
     temperature: float = 1.0,
     loss_form: str = "hinge",
     random_start: bool = False,
+    keep_closest: bool = True,
     seed: int = 0,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
@@ -52,7 +53,9 @@ def refine_outliers(
     images at their stored size and channels). ``m_out`` is the Eq. 7 threshold on the energy score;
     when ``None`` it is the ``m_out_percentile``-th percentile of the scores of ``id_dataset`` (the ID
     training set). ``step_size`` defaults to ``2.5 * eps / steps`` (Madry et al.'s PGD rule).
-    ``random_start`` starts from a uniform point of the ball (seeded by ``seed``).
+    ``random_start`` starts from a uniform point of the ball (seeded by ``seed``). Signed steps are coarse
+    and may step over the boundary; with ``keep_closest`` (default) each outlier ends at the iterate
+    (the start included) whose energy score is closest to ``m_out``.
 
     Returns the refined outliers (same labels, class names; a new identity) and, with
     ``return_info=True``, ``{"m_out", "score_before", "score_after", "max_abs_change"}``.
@@ -78,25 +81,51 @@ def refine_outliers(
     for i in tqdm(range(0, len(images), batch_size), desc="refine outliers", unit="batch", disable=not progress):
         x0 = images.float_images(i, i + batch_size).to(device)
         x = x0.clone()
+        best, best_gap, s0 = x0.clone(), None, None
         if random_start and eps > 0:
+            with torch.no_grad():
+                s0 = energy_score(classifier(x0).float(), temperature)
+            best_gap = (m_out - s0).abs()
             x = (x0 + (torch.rand(x0.shape, generator=g) * 2 - 1).to(device) * eps).clamp(0, 1)
-        for _ in range(steps):
-            x.requires_grad_(True)
-            loss = energy_loss(classifier(x).float(), m_out, temperature, loss_form, reduction="sum")
+        for step in range(steps + 1):  # one forward per iterate; its logits also give the gradient step
+            last = step == steps
+            if last and not keep_closest:
+                break
+            x.requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = classifier(x).float()
+            with torch.no_grad():
+                s = energy_score(logits.detach(), temperature)
+                if s0 is None:
+                    s0 = s
+                gap = (m_out - s).abs()
+                if best_gap is None:
+                    best_gap = gap
+                elif keep_closest:
+                    better = gap < best_gap
+                    best[better] = x.detach()[better]
+                    best_gap = torch.where(better, gap, best_gap)
+            if last:
+                break
+            loss = energy_loss(logits, m_out, temperature, loss_form, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
             with torch.no_grad():
                 x = x - alpha * grad.sign()
                 x = torch.min(torch.max(x, x0 - eps), x0 + eps).clamp(0, 1)
+        if not keep_closest:
+            best = x.detach()
         with torch.no_grad():
             base = images.images[i:i + batch_size].to(device).to(torch.int16)
-            delta = (x * 255.0).round().to(torch.int16) - base
+            delta = (best * 255.0).round().to(torch.int16) - base
             q = (base + delta.clamp(-k_max, k_max)).clamp(0, 255).to(torch.uint8)
             out[i:i + batch_size] = q.cpu()
             if return_info:
-                before.append(energy_score(classifier(x0).float(), temperature).cpu())
+                if s0 is None:
+                    s0 = energy_score(classifier(x0).float(), temperature)
+                before.append(s0.cpu())
                 after.append(energy_score(classifier(q.float() / 255.0).float(), temperature).cpu())
     tag = f"refine(eps={eps:.5g},steps={steps},alpha={alpha:.5g},m_out={m_out:.6g},T={temperature:g},{loss_form}," \
-          f"rs={int(random_start)},seed={seed})"
+          f"rs={int(random_start)},closest={int(keep_closest)},seed={seed})"
     refined = ArrayDataset(out, images.labels.clone(), images.class_names, f"{images.identity}|{tag}")
     if not return_info:
         return refined
