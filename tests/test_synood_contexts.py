@@ -39,6 +39,7 @@ def test_parse_context_list_and_prompt():
     assert parse_context_list(text, exclude="panda") == ["Bamboo", "tourist", "leaf", "railing", "sky"]
     assert parse_context_list("", "x") == []
     assert context_prompt(["grass", "fence"]) == "A photo only remain grass, fence."
+    assert context_prompt([]) == "A photo only remain background."
     long = ["x" * 50, "y" * 50]
     p = context_prompt(long)
     assert p == "A photo only remain " + ("x" * 50 + ", " + "y" * 50)[:73] + "."  # reference code: 73 chars

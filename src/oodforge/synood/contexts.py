@@ -64,10 +64,10 @@ def context_prompt(contexts: list[str] | str, max_chars: int = 73) -> str:
     """The regeneration prompt of the SynOOD reference code: ``"A photo only remain {contexts}."``.
 
     The context string is cut to ``max_chars`` characters (73 in the reference code) so the prompt fits
-    CLIP's 77-token text encoder.
+    CLIP's 77-token text encoder. An image without contexts (the VLM named nothing) gets "background".
     """
-    text = contexts if isinstance(contexts, str) else ", ".join(contexts)
-    return f"A photo only remain {text[:max_chars].strip()}."
+    text = (contexts if isinstance(contexts, str) else ", ".join(contexts))[:max_chars].strip()
+    return f"A photo only remain {text or 'background'}."
 
 
 # --- reading / writing -------------------------------------------------------------------------
