@@ -89,7 +89,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
     suites: str = typer.Option("fashion,fashion6,scenes", "--suites", help="Comma-separated suites."),
     quick: bool = typer.Option(False, "--quick", help="Tiny subsets and 1-epoch training (a smoke run)."),
-    max_train: int = typer.Option(20000, "--max-train", help="Train on at most this many ID images (stratified)."),
+    max_train: int = typer.Option(10000, "--max-train", help="Train on at most this many ID images (stratified)."),
     epochs: int = typer.Option(4, "--epochs", help="Epochs for the plain and the SSOD classifier."),
     k: int = typer.Option(1, "--k", help="SHIFT outliers forged per training image."),
     data_root: Optional[Path] = DATA_ROOT,

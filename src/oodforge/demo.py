@@ -37,7 +37,7 @@ def stratified_subset(suite: Suite, n: int | None, seed: int) -> Suite:
 
 
 def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITES, quick: bool = False,
-             data_root: str | None = None, seed: int = 0, device: str = "cpu", max_train: int | None = 20000,
+             data_root: str | None = None, seed: int = 0, device: str = "cpu", max_train: int | None = 10000,
              epochs: int = 4, ssod_epochs: int = 4, k: int = 1, progress: bool = True, log=print) -> dict:
     """Run the demo; returns ``{suite: results}`` and writes ``out/<suite>/`` plus ``out/summary.md``."""
     from .data.suites import load_suite
