@@ -1,0 +1,34 @@
+"""The demo end to end on one small suite: plain + SSOD training, SHIFT forging, bench, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from oodforge.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
+    out = tmp_path / "demo"
+    lines: list[str] = []
+    results = run_demo(out, suites=("fashion6",), quick=True, max_train=1200, progress=False, log=lines.append)
+    res = results["fashion6"]
+    methods = set(res["methods"])
+    assert {"msp", "energy", "odin", "knn", "vim", "shift", "ssod@ssod", "energy@ssod"} <= methods
+    assert set(res["models"]) == {"plain", "ssod"}
+    assert res["config"]["shift_synthesis"]["n"] == 1200  # one outlier per training image (K=1)
+    on_disk = json.loads((out / "fashion6" / "results.json").read_text())
+    assert on_disk["methods"] == res["methods"]
+    assert (out / "fashion6" / "outliers_grid.png").stat().st_size > 1000
+    summary = (out / "summary.md").read_text()
+    assert "| fashion6 |" in summary and "shift" in summary
+    # the SHIFT rejection network, trained only on forged outliers, separates far-OOD sets
+    far = res["groups"]["far"]
+    assert sum(res["methods"]["shift"][s]["auroc"] for s in far) / len(far) > 0.8
+    assert any("demo finished" in line for line in lines)
