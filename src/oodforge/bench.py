@@ -106,11 +106,12 @@ def _with_images(fs: FeatureSet, ds: ArrayDataset) -> FeatureSet:
 
 def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None, device: str = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, batch_size: int = 256,
-              progress: bool = True, config: dict | None = None, log=print) -> dict:
+              progress: bool = True, config: dict | None = None, extra: dict | None = None, log=print) -> dict:
     """Fit and score every method of every job on ``suite``; write the artifacts when ``out`` is given.
 
-    Returns ``(results, scores)`` folded into one dict: ``results`` plus ``"_scores"`` (not written
-    into ``results.json``).
+    ``extra`` reaches every detector as ``FitContext.extra`` (e.g. ``{"clip_model": DIR}`` for the
+    CLIP detectors), beside the suite's ``class_names``. Returns the results dict plus ``"_scores"``
+    (the score arrays; not written into ``results.json``).
     """
     from .report import write_report  # matplotlib is imported only when a report is written
 
@@ -139,9 +140,9 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
                 if job.outliers is None:
                     raise ValueError(f"method {key!r} trains on synthetic outliers: give an outlier store "
                                      "(CLI: --outliers DIR from `oodforge synth shift ...`)")
-                outliers = cache.get(job.outliers, fmap)
+                outliers = _with_images(cache.get(job.outliers, fmap), job.outliers)
             ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers,
-                             device=device, seed=seed, extra={"class_names": suite.class_names})
+                             device=device, seed=seed, extra={"class_names": suite.class_names, **(extra or {})})
             det.fit(ctx)
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}

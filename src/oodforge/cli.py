@@ -59,6 +59,10 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP hub id or local folder for the "
+                                             "CLIP detectors (mcm, neglabel, synood), e.g. openai/clip-vit-base-patch16."),
+    wordnet_dir: Optional[Path] = typer.Option(None, "--wordnet-dir", help="WordNet dict folder for neglabel/synood "
+                                               "(default: Debian's wordnet-base, /usr/share/wordnet)."),
 ) -> None:
     """Benchmark detectors on a suite and write results.json, scores.npz, report.md and plots."""
     from .bench import BenchJob, run_bench, split_methods
@@ -79,7 +83,8 @@ def bench(
     job = BenchJob(model, method_list, outliers=store,
                    info={"checkpoint": info.get("checkpoint"), "outlier_store": str(outliers) if outliers else None})
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,
-                    config={"quick": quick, "methods": method_list, "argv": sys.argv[1:]}, log=typer.echo)
+                    config={"quick": quick, "methods": method_list, "argv": sys.argv[1:]}, log=typer.echo,
+                    extra={k: str(v) for k, v in (("clip_model", clip_model), ("wordnet_dir", wordnet_dir)) if v})
     print_table(res)
     typer.echo(f"report: {out / 'report.md'}")
 
