@@ -203,14 +203,21 @@ class NegLabel(Detector):
         self.progress = progress
 
     def _fit(self, ctx: FitContext) -> None:
+        mined = self._mine_negatives(ctx)
+        self.neg_words_, self.neg_prompts_, self.neg_feats_ = mined.words, mined.prompts, mined.feats
+        self.seed_ = ctx.seed
+
+    def _mine_negatives(self, ctx: FitContext):
+        """Load CLIP, encode the ID label prompts (``pos_feats_``) and mine the WordNet negatives.
+
+        Shared with the ``synood`` detector, which then fine-tunes what this mines.
+        """
         names = class_names_from(ctx, self.name)
         self.clip_ = clip_from(self.clip_model, ctx, self.name, self.cache_dir)
         self.pos_feats_ = self.clip_.encode_text([NEGLABEL_POS_TEMPLATE.format(c) for c in names])
         lexicon = load_wordnet(self.wordnet_dir or (ctx.extra or {}).get("wordnet_dir"), self.first_lemma_only)
-        mined = mine_from_lexicon(self.clip_, self.pos_feats_, lexicon, names, self.num_neg, self.percentile,
-                                  self.progress)
-        self.neg_words_, self.neg_prompts_, self.neg_feats_ = mined.words, mined.prompts, mined.feats
-        self.seed_ = ctx.seed
+        return mine_from_lexicon(self.clip_, self.pos_feats_, lexicon, names, self.num_neg, self.percentile,
+                                 self.progress)
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         img = self.clip_.image_features(images_of(feats, self.name), self.batch_size, self.progress)

@@ -18,23 +18,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..detectors.base import Detector, FitContext, register
+from ..detectors.base import FitContext, register
 from ..models.featureset import FeatureSet
-from .clip_detectors import (
-    NEGLABEL_POS_TEMPLATE,
-    class_names_from,
-    clip_from,
-    images_of,
-    mine_from_lexicon,
-    neglabel_score,
-)
+from .clip_detectors import NegLabel, class_names_from, images_of, neglabel_score
 from .finetune import finetune_synood
 from .generate import select_complex_images
-from .wordnet import load_wordnet
 
 
 @register
-class SynOOD(Detector):
+class SynOOD(NegLabel):
     """CLIP + NegLabel with negative-label features (and optionally a projection) fine-tuned on synthetic outliers."""
 
     name = "synood"
@@ -69,17 +61,13 @@ class SynOOD(Detector):
         self.progress = progress
 
     def _fit(self, ctx: FitContext) -> None:
-        names = class_names_from(ctx, self.name)
+        class_names_from(ctx, self.name)  # fail before any model loading when class names are missing
         train_images = images_of(ctx.train, self.name)
         if ctx.outliers is None or ctx.outliers.images is None:
             raise ValueError("detector 'synood' trains on the synthetic outliers' pixels: attach them as "
                              "FitContext.outliers.images (an ArrayDataset, e.g. OutlierStore(...).load())")
-        clip = clip_from(self.clip_model, ctx, self.name, self.cache_dir)
-        self.clip_ = clip
-        self.pos_feats_ = clip.encode_text([NEGLABEL_POS_TEMPLATE.format(c) for c in names])
-        lexicon = load_wordnet(self.wordnet_dir or (ctx.extra or {}).get("wordnet_dir"), self.first_lemma_only)
-        mined = mine_from_lexicon(clip, self.pos_feats_, lexicon, names, self.num_neg, self.percentile,
-                                  self.progress)
+        mined = self._mine_negatives(ctx)  # NegLabel's step 1: ID prompts + NegMining
+        clip = self.clip_
         self.neg_words_ = mined.words
         if self.per_class is not None:
             train_images = train_images.subset(select_complex_images(train_images, int(self.per_class)))
