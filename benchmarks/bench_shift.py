@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shift.py [--suites fashion,fashion6,scenes] [--quick]
         [--max-train 20000] [--epochs 4] [--fm-max-sources 3000] [--fresh-sources 1000] [--out runs/bench_shift.md]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shift.py --stats-only --fresh-repeats 3 --out runs/bench_shift_stats.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shift.py --rescore
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shift.py --analysis --quick [--seed-spread 5] [--no-feature-map]
 
 Per suite, with exactly the settings of ``oodforge demo`` (so the classifier cached under
 ``$OODFORGE_CACHE`` is the demo's): stratified ID subset of ``--max-train`` images
@@ -36,9 +39,28 @@ the control that separates the effect of the input from the effect of the cap.
 **Fit time** of each shift variant is the wall time of the rejection network's ``_fit`` alone (measured by
 wrapping ``ShiftRejection._fit`` in this process); for post-hoc detectors the benchmark's fit + score time.
 
+**Fusion rows.** The best penultimate and the best feature-map shift variant are each fused with the best
+post-hoc detector: each score is mapped to its percentile among the scores of a random half of the ID test
+set, the fused score is the smaller percentile; the two detectors and the fusion are then evaluated on
+the other half (no OOD data is used for calibration; the choice of the "best" variants is made on the
+test sets, so it is optimistic).
+
 Outputs: ``--out`` (markdown tables), and next to it ``<out stem>/<suite>/`` with ``results.json``,
 ``scores.npz``, ``report.md`` of :func:`~oodforge.bench.run_bench`, the K = 1 / K = 4 outlier grids, and
 ``<out stem>/summary.json`` with every number of the tables.
+
+Other modes (the analysis behind docs/shift.md):
+
+* ``--stats-only``: no fits; mask coverage of the stores, where ID test, the OOD sets and the outliers lie
+  for the classifier (median energy, KNN distance, share of flat images) and best-of-``--fresh-repeats``
+  synthesis timings split into masking and inpainting;
+* ``--rescore``: re-render a finished run's markdown from its ``summary.json`` / ``scores.npz`` (adds the
+  fusion rows and, when ``<out stem>_stats/summary.json`` exists, the store statistics);
+* ``--analysis`` (with ``--quick``): outlier ablations -- λ 0.2 / 0.5, K 1 / 4, Telea / erase-only, Layer-CAM /
+  Grad-CAM, ``balance``, ``standardize``, feature-map input, and on ``fashion6`` an oracle with real images of
+  the held-out classes as outliers -- each with mask coverage, separability (held-out accuracy of the
+  rejection network on ID vs outliers) and feature-space position; ``--seed-spread N`` refits every shift
+  variant with N seeds.
 """
 
 from __future__ import annotations
@@ -138,17 +160,39 @@ def hash_of(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
-def fresh_throughput(suite, model, k: int, n_sources: int, seed: int) -> dict:
-    """Forge the first ``n_sources`` images with K = ``k`` into a temporary store: images/s of a fresh run."""
-    from oodforge.synth.shift import forge_shift, make_inpainter, make_masker
+def fresh_throughput(suite, model, k: int, n_sources: int, seed: int, repeats: int = 1) -> dict:
+    """Forge the first ``n_sources`` images with K = ``k`` into a temporary store: images/s of a fresh run
+    (best of ``repeats``: the machine is shared, the best run is the least disturbed one), plus the time
+    split between masking (per source) and inpainting (per outlier), measured on the same images."""
+    import torch
 
-    with tempfile.TemporaryDirectory(prefix="bench_shift_") as tmp:
-        t0 = time.perf_counter()
-        store = forge_shift(suite.id_train, Path(tmp) / "store", make_masker("layercam", model=model),
-                            make_inpainter("telea"), k=k, seed=seed, limit=n_sources, progress=False)
-        n = len(store.records())
-        dt = time.perf_counter() - t0
-    return {"k": k, "sources": n_sources, "n": n, "seconds": round(dt, 2), "images_per_second": round(n / dt, 1)}
+    from oodforge.synth.shift import forge_shift, make_inpainter, make_masker, outlier_seed
+
+    runs = []
+    for _ in range(max(1, repeats)):
+        with tempfile.TemporaryDirectory(prefix="bench_shift_") as tmp:
+            t0 = time.perf_counter()
+            store = forge_shift(suite.id_train, Path(tmp) / "store", make_masker("layercam", model=model),
+                                make_inpainter("telea"), k=k, seed=seed, limit=n_sources, progress=False)
+            n = len(store.records())
+            runs.append(time.perf_counter() - t0)
+    dt = min(runs)
+    masker, inpainter = make_masker("layercam", model=model), make_inpainter("telea")
+    x = suite.id_train.images[:n_sources].float().div(255.0)
+    y = suite.id_train.labels[:n_sources]
+    t0 = time.perf_counter()
+    masks = torch.cat([masker(x[i:i + 32], y[i:i + 32], suite.class_names) for i in range(0, len(x), 32)])
+    t_mask = time.perf_counter() - t0
+    rep = torch.arange(len(x)).repeat_interleave(k)
+    ks = list(range(k)) * len(x)
+    seeds = [outlier_seed(seed, int(i), kk) for i, kk in zip(rep.tolist(), ks)]
+    t0 = time.perf_counter()
+    for i in range(0, len(rep), 128):
+        inpainter(x[rep[i:i + 128]], masks[rep[i:i + 128]], seeds[i:i + 128], ks[i:i + 128], suite.class_names)
+    t_inp = time.perf_counter() - t0
+    return {"k": k, "sources": n_sources, "n": n, "seconds": round(dt, 2), "images_per_second": round(n / dt, 1),
+            "all_seconds": [round(v, 2) for v in runs], "mask_ms_per_source": round(1000 * t_mask / len(x), 3),
+            "inpaint_ms_per_outlier": round(1000 * t_inp / len(rep), 3)}
 
 
 def forge(suite, model, k: int, seed: int, log) -> tuple[ArrayDataset, Path, dict]:
@@ -187,8 +231,12 @@ def run_suite(name: str, args, bench_dir: Path, log=print) -> dict:
         save_outlier_grid(suite.id_train, outliers, bench_dir / name / f"outliers_grid_k{k}.png")
         if args.fresh_sources:
             synth[f"k{k}_fresh"] = fresh_throughput(suite, model, k, min(args.fresh_sources, len(suite.id_train)),
-                                                    args.seed)
+                                                    args.seed, args.fresh_repeats)
             log(f"fresh forge K={k}: {synth[f'k{k}_fresh']}")
+    stats = outlier_stats(model, suite, outl, synth)
+    if args.stats_only:
+        return {"suite": name, "id_accuracy": None, "n_train": len(suite.id_train), "synthesis": synth,
+                "position": stats, "groups": suite.groups}
     cap = min(args.fm_max_sources, len(suite.id_train))
     sources = cap_sources(suite.id_train.labels.numpy(), cap, args.seed)
     cap_spec = f"shift_cap:max_sources={cap}"
@@ -218,7 +266,35 @@ def run_suite(name: str, args, bench_dir: Path, log=print) -> dict:
     return {"suite": name, "id_accuracy": res["id_accuracy"], "n_train": len(suite.id_train),
             "groups": res["groups"], "sets": list(suite.ood), "best_post_hoc": best, "rows": rows,
             "per_set": res["methods"], "synthesis": synth, "train_seconds": info.get("train_seconds"),
-            "checkpoint": info["checkpoint"], "fm_max_sources": cap, "seconds": round(time.time() - t_start, 1)}
+            "checkpoint": info["checkpoint"], "fm_max_sources": cap, "seconds": round(time.time() - t_start, 1),
+            "position": stats, "_scores": res["_scores"]}
+
+
+def outlier_stats(model, suite, outl: dict[int, ArrayDataset], synth: dict) -> dict:
+    """Mask coverage of the stores (into ``synth``) and where ID test, the OOD sets and the outliers lie
+    (median energy and KNN distance, mean intensity, share of flat images: :func:`feature_position`)."""
+    from oodforge.models.features import default_cache_dir
+    from oodforge.synth.store import OutlierStore
+
+    for k in outl:
+        cov = np.array([r["coverage"] for r in OutlierStore(synth[f"k{k}"]["store"]).records()])
+        synth[f"k{k}"]["coverage_mean"] = float(cov.mean())
+        synth[f"k{k}"]["coverage_median"] = float(np.median(cov))
+    sets = {"ID test": suite.id_test, **suite.ood, **{f"outliers K={k}": d for k, d in outl.items()}}
+    return feature_position(model, suite, sets, default_cache_dir())
+
+
+def position_markdown(position: dict, synth: dict) -> list[str]:
+    cov = "; ".join(f"K={k}: mean {synth[f'k{k}']['coverage_mean']:.3f}, median {synth[f'k{k}']['coverage_median']:.3f}"
+                    for k in (1, 4) if "coverage_mean" in synth.get(f"k{k}", {}))
+    lines = ["", f"Mask coverage (share of the image erased): {cov}. Where the sets lie for the classifier "
+             "(medians; energy = logsumexp of the logits, higher = more ID-like; KNN = distance to the 50th "
+             "nearest ID-training vector, normalised penultimate, as the `knn` detector; flat = pixel std < 0.05):",
+             "", "| set | energy | KNN dist | mean intensity | flat share |", "|---|---|---|---|---|"]
+    for sname, p in position.items():
+        lines.append(f"| {sname} | {p['energy']:.2f} | {p['knn_dist']:.3f} | {p['mean_intensity']:.3f} | "
+                     f"{100 * p['flat_share']:.1f} % |")
+    return lines
 
 
 def _pct(v: dict | None, key: str) -> str:
@@ -234,6 +310,61 @@ def variant_name(m: str) -> tuple[str, str, str]:
     inp = "feature_map" if "input=feature_map" in spec else "penultimate"
     capped = "cap" in label
     return f"shift ({inp}{', capped' if capped else ''})", k, inp
+
+
+def fusion(scores: dict[str, np.ndarray], a: str, b: str, sets: list[str], groups: dict, seed: int) -> dict:
+    """Score fusion of two detectors, calibrated without touching OOD data: a random half of the ID test set
+    (``seed``) maps each detector's score to its ID percentile; the fused score is the smaller percentile
+    (an image is flagged when either detector flags it). All three (a, b, fused) are evaluated on the
+    *other* half of the ID test set against every OOD set, so they are comparable with each other."""
+    from oodforge.metrics import evaluate
+
+    n = len(scores[f"{a}/id"])
+    perm = np.random.default_rng(seed).permutation(n)
+    cal, held = perm[: n // 2], perm[n // 2:]
+
+    def pct(m: str, x: np.ndarray) -> np.ndarray:
+        ref = np.sort(scores[f"{m}/id"][cal])
+        return np.searchsorted(ref, x, side="right") / len(ref)
+
+    out = {}
+    for name, f in ((a, lambda s_: scores[f"{a}/{s_}"]), (b, lambda s_: scores[f"{b}/{s_}"]),
+                    ("fused", lambda s_: np.minimum(pct(a, scores[f"{a}/{s_}"]), pct(b, scores[f"{b}/{s_}"])))):
+        id_s = f("id")[held]
+        per = {x: evaluate(id_s, f(x)) for x in sets}
+        out[name] = summarise({"methods": {"m": per}, "groups": groups}, "m")
+    return out
+
+
+def add_fusions(s: dict, scores: dict[str, np.ndarray], seed: int) -> None:
+    """Fuse the best post-hoc detector with the best penultimate and the best feature-map shift variant."""
+    rows = s["rows"]
+    pen = [m for m in rows if m.startswith("shift") and "feature_map" not in m]
+    fm = [m for m in rows if "feature_map" in m]
+    s["fusion"] = {}
+    for group in (pen, fm):
+        if group:
+            best = max(group, key=lambda m: rows[m]["all"]["auroc"])
+            s["fusion"][best] = fusion(scores, best, s["best_post_hoc"], s["sets"], s["groups"], seed)
+
+
+def fusion_markdown(s: dict) -> list[str]:
+    if not s.get("fusion"):
+        return []
+    groups = [g for g, sets in s["groups"].items() if sets]
+    lines = ["", f"Fusion with the best post-hoc detector (`{s['best_post_hoc']}`): fused score = min of the two ID "
+             "percentiles, calibrated on a random half of the ID test set; all three rows evaluated on the other half:",
+             "", "| detector | AUROC | FPR95 | " + " | ".join(f"AUROC {g} | FPR95 {g}" for g in groups) + " |",
+             "|" + "---|" * (3 + 2 * len(groups))]
+    for m, f in s["fusion"].items():
+        for name in (s["best_post_hoc"], m, "fused"):
+            r = f[name]
+            label = f"min-percentile({m}, {s['best_post_hoc']})" if name == "fused" else name
+            cells = [label, _pct(r["all"], "auroc"), _pct(r["all"], "fpr95")]
+            for g in groups:
+                cells += [_pct(r[g], "auroc"), _pct(r[g], "fpr95")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def suite_markdown(s: dict) -> str:
@@ -266,7 +397,15 @@ def suite_markdown(s: dict) -> str:
                   f"({'fresh' if syn[f'k{k}']['fresh'] else 'cached store, not a synthesis time'})"
                   + (f", fresh forge of {syn[f'k{k}_fresh']['sources']} sources: "
                      f"{syn[f'k{k}_fresh']['images_per_second']} img/s" if f"k{k}_fresh" in syn else "")
+                  + (f" (best of {len(syn[f'k{k}_fresh']['all_seconds'])}; Layer-CAM "
+                     f"{syn[f'k{k}_fresh']['mask_ms_per_source']} ms per source, Telea "
+                     f"{syn[f'k{k}_fresh']['inpaint_ms_per_outlier']} ms per outlier"
+                     + (", timed by the --stats-only run" if "from" in syn[f"k{k}_fresh"] else "") + ")"
+                     if "mask_ms_per_source" in syn.get(f"k{k}_fresh", {}) else "")
                   for k in (1, 4)) + "."]
+    lines += fusion_markdown(s)
+    if s.get("position"):
+        lines += position_markdown(s["position"], syn)
     # every method, every set (AUROC)
     sets = s["sets"]
     lines += ["", "<details><summary>AUROC (%) of every method on every OOD set</summary>", "",
@@ -497,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ID images (and their outliers) the capped shift variants are fitted on")
     p.add_argument("--fresh-sources", type=int, default=1000,
                    help="images forged fresh into a temp store to time synthesis (0: skip)")
+    p.add_argument("--fresh-repeats", type=int, default=1, help="fresh forges to time (the best is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--analysis", action="store_true",
@@ -504,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
                    "with coverage / separability / feature-space statistics (use with --quick)")
     p.add_argument("--variants", default=None,
                    help="--analysis: comma-separated outlier variants to run (default: all): " + ", ".join(VARIANTS))
+    p.add_argument("--stats-only", action="store_true",
+                   help="only the outlier-store statistics (coverage, energy / KNN position), no detector fits")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-render the markdown of a finished run from <out stem>/summary.json and the scores.npz "
+                   "files (adds the fusion rows; merges <out stem>_stats/summary.json positions when present)")
     p.add_argument("--no-feature-map", action="store_true", help="--analysis: skip the input=feature_map fits")
     p.add_argument("--seed-spread", type=int, default=0,
                    help="--analysis: also refit every shift variant with this many seeds in all (mean ± std)")
@@ -528,8 +673,47 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(md))
         print(f"\nwritten: {out}, {bench_dir}/summary.json")
         return 0
+    if args.rescore:  # re-render a finished run (its summary.json + scores.npz), adding the fusion rows
+        results = json.loads((bench_dir / "summary.json").read_text())
+        stats_file = bench_dir.with_name(bench_dir.name + "_stats") / "summary.json"
+        stats = {r["suite"]: r for r in json.loads(stats_file.read_text())} if stats_file.is_file() else {}
+        for r in results:
+            st = stats.get(r["suite"])
+            if st:  # store statistics and the best-of-n fresh forge timings of the --stats-only run
+                r["position"] = st["position"]
+                for k in (1, 4):
+                    r["synthesis"][f"k{k}"].update({c: st["synthesis"][f"k{k}"][c] for c in
+                                                    ("coverage_mean", "coverage_median") if c in st["synthesis"][f"k{k}"]})
+                    if f"k{k}_fresh" in st["synthesis"]:
+                        r["synthesis"][f"k{k}_fresh"] = {**st["synthesis"][f"k{k}_fresh"], "from": str(stats_file)}
+            with np.load(bench_dir / r["suite"] / "scores.npz") as z:
+                add_fusions(r, {k: z[k] for k in z.files}, args.seed)
+        head = (out.read_text().split("\n### suite")[0].rstrip("\n") + "\n\n"
+                f"Fusion rows and store statistics added by `{cmd}`.\n\n")
+        out.write_text(head + "\n".join(suite_markdown(s) for s in results))
+        (bench_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
+        print(out.read_text())
+        return 0
     _install_fit_timer()
     results = [run_suite(name, args, bench_dir) for name in suites]
+    for r in results:
+        if "_scores" in r:
+            add_fusions(r, r.pop("_scores"), args.seed)
+    if args.stats_only:
+        md = ["# SHIFT CPU forger: the benchmark's outlier stores", "", f"Command: `{cmd}`", ""]
+        for r in results:
+            md += [f"### suite `{r['suite']}`", ""]
+            for k in (1, 4):
+                f = r["synthesis"].get(f"k{k}_fresh")
+                if f:
+                    md.append(f"- fresh forge K={k}, {f['sources']} sources: {f['images_per_second']} outliers/s (best "
+                              f"of {f['all_seconds']} s); Layer-CAM {f['mask_ms_per_source']} ms per source, Telea "
+                              f"{f['inpaint_ms_per_outlier']} ms per outlier")
+            md += position_markdown(r["position"], r["synthesis"]) + [""]
+        out.write_text("\n".join(md))
+        (bench_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
+        print("\n".join(md))
+        return 0
     md = ["# SHIFT (CPU forger) vs post-hoc detectors", "", f"Command: `{cmd}`", "",
           f"Total {time.time() - t0:.0f} s. `shift` = rejection network on the pooled penultimate vector (Eq. 5); "
           "`feature_map` = on the flattened last feature map (reference code). Capped variants are fitted on "
