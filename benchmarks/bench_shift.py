@@ -393,8 +393,9 @@ def suite_markdown(s: dict) -> str:
     syn = s["synthesis"]
     lines += ["", "Synthesis (Layer-CAM λ=0.2 + Telea, 1 thread): "
               + "; ".join(
-                  f"K={k}: {syn[f'k{k}']['n']} outliers, {syn[f'k{k}']['images_per_second']} img/s "
-                  f"({'fresh' if syn[f'k{k}']['fresh'] else 'cached store, not a synthesis time'})"
+                  f"K={k}: {syn[f'k{k}']['n']} outliers, "
+                  + (f"{syn[f'k{k}']['images_per_second']} img/s (first run, fresh)" if syn[f"k{k}"]["fresh"]
+                     else "cached store (no synthesis time)")
                   + (f", fresh forge of {syn[f'k{k}_fresh']['sources']} sources: "
                      f"{syn[f'k{k}_fresh']['images_per_second']} img/s" if f"k{k}_fresh" in syn else "")
                   + (f" (best of {len(syn[f'k{k}_fresh']['all_seconds'])}; Layer-CAM "
@@ -688,8 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                         r["synthesis"][f"k{k}_fresh"] = {**st["synthesis"][f"k{k}_fresh"], "from": str(stats_file)}
             with np.load(bench_dir / r["suite"] / "scores.npz") as z:
                 add_fusions(r, {k: z[k] for k in z.files}, args.seed)
-        head = (out.read_text().split("\n### suite")[0].rstrip("\n") + "\n\n"
-                f"Fusion rows and store statistics added by `{cmd}`.\n\n")
+        head = "\n".join(line for line in out.read_text().split("\n### suite")[0].split("\n")
+                         if not line.startswith("Fusion rows and store statistics added by"))
+        head = head.rstrip("\n") + f"\n\nFusion rows and store statistics added by `{cmd}`.\n\n"
         out.write_text(head + "\n".join(suite_markdown(s) for s in results))
         (bench_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
         print(out.read_text())
