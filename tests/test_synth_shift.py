@@ -184,7 +184,7 @@ def test_min_coverage_skips_sources_and_sharding_merges_to_the_unsharded_store(t
 
 def _cli(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "oodforge.synth.cli", "shift", *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "oodforge.cli", "synth", "shift", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 

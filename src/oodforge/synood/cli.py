@@ -176,15 +176,3 @@ def synth_synood(
     except (MissingModelError, StoreError) as e:
         _fail(str(e))
     typer.echo(f"{len(store)} SynOOD outliers in {out}; this run: {time.time() - t0:.1f} s")
-
-
-def main() -> None:
-    """``python -m oodforge.synood.cli contexts|synood ...``: the same commands without the top-level CLI."""
-    app = typer.Typer(no_args_is_help=True, add_completion=False)
-    app.command("contexts")(label_contexts)
-    app.command("synood")(synth_synood)
-    app()
-
-
-if __name__ == "__main__":
-    main()

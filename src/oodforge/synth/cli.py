@@ -1,7 +1,6 @@
 """Command functions for ``oodforge synth shift`` and ``oodforge synth merge``.
 
-Plain typer-annotated functions: :mod:`oodforge.cli` registers them. ``python -m oodforge.synth.cli``
-runs them standalone (the same commands).
+Plain typer-annotated functions: :mod:`oodforge.cli` registers them (one CLI, no standalone copy).
 """
 
 from __future__ import annotations
@@ -132,19 +131,3 @@ def synth_merge(
     except (StoreError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{len(merged)} outliers in {out}")
-
-
-def main() -> None:
-    """``python -m oodforge.synth.cli shift|merge ...``: the same commands without the top-level CLI."""
-    app = typer.Typer(no_args_is_help=True, add_completion=False)
-    app.command("shift")(synth_shift)
-    app.command("merge")(synth_merge)
-    try:
-        app()
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
