@@ -76,6 +76,9 @@ class BenchJob:
     label: str = ""
     outliers: ArrayDataset | None = None  # synthetic outliers for detectors that train on them
     info: dict = field(default_factory=dict)  # recorded in results.json (checkpoint path, training history...)
+    #: outliers forged from the ID *validation* images (never trained on): with them every method also
+    #: gets a validation AUROC / FPR95 (ID val vs these), the number model selection uses (docs/protocol.md)
+    val_outliers: ArrayDataset | None = None
 
 
 def _key(method: str, label: str) -> str:
@@ -104,6 +107,21 @@ def _with_images(fs: FeatureSet, ds: ArrayDataset) -> FeatureSet:
     return FeatureSet(fs.logits, fs.penultimate, fs.labels, fs.feature_map, images=ds)
 
 
+def check_fit_inputs(ctx: FitContext, suite: Suite) -> None:
+    """The protocol's guard: nothing a detector is fitted on may be ID test or OOD test data.
+
+    Compares dataset identities (every dataset in a suite has a unique, stable one); raises
+    ``RuntimeError`` naming the offending set. ``run_bench`` calls it before every ``fit``.
+    """
+    test = {suite.id_test.identity: "ID test", **{ds.identity: f"OOD test set {n!r}" for n, ds in suite.ood.items()}}
+    for field_name in ("train", "val", "outliers"):
+        fs = getattr(ctx, field_name)
+        ident = getattr(getattr(fs, "images", None), "identity", None)
+        if ident is not None and ident in test:
+            raise RuntimeError(f"protocol violation: FitContext.{field_name} is the {test[ident]} "
+                               f"({ident}); detectors are fitted on ID train/val and forged outliers only")
+
+
 def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None, device: str = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, batch_size: int = 256,
               progress: bool = True, config: dict | None = None, extra: dict | None = None, log=print) -> dict:
@@ -126,8 +144,12 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
         acc = float((test.logits.argmax(1) == suite.id_test.labels).double().mean())
         if results["id_accuracy"] is None:
             results["id_accuracy"] = acc
-        results["models"][job.label or "plain"] = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
-                                                   "weights_hash": weights_hash(job.model), **job.info}
+        model_info = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
+                      "weights_hash": weights_hash(job.model), **job.info}
+        if suite.id_val is not None:
+            val_fs = cache.get(suite.id_val)
+            model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
+        results["models"][job.label or "plain"] = model_info
         for method in job.methods:
             key = _key(method, job.label)
             name, params = parse_method(method)
@@ -141,9 +163,17 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
                     raise ValueError(f"method {key!r} trains on synthetic outliers: give an outlier store "
                                      "(CLI: --outliers DIR from `oodforge synth shift ...`)")
                 outliers = _with_images(cache.get(job.outliers, fmap), job.outliers)
-            ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers,
+            val = _with_images(cache.get(suite.id_val, fmap), suite.id_val) if suite.id_val is not None else None
+            ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers, val=val,
                              device=device, seed=seed, extra={"class_names": suite.class_names, **(extra or {})})
+            check_fit_inputs(ctx, suite)
             det.fit(ctx)
+            if job.val_outliers is not None and val is not None:
+                s_val = det.score(val)
+                s_vo = det.score(_with_images(cache.get(job.val_outliers, fmap), job.val_outliers))
+                scores[f"{key}/val"], scores[f"{key}/val-outliers"] = s_val, s_vo
+                results.setdefault("validation", {})[key] = {
+                    k: v for k, v in evaluate(s_val, s_vo).items() if k in ("auroc", "fpr95")}
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}
             for set_name, ds in sets.items():

@@ -53,6 +53,10 @@ def bench(
                                               "(from `oodforge train`). Default: train (or reuse) the default one."),
     outliers: Optional[Path] = typer.Option(None, "--outliers", help="Outlier store (from `oodforge synth`) "
                                             "for detectors trained on synthetic outliers (shift)."),
+    val_outliers: Optional[Path] = typer.Option(None, "--val-outliers", help="Outlier store forged from the "
+                                                "suite's ID validation images (`synth shift --split val`): every "
+                                                "method also gets a validation AUROC/FPR95 (docs/protocol.md)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the classifier anew instead of using the zoo's."),
     quick: bool = typer.Option(False, "--quick", help="Small subsets and a short training: a run in well under a minute."),
     epochs: int = typer.Option(4, "--epochs", help="Epochs when the default classifier is trained."),
     data_root: Optional[Path] = DATA_ROOT,
@@ -74,14 +78,16 @@ def bench(
     _check_methods(method_list, has_outliers=outliers is not None)
     s = _load_suite(suite, data_root, seed, quick)
     model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
-                            log=typer.echo)
-    store = None
-    if outliers is not None:
-        from .synth.store import OutlierStore
+                            log=typer.echo, use_zoo=not retrain)
+    from .synth.store import OutlierStore
 
-        store = OutlierStore(outliers).load()
-    job = BenchJob(model, method_list, outliers=store,
-                   info={"checkpoint": info.get("checkpoint"), "outlier_store": str(outliers) if outliers else None})
+    store = OutlierStore(outliers).load() if outliers is not None else None
+    val_store = OutlierStore(val_outliers).load() if val_outliers is not None else None
+    label = (info.get("plan") or {}).get("method", "plain")
+    job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, label="" if label == "plain" else label,
+                   info={"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"),
+                         "outlier_store": str(outliers) if outliers else None,
+                         "val_outlier_store": str(val_outliers) if val_outliers else None})
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,
                     config={"quick": quick, "methods": method_list, "argv": sys.argv[1:]}, log=typer.echo,
                     extra={k: str(v) for k, v in (("clip_model", clip_model), ("wordnet_dir", wordnet_dir)) if v})
@@ -94,9 +100,13 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
     suites: str = typer.Option("fashion,fashion6,scenes", "--suites", help="Comma-separated suites."),
     quick: bool = typer.Option(False, "--quick", help="Tiny subsets and 1-epoch training (a smoke run)."),
-    max_train: int = typer.Option(10000, "--max-train", help="Train on at most this many ID images (stratified)."),
-    epochs: int = typer.Option(4, "--epochs", help="Epochs for the plain and the SSOD classifier."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most this many ID training images "
+                                            "(stratified; a subset gets no zoo classifier, so it trains)."),
+    epochs: int = typer.Option(4, "--epochs", help="Epochs of the plain classifier when it is trained here."),
     k: int = typer.Option(1, "--k", help="SHIFT outliers forged per training image."),
+    forge_limit: int = typer.Option(10000, "--forge-limit", help="Forge SHIFT outliers from at most this many "
+                                    "training images."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the classifiers here instead of using the zoo."),
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
@@ -104,22 +114,54 @@ def demo(
     """Train, forge SHIFT outliers, train SSOD, and benchmark everything on the embedded suites."""
     from .demo import run_demo
 
+    if max_train is not None and max_train < 1:
+        raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")
     run_demo(out, tuple(s.strip() for s in suites.split(",") if s.strip()), quick=quick, data_root=data_root,
-             seed=seed, device=device, max_train=max_train, epochs=epochs, ssod_epochs=epochs, k=k, log=typer.echo)
+             seed=seed, device=device, max_train=max_train, epochs=epochs, k=k, forge_limit=forge_limit,
+             retrain=retrain, log=typer.echo)
 
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (also holds the per-epoch state of "
+                             "an unfinished run, so the same command resumes it)."),
     suite: str = typer.Option("fashion", "--suite", help="Suite whose ID training set is used."),
-    method: str = typer.Option("plain", "--method", help="plain (cross-entropy) or ssod (joint OOD head)."),
+    method: str = typer.Option("plain", "--method", help="plain (cross-entropy), ssod (joint OOD head, Eq. 14) or "
+                               "oe (outlier exposure on forged outliers; needs --init-from and --outliers)."),
     backbone: str = typer.Option("small_resnet", "--backbone",
                                  help="small_resnet, resnet18, resnet34, wrn40_2 or densenet100."),
+    epochs: int = typer.Option(4, "--epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: plain 0.05; ssod 1e-3, "
+                                       "or 1e-4 with --init-from)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (Nesterov momentum 0.9) or adamw "
+                                            "(default: plain sgd, ssod adamw)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="onecycle, cosine, step (halve every 30 "
+                                           "epochs) or constant (default: plain onecycle, ssod cosine)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 128 (256 with --paper-setting)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    no_flip: bool = typer.Option(False, "--no-flip", help="No horizontal flips (for data where a flip changes "
+                                 "the label)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this checkpoint's weights "
+                                             "(ssod: a plain checkpoint of the same backbone)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="SSOD: resize inputs to this size "
                                              "(the paper uses 224 for 32 px CIFAR images)."),
-    epochs: int = typer.Option(4, "--epochs"),
-    alpha: float = typer.Option(1.0, "--alpha", help="SSOD: weight of the OOD loss (Eq. 14)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="SSOD: weight of the OOD loss (Eq. 14); 0 = control run."),
     gamma: float = typer.Option(0.95, "--gamma", help="SSOD: sampler confidence threshold (Eq. 12)."),
+    balance: str = typer.Option("loss", "--balance", help="SSOD: loss, weight or resample (Table 5)."),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs", help="SSOD: epochs of classification loss alone "
+                                      "before the OOD term (an alternative to --init-from)."),
+    outliers: Optional[Path] = typer.Option(None, "--outliers", help="oe: outlier store (from `oodforge synth`)."),
+    oe_loss: str = typer.Option("oe", "--oe-loss", help="oe: 'oe' (cross entropy to uniform, Hendrycks 2019) or "
+                                "'energy' (energy-bounded hinge, Liu 2020)."),
+    oe_lambda: Optional[float] = typer.Option(None, "--oe-lambda", help="oe: weight of the outlier term "
+                                              "(default 0.5 for oe, 0.1 for energy)."),
+    m_in: Optional[float] = typer.Option(None, "--m-in", help="oe-loss energy: ID margin (default: median ID "
+                                         "energy of the initial model)."),
+    m_out: Optional[float] = typer.Option(None, "--m-out", help="oe-loss energy: outlier margin (default: median "
+                                          "outlier energy of the initial model, at least m_in + 1)."),
+    paper_setting: bool = typer.Option(False, "--paper-setting", help="SSOD: the paper's App. A.4 setting "
+                                       "(AdamW lr 1e-4 halved every 30 epochs, batch 256, 224 px inputs); "
+                                       "explicit options still win."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Train on at most this many images."),
     quick: bool = typer.Option(False, "--quick"),
     data_root: Optional[Path] = DATA_ROOT,
@@ -128,16 +170,38 @@ def train(
 ) -> None:
     """Train a classifier (plain or SSOD) on a suite's ID training set and save a checkpoint."""
     from .demo import stratified_subset
-    from .models.checkpoint import save_checkpoint
+    from .models.checkpoint import save_checkpoint, weights_hash
+    from .models.train import accuracy
     from .workflows import TrainPlan, train_model
 
-    s = stratified_subset(_load_suite(suite, data_root, seed, quick), max_train, seed)
-    plan = TrainPlan(arch=backbone, epochs=epochs, seed=seed, method=method, alpha=alpha, gamma=gamma,
-                     input_size=input_size)
-    model, meta = train_model(s, plan, device)
-    from .models.train import accuracy
+    if max_train is not None and max_train < 1:
+        raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")
+    if paper_setting and method != "ssod":
+        raise typer.BadParameter("the paper setting is SSOD's (App. A.4); use it with --method ssod",
+                                 param_hint="--paper-setting")
+    paper: dict = {}
+    if paper_setting:
+        from .ssod.train import PAPER_SETTING
 
+        paper = PAPER_SETTING
+    plan = TrainPlan(arch=backbone, epochs=epochs, seed=seed, method=method, alpha=alpha, gamma=gamma,
+                     balance=balance, warmup_epochs=warmup_epochs,
+                     lr=lr if lr is not None else paper.get("lr"),
+                     optimizer=optimizer or paper.get("optimizer"), schedule=schedule or paper.get("schedule"),
+                     weight_decay=weight_decay if weight_decay is not None else paper.get("weight_decay"),
+                     batch_size=batch_size or paper.get("batch_size", 128),
+                     input_size=input_size if input_size is not None else paper.get("input_size"),
+                     flip=not no_flip, init_from=str(init_from) if init_from else None,
+                     outliers=str(outliers) if outliers else None, oe_loss=oe_loss, oe_lambda=oe_lambda, m_in=m_in,
+                     m_out=m_out)
+    plan.train_config()  # validate every setting before loading data
+    s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick), max_train, seed)
+    model, meta = train_model(s, plan, device, state_dir=out, log=typer.echo)
     meta["id_test_accuracy"] = accuracy(model, s.id_test, device)
+    if s.id_val is not None:
+        meta["id_val_accuracy"] = accuracy(model, s.id_val, device)
+    meta["command"] = "oodforge train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
+    meta["weights_hash"] = weights_hash(model)
     save_checkpoint(model, out, meta)
     typer.echo(f"{method} {backbone}: ID test accuracy {100 * meta['id_test_accuracy']:.2f} % "
                f"({meta['train_seconds']} s); checkpoint {out}")

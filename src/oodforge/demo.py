@@ -36,10 +36,38 @@ def stratified_subset(suite: Suite, n: int | None, seed: int) -> Suite:
     return suite
 
 
+FORGED = ("shift", "fusion", "ssod", "@oe")  # methods that use forged outliers (or SSOD's background samples)
+OE_METHODS = [m for m in POST_HOC if m != "odin"]
+
+
+def is_forged(method: str) -> bool:
+    """Whether a result key belongs to a forged-outlier method (shift, fusion, ssod, anything on the OE backbone)."""
+    return method.endswith("@oe") or method.split(":")[0].split("@")[0] in ("shift", "fusion", "ssod")
+
+
+def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int, device: str, progress: bool,
+                  log, use_zoo: bool, outlier_store: Path | None = None):
+    """The SSOD or OE classifier: the zoo's when it has one for this suite, else fine-tuned from the plain one."""
+    from .workflows import zoo_checkpoint
+
+    if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method)) is not None:
+        return get_model(suite, TrainPlan(method=method), device=device, progress=progress, log=log)
+    plan = TrainPlan(method=method, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"],
+                     outliers=str(outlier_store) if outlier_store else None)
+    return get_model(suite, plan, device=device, progress=progress, log=log, use_zoo=False)
+
+
 def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITES, quick: bool = False,
-             data_root: str | None = None, seed: int = 0, device: str = "cpu", max_train: int | None = 10000,
-             epochs: int = 4, ssod_epochs: int = 4, k: int = 1, progress: bool = True, log=print) -> dict:
-    """Run the demo; returns ``{suite: results}`` and writes ``out/<suite>/`` plus ``out/summary.md``."""
+             data_root: str | None = None, seed: int = 0, device: str = "cpu", max_train: int | None = None,
+             epochs: int = 4, ssod_epochs: int = 2, k: int = 1, forge_limit: int | None = 10000,
+             retrain: bool = False, progress: bool = True, log=print) -> dict:
+    """Run the demo; returns ``{suite: results}`` and writes ``out/<suite>/`` plus ``out/summary.md``.
+
+    Per suite: the zoo's plain, SSOD and OE classifiers (or, with ``retrain``/``quick``, trained
+    here: plain for ``epochs``, SSOD and OE fine-tuned from it), SHIFT outliers forged from at most
+    ``forge_limit`` training images and from every ID validation image (held out, for the protocol's
+    validation numbers), then every detector on every backbone.
+    """
     from .data.suites import load_suite
     from .models.features import default_cache_dir
     from .synth.grid import save_outlier_grid
@@ -52,21 +80,31 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         log(f"\n=== suite {name} ===")
         suite = stratified_subset(load_suite(name, data_root=data_root, seed=seed, quick=quick), max_train, seed)
         ep = 3 if quick else epochs
-        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed), device=device, progress=progress, log=log)
-        ssod, sinfo = get_model(suite, TrainPlan(method="ssod", epochs=2 if quick else ssod_epochs, seed=seed),
-                                device=device, progress=progress, log=log)
-        outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device,
+        use_zoo = not retrain
+        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed), device=device, progress=progress, log=log,
+                                 use_zoo=use_zoo)
+        outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device, limit=forge_limit,
                                                         progress=progress, log=log)
+        val_outliers, val_dir, _ = forge_cpu_outliers(suite, plain, k=1, seed=seed, device=device, split="val",
+                                                      progress=progress, log=log)
+        ssod, sinfo = _second_model(suite, "ssod", pinfo, 1 if quick else ssod_epochs, seed, device, progress, log,
+                                    use_zoo)
+        oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
-        jobs = [BenchJob(plain, POST_HOC + ["shift"], outliers=outliers,
-                         info={"checkpoint": pinfo["checkpoint"], "outlier_store": str(store_dir),
-                               "train_seconds": pinfo.get("train_seconds")}),
-                # ODIN's gradient passes are the costliest detector; on the SSOD backbone the cheaper
-                # post-hoc detectors are enough for Table 6's comparison
-                BenchJob(ssod, ["ssod"] + [m for m in POST_HOC if m != "odin"], label="ssod",
-                         info={"checkpoint": sinfo["checkpoint"], "train_seconds": sinfo.get("train_seconds")})]
-        config = {"suite": name, "quick": quick, "max_train": max_train, "epochs": ep, "k": k,
-                  "shift_synthesis": synth}
+
+        def job(model, methods, label, info, **extra):
+            return BenchJob(model, methods, label=label, outliers=outliers, val_outliers=val_outliers,
+                            info={"checkpoint": info["checkpoint"], "zoo": info.get("zoo"),
+                                  "train_seconds": info.get("train_seconds"), **extra})
+
+        jobs = [job(plain, POST_HOC + ["shift", "fusion:a=shift,b=knn"], "", pinfo, outlier_store=str(store_dir),
+                    val_outlier_store=str(val_dir)),
+                # ODIN's gradient passes are the costliest detector; the cheaper post-hoc detectors are enough
+                # to compare backbones (Table 6 of SSOD)
+                job(ssod, ["ssod"] + OE_METHODS, "ssod", sinfo),
+                job(oe, OE_METHODS, "oe", oinfo)]
+        config = {"suite": name, "quick": quick, "max_train": max_train, "forge_limit": forge_limit, "epochs": ep,
+                  "k": k, "shift_synthesis": synth}
         res = run_bench(suite, jobs, out / name, device=device, cache_dir=default_cache_dir(), seed=seed,
                         progress=progress, config=config, log=log)
         print_table(res)
@@ -76,27 +114,56 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     return all_results
 
 
+def group_mean(res: dict, method: str, group: str | None) -> tuple[float, float] | None:
+    """Mean (AUROC, FPR95) of ``method`` over a group of OOD sets (all sets when ``group`` is None)."""
+    r = res["methods"].get(method)
+    sets = res["groups"].get(group, []) if group else list(r or {})
+    if not r or not sets:
+        return None
+    return float(np.mean([r[s]["auroc"] for s in sets])), float(np.mean([r[s]["fpr95"] for s in sets]))
+
+
+def protocol_pick(res: dict) -> str | None:
+    """The forged-outlier method with the best *validation* AUROC (ID val vs outliers forged from ID val).
+
+    This is the protocol's choice (docs/protocol.md): it never reads an OOD test set. Ties go to
+    the lower validation FPR95.
+    """
+    val = res.get("validation", {})
+    cands = [(v["auroc"], -v["fpr95"], m) for m, v in val.items() if is_forged(m)]
+    return max(cands)[2] if cands else None
+
+
 def write_summary(all_results: dict, out: Path) -> Path:
-    """One line per suite: ID accuracy (plain vs SSOD), best post-hoc detector, shift, ssod."""
+    """Per suite and group (near / far): ID accuracies, the best post-hoc detector on the plain
+    classifier (picked on the test sets: the strongest baseline), the forged-outlier method picked by
+    the protocol on validation data, and the individual forged-outlier methods."""
     lines = ["# oodforge demo summary", "",
-             "Mean AUROC / FPR95 (%) over each suite's OOD sets. 'best post-hoc' is chosen per suite among "
-             "the post-hoc detectors on the plain classifier.", "",
-             "| suite | ID acc plain | ID acc SSOD | best post-hoc | shift | ssod |", "|---|---|---|---|---|---|"]
+             "Mean AUROC / FPR95 (%) over each group of OOD sets. 'best post-hoc' is the best post-hoc detector on "
+             "the plain classifier *chosen on the test sets* (the strongest baseline); 'protocol pick' is the "
+             "forged-outlier method with the best validation AUROC (ID val vs outliers forged from ID val), chosen "
+             "without reading any OOD test set (docs/protocol.md).", "",
+             "| suite | group | ID acc plain / SSOD / OE | best post-hoc | protocol pick | shift | fusion | "
+             "ssod@ssod | energy@oe |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, res in all_results.items():
-        plain_methods = {m: v for m, v in res["methods"].items() if "@" not in m}
-        best, _ = best_method({**res, "methods": plain_methods}, exclude=("shift", "ssod"))
-
-        def cell(m: str, res: dict = res) -> str:
-            r = res["methods"].get(m)
-            if not r:
-                return "-"
-            return (f"{100 * np.mean([v['auroc'] for v in r.values()]):.2f} / "
-                    f"{100 * np.mean([v['fpr95'] for v in r.values()]):.2f}")
-
         accs = res["models"]
-        lines.append(f"| {name} | {100 * accs['plain']['id_accuracy']:.2f} | "
-                     f"{100 * accs.get('ssod', {}).get('id_accuracy', float('nan')):.2f} | "
-                     f"{best}: {cell(best)} | {cell('shift')} | {cell('ssod@ssod')} |")
+
+        def acc(label: str, accs: dict = accs) -> str:
+            return f"{100 * accs[label]['id_accuracy']:.2f}" if label in accs else "-"
+
+        def cell(m: str | None, group: str | None, res: dict = res) -> str:
+            v = group_mean(res, m, group) if m else None
+            return "-" if v is None else f"{100 * v[0]:.2f} / {100 * v[1]:.2f}"
+
+        pick = protocol_pick(res)
+        fusion = next((m for m in res["methods"] if m.startswith("fusion")), None)
+        for group in [g for g in ("near", "far") if res["groups"].get(g)]:
+            plain_posthoc = {m: v for m, v in res["methods"].items() if "@" not in m and not is_forged(m)}
+            best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
+            lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "
+                         f"{cell(best, group)} | {pick}: {cell(pick, group)} | {cell('shift', group)} | "
+                         f"{cell(fusion, group)} | {cell('ssod@ssod', group)} | {cell('energy@oe', group)} |")
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(all_results, indent=1))

@@ -18,6 +18,7 @@ from .data.base import ArrayDataset, Suite
 from .models.backbones import build_model
 from .models.base import Classifier
 from .models.checkpoint import load_checkpoint, save_checkpoint
+from .models.train import CrossEntropy, TrainConfig, run_training, seed_everything
 
 POST_HOC = ["msp", "maxlogit", "energy", "odin", "mahalanobis", "react", "dice", "knn", "vim", "gradnorm"]
 
@@ -26,24 +27,80 @@ def cache_root() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge"))
 
 
+TRAIN_METHODS = ("plain", "ssod", "oe")
+
+
 @dataclass
 class TrainPlan:
-    """How the default classifier is trained (the CPU defaults; measured in the README)."""
+    """How a classifier is trained: architecture, loss (``method``) and recipe.
+
+    ``None`` fields take the method's default: plain = SGD (Nesterov) with a one-cycle schedule at
+    lr 0.05; SSOD from scratch = AdamW 1e-3 cosine (``ssod.CPU_DEFAULT``); SSOD from a plain
+    checkpoint (``init_from``) = AdamW 1e-4 cosine (``ssod.CPU_FINETUNE``, the paper's lr);
+    outlier exposure (``oe``, needs ``init_from`` and ``outliers``) = SGD (Nesterov) lr 1e-3
+    cosine, the OE paper's fine-tuning recipe (Hendrycks et al. 2019, App. A).
+    """
 
     arch: str = "small_resnet"
     epochs: int = 4
-    lr: float = 0.05
+    lr: float | None = None
     batch_size: int = 128
     seed: int = 0
     method: str = "plain"  # or "ssod"
+    optimizer: str | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    flip: bool = True
     alpha: float = 1.0
     gamma: float = 0.95
+    balance: str = "loss"
     input_size: int | None = None
+    warmup_epochs: int = 0
+    init_from: str | None = None
+    outliers: str | None = None  # oe: outlier store folder
+    oe_loss: str = "oe"  # oe: "oe" (uniform CE) or "energy" (energy-bounded hinge)
+    oe_lambda: float | None = None
+    m_in: float | None = None
+    m_out: float | None = None
 
     def key(self, suite: Suite) -> str:
         blob = json.dumps({**self.__dict__, "train": suite.id_train.identity, "shape": suite.image_shape},
                           sort_keys=True)
         return f"{suite.name}-{self.method}-{self.arch}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def train_config(self) -> TrainConfig:
+        """The loop settings: explicit fields win over the method's defaults."""
+        if self.method not in TRAIN_METHODS:
+            raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(TRAIN_METHODS)}")
+        if self.method == "ssod":
+            from .ssod.train import CPU_DEFAULT, CPU_FINETUNE
+
+            base = CPU_FINETUNE if self.init_from else CPU_DEFAULT
+            defaults = {k: base[k] for k in ("optimizer", "lr", "schedule", "weight_decay")}
+        elif self.method == "oe":
+            if not self.init_from or not self.outliers:
+                raise ValueError("outlier exposure fine-tunes a trained classifier on forged outliers: give "
+                                 "--init-from CHECKPOINT and --outliers STORE")
+            defaults = {"optimizer": "sgd", "lr": 1e-3, "schedule": "cosine", "weight_decay": 5e-4}
+        else:
+            defaults = {"optimizer": "sgd", "lr": 0.05, "schedule": "onecycle", "weight_decay": 5e-4}
+        chosen = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, flip=self.flip,
+                           **chosen).validate()
+
+    def objective(self):
+        if self.method == "ssod":
+            from .ssod.train import SSODObjective
+
+            return SSODObjective(alpha=self.alpha, gamma=self.gamma, balance=self.balance,
+                                 input_size=self.input_size, warmup_epochs=self.warmup_epochs, seed=self.seed)
+        if self.method == "oe":
+            from .oe import OutlierExposure
+            from .synth.store import OutlierStore
+
+            return OutlierExposure(OutlierStore(self.outliers).load(), loss=self.oe_loss, lam=self.oe_lambda,
+                                   m_in=self.m_in, m_out=self.m_out, seed=self.seed)
+        return CrossEntropy()
 
 
 def normalisation(suite: Suite) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -54,40 +111,84 @@ def normalisation(suite: Suite) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
-def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bool = True) -> tuple[Classifier, dict]:
-    """Train a classifier (plain cross-entropy, or SSOD's joint objective) on ``suite.id_train``."""
+def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
+    """Copy a trained checkpoint's weights into ``model`` (before fine-tuning).
+
+    Same architecture: every weight. A plain checkpoint into an SSOD model: the backbone (the OOD
+    head starts fresh), which is how the zoo's SSOD models start. Returns the source's metadata.
+    """
+    from .models.checkpoint import weights_hash
+
+    src, meta = load_checkpoint(checkpoint)
+    if src.num_classes != model.num_classes or src.in_channels != model.in_channels:
+        raise ValueError(f"--init-from {checkpoint}: it has {src.num_classes} classes / {src.in_channels} channels, "
+                         f"the model to train has {model.num_classes} / {model.in_channels}")
+    target = model
+    if getattr(model, "arch", "") != meta["arch"] and getattr(model, "arch", "").startswith("ssod:"):
+        target = model.backbone  # type: ignore[attr-defined]
+    if getattr(target, "arch", "") != meta["arch"]:
+        raise ValueError(f"--init-from {checkpoint} holds a {meta['arch']!r} model; the model to train is "
+                         f"{getattr(model, 'arch', type(model).__name__)!r}: choose a checkpoint of that backbone")
+    target.load_state_dict(src.state_dict())
+    return {"checkpoint": str(checkpoint), "arch": meta["arch"], "weights_hash": weights_hash(src),
+            "id_test_accuracy": meta.get("id_test_accuracy")}
+
+
+def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bool = True,
+                state_dir: str | Path | None = None, log=None) -> tuple[Classifier, dict]:
+    """Train a classifier on ``suite.id_train`` with ``plan`` in the one training loop.
+
+    The seed is set before the model is built, so the same plan gives bit-identical weights on the
+    same machine and thread count. ``state_dir`` makes the run resumable per epoch.
+    """
+    config, objective = plan.train_config(), plan.objective()
     mean, std = normalisation(suite)
     arch = f"ssod:{plan.arch}" if plan.method == "ssod" else plan.arch
+    seed_everything(plan.seed)
     model = build_model(arch, suite.num_classes, suite.image_shape[0], mean, std)
+    init = initialise_from(model, plan.init_from) if plan.init_from else None
     t0 = time.time()
-    if plan.method == "ssod":
-        from .ssod.train import train_ssod
-
-        history = train_ssod(model, suite.id_train, epochs=plan.epochs, batch_size=plan.batch_size, seed=plan.seed,
-                             device=device, alpha=plan.alpha, gamma=plan.gamma, input_size=plan.input_size,
-                             progress=progress)
-    elif plan.method == "plain":
-        from .models.train import train_classifier
-
-        history = train_classifier(model, suite.id_train, epochs=plan.epochs, lr=plan.lr,
-                                   batch_size=plan.batch_size, seed=plan.seed, device=device, progress=progress)
-    else:
-        raise ValueError(f"unknown training method {plan.method!r}: use 'plain' or 'ssod'")
+    history = run_training(model, suite.id_train, objective, config, device=device, progress=progress,
+                           state_dir=state_dir, log=log)
     meta = {"class_names": suite.class_names, "suite": suite.name, "train_set": suite.id_train.identity,
-            "plan": plan.__dict__, "train_seconds": round(time.time() - t0, 1),
-            "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str))}}
+            "plan": plan.__dict__, "train_seconds": round(time.time() - t0, 1), "init_from": init,
+            "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str, dict))}}
     return model.eval(), meta
 
 
+def zoo_checkpoint(suite: Suite, plan: TrainPlan) -> Path | None:
+    """The zoo folder that holds the classifier ``plan`` asks for on ``suite``, or ``None``.
+
+    The zoo serves the default recipe only (``small_resnet``, plain or SSOD, no explicit
+    hyperparameters) on the full suite it was trained on (checked by training-set identity).
+    """
+    from . import zoo
+
+    custom = any(getattr(plan, f) is not None for f in ("lr", "optimizer", "schedule", "weight_decay", "init_from",
+                                                         "outliers", "input_size"))
+    if plan.arch != "small_resnet" or plan.method not in zoo.METHODS or custom or plan.seed != 0:
+        return None
+    return zoo.find(suite.name, plan.method, suite.id_train.identity)
+
+
 def get_model(suite: Suite, plan: TrainPlan, checkpoint: str | Path | None = None, device: str = "cpu",
-              progress: bool = True, log=print) -> tuple[Classifier, dict]:
-    """Load ``checkpoint`` when given; otherwise reuse or train (and cache) the model ``plan`` describes."""
+              progress: bool = True, log=print, use_zoo: bool = True) -> tuple[Classifier, dict]:
+    """The classifier to benchmark: ``checkpoint`` when given; else the zoo's model for the suite
+    (``use_zoo``, verified by sha256); else reuse or train (and cache) the model ``plan`` describes."""
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, device)
         if meta["num_classes"] != suite.num_classes or meta["in_channels"] != suite.image_shape[0]:
             raise ValueError(f"checkpoint {checkpoint} has {meta['num_classes']} classes / {meta['in_channels']} "
                              f"channels but suite {suite.name!r} has {suite.num_classes} / {suite.image_shape[0]}")
         return model, {**meta, "checkpoint": str(checkpoint)}
+    if use_zoo and zoo_checkpoint(suite, plan) is not None:
+        from .zoo import load_zoo_model
+
+        model, meta = load_zoo_model(suite.name, plan.method, device)
+        if log:
+            log(f"using the zoo's {plan.method} classifier for {suite.name} ({meta['checkpoint']}; "
+                f"ID test accuracy {100 * meta.get('id_test_accuracy', float('nan')):.2f} %; --retrain to train anew)")
+        return model, meta
     folder = cache_root() / "models" / plan.key(suite)
     if (folder / "model.safetensors").is_file():
         model, meta = load_checkpoint(folder, device)
@@ -97,7 +198,7 @@ def get_model(suite: Suite, plan: TrainPlan, checkpoint: str | Path | None = Non
     if log:
         log(f"training the {plan.method} {plan.arch} on {suite.name} ({len(suite.id_train)} images, "
             f"{plan.epochs} epochs)")
-    model, meta = train_model(suite, plan, device, progress)
+    model, meta = train_model(suite, plan, device, progress, state_dir=folder)
     save_checkpoint(model, folder, meta)
     if log:
         log(f"  trained in {meta['train_seconds']} s, saved to {folder}")
@@ -106,19 +207,26 @@ def get_model(suite: Suite, plan: TrainPlan, checkpoint: str | Path | None = Non
 
 def forge_cpu_outliers(suite: Suite, model: Classifier, k: int = 1, limit: int | None = None, seed: int = 0,
                        masker: str = "layercam", inpainter: str = "telea", device: str = "cpu",
-                       progress: bool = True, log=print) -> tuple[ArrayDataset, Path, dict]:
-    """SHIFT outliers from the ID training set with a swappable masker + inpainter (cached, resumable).
+                       progress: bool = True, log=print, split: str = "train", threshold: float = 0.2,
+                       max_coverage: float = 1.0) -> tuple[ArrayDataset, Path, dict]:
+    """SHIFT outliers from the ID training (or, ``split="val"``, validation) images with a swappable
+    masker + inpainter (cached, resumable).
 
     Returns the outliers, the store folder and ``{"images_per_second", "seconds", "n"}`` for this call.
     """
     from .models.checkpoint import weights_hash
     from .synth.shift import forge_shift, make_inpainter, make_masker
 
-    key = hashlib.sha256(f"{suite.id_train.identity}|{weights_hash(model)}|{masker}|{inpainter}|{k}|{limit}|{seed}"
+    source = suite.id_val if split == "val" else suite.id_train
+    if source is None:
+        raise ValueError(f"suite {suite.name!r} has no {split} split to forge outliers from")
+    mask_tag = f"{threshold}|{max_coverage}" if (threshold, max_coverage) != (0.2, 1.0) else ""
+    key = hashlib.sha256(f"{source.identity}|{weights_hash(model)}|{masker}|{inpainter}|{k}|{limit}|{seed}{mask_tag}"
                          .encode()).hexdigest()[:12]
-    folder = cache_root() / "outliers" / f"{suite.name}-{masker}-{inpainter}-k{k}-{key}"
+    folder = cache_root() / "outliers" / f"{suite.name}-{split}-{masker}-{inpainter}-k{k}-{key}"
     t0 = time.time()
-    store = forge_shift(suite.id_train, folder, make_masker(masker, model=model), make_inpainter(inpainter), k=k,
+    m = make_masker(masker, model=model, threshold=threshold, max_coverage=max_coverage)
+    store = forge_shift(source, folder, m, make_inpainter(inpainter), k=k,
                         seed=seed, limit=limit, device=device, class_names=suite.class_names, progress=progress)
     outliers = store.load()
     dt = time.time() - t0

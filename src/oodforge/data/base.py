@@ -91,6 +91,10 @@ class Suite:
     groups: dict[str, list[str]] = field(default_factory=lambda: {"near": [], "far": []})
     class_names: list[str] = field(default_factory=list)
     description: str = ""
+    #: held-out ID images, disjoint from ``id_train`` and ``id_test``: every choice of hyperparameter,
+    #: variant or threshold is made on these (plus outliers forged from them), never on the OOD sets
+    #: (docs/protocol.md). ``None`` for hand-built suites that have no validation split.
+    id_val: ArrayDataset | None = None
 
     @property
     def num_classes(self) -> int:

@@ -13,6 +13,12 @@ scenes     Fashion-MNIST objects on real-photo crops, 3x32x32     backgrounds,  
            (20,000 / 4,000; quick 2,000 / 500)                    digits-on-scenes
 =========  =====================================================  ==========================  =====================
 
+Every suite also holds out an **ID validation split** ``id_val`` from its training images: a
+stratified 10 % (at most 5,000; quick: 300), drawn with the data seed and removed from
+``id_train``. Classifiers are trained on the rest; hyperparameters, variants and thresholds are
+chosen on ``id_val`` (docs/protocol.md). Sizes after the split: fashion 55,000 / 5,000,
+fashion6 32,400 / 3,600, scenes 18,000 / 2,000 (train / val).
+
 OOD set sizes: digits 1,797, the others 2,000 (quick: 300 each). Quick ID subsets are stratified
 and deterministic for the seed. Identities are stable strings (``"fashion6/train"``,
 ``"ood/digits/28x28x1/seed0/n1797"``...) so the feature cache is reused across runs.
@@ -42,6 +48,22 @@ FASHION6_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Sneaker", "B
 FASHION6_HELD_OUT = ["Coat", "Sandal", "Shirt", "Ankle boot"]
 QUICK_ID_SIZES = {"train": 3000, "test": 600}
 QUICK_NEAR_SIZE = 300
+VAL_FRACTION, VAL_MAX, QUICK_VAL = 0.10, 5000, 300
+
+
+def with_validation_split(suite: Suite, seed: int, quick: bool) -> Suite:
+    """Move a stratified, seeded share of ``suite.id_train`` into ``suite.id_val`` (disjoint).
+
+    The split depends only on the training set and the data ``seed``, so classifiers trained with
+    different training seeds see the same validation images.
+    """
+    train = suite.id_train
+    n_val = QUICK_VAL if quick else min(VAL_MAX, int(round(VAL_FRACTION * len(train))))
+    val_idx = stratified_indices(train.labels.numpy(), n_val, seed + 0x7A1)
+    keep = np.setdiff1d(np.arange(len(train)), val_idx)
+    suite.id_val = train.subset(val_idx, identity_suffix=f"val:n{n_val}:seed{seed}")
+    suite.id_train = train.subset(keep, identity_suffix=f"train-minus-val:n{n_val}:seed{seed}")
+    return suite
 
 
 def _quick(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
@@ -113,11 +135,13 @@ def load_suite(
     ``~/.cache/oodforge/data``).
     """
     if name == "fashion":
-        return _fashion(data_root, seed, quick)
-    if name == "fashion6":
-        return _fashion6(data_root, seed, quick)
-    if name == "scenes":
+        suite = _fashion(data_root, seed, quick)
+    elif name == "fashion6":
+        suite = _fashion6(data_root, seed, quick)
+    elif name == "scenes":
         from oodforge.data.scenes import build_scenes
 
-        return build_scenes(data_root, seed=seed, quick=quick, cache_dir=cache_dir).suite
-    raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
+        suite = build_scenes(data_root, seed=seed, quick=quick, cache_dir=cache_dir).suite
+    else:
+        raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
+    return with_validation_split(suite, seed, quick)

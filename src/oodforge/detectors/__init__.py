@@ -16,6 +16,7 @@ _MODULES = [
     "oodforge.detectors.knn",
     "oodforge.detectors.vim",
     "oodforge.detectors.gradnorm",
+    "oodforge.detectors.fusion",
     "oodforge.synth.rejection",
     "oodforge.ssod.detector",
     "oodforge.synood.clip_detectors",

@@ -31,12 +31,15 @@ class FitContext:
 
     ``model`` is the frozen classifier (an :class:`oodforge.models.base.Classifier`), ``train``
     its features on the ID training set, ``outliers`` the features of synthetic outliers
-    (SHIFT / SynOOD stores) when the detector is trained on them, ``device`` where to compute.
+    (SHIFT / SynOOD stores) when the detector is trained on them, ``val`` the features of the
+    held-out ID validation set (calibration, e.g. the ``fusion`` detector's percentiles),
+    ``device`` where to compute. Never OOD test data: ``oodforge.bench`` checks the identities.
     """
 
     model: torch.nn.Module
     train: FeatureSet
     outliers: FeatureSet | None = None
+    val: FeatureSet | None = None
     device: str = "cpu"
     seed: int = 0
     extra: dict = field(default_factory=dict)

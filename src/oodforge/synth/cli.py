@@ -14,12 +14,19 @@ import typer
 SUITE_NAMES = ("fashion", "fashion6", "scenes")
 
 
-def load_source_data(data: str, data_root: Optional[str] = None, seed: int = 0, quick: bool = False):
-    """``--data``: a suite name (its ID training set) or a path/name for :func:`oodforge.data.loaders.load_dataset`."""
+def load_source_data(data: str, data_root: Optional[str] = None, seed: int = 0, quick: bool = False,
+                     split: str = "train"):
+    """``--data``: a suite name (its ID training set, or with ``split="val"`` its ID validation set, for
+    held-out forged outliers) or a path/name for :func:`oodforge.data.loaders.load_dataset`."""
+    if split not in ("train", "val"):
+        raise ValueError(f"--split must be train or val, got {split!r}")
     if data in SUITE_NAMES:
         from ..data.suites import load_suite
 
-        return load_suite(data, data_root=data_root, seed=seed, quick=quick).id_train
+        suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
+        return suite.id_val if split == "val" else suite.id_train
+    if split != "train":
+        raise ValueError("--split val needs a suite name as --data (a path has no validation split)")
     from ..data.loaders import load_dataset
 
     return load_dataset(data, split="train", data_root=data_root)
@@ -56,6 +63,10 @@ def synth_shift(
                                  "(reference code: 25 px at 512 = 0.05)."),
     min_coverage: float = typer.Option(0.0, "--min-coverage", help="Skip images whose mask covers less than this "
                                        "fraction (reference code: 0.02)."),
+    max_coverage: float = typer.Option(1.0, "--max-coverage", help="Where the mask covers more than this fraction, "
+                                       "keep only the most salient fraction (1 = off, the paper)."),
+    split: str = typer.Option("train", "--split", help="With a suite as --data: forge from its train images, or "
+                              "from val (held-out forged outliers for model selection, docs/protocol.md)."),
     steps: int = typer.Option(50, "--steps", help="SD inference steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="SD classifier-free guidance scale."),
     size: int = typer.Option(512, "--size", help="SD working resolution (images are resized up, then back)."),
@@ -80,9 +91,10 @@ def synth_shift(
         _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
     if inpainter not in INPAINTERS:
         _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
-    dataset = load_source_data(data, data_root, seed, quick)
+    dataset = load_source_data(data, data_root, seed, quick, split)
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
-    mopts = dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, device=device)
+    mopts = dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
+                 device=device)
     if masker == "clipseg":
         m = make_masker("clipseg", model=clipseg_model, **mopts)
     else:

@@ -66,7 +66,9 @@ class Masker:
     name: ClassVar[str] = "masker"
 
     def __init__(self, threshold: float = 0.2, dilate: float = 0.0, min_coverage: float = 0.0,
-                 device: str = "cpu", batch_size: int = 32) -> None:
+                 device: str = "cpu", batch_size: int = 32, max_coverage: float = 1.0) -> None:
+        if not 0.0 < max_coverage <= 1.0:
+            raise ValueError(f"max_coverage must be in (0, 1], got {max_coverage}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold (lambda) must be in [0, 1], got {threshold}")
         if not 0.0 <= min_coverage < 1.0:
@@ -76,6 +78,7 @@ class Masker:
         self.threshold = float(threshold)
         self.dilate = float(dilate)
         self.min_coverage = float(min_coverage)
+        self.max_coverage = float(max_coverage)
         self.device = device
         self.batch_size = int(batch_size)
 
@@ -88,8 +91,11 @@ class Masker:
 
     def config(self) -> dict:
         """Everything that determines the masks (saved in the outlier store's config)."""
-        return {"name": self.name, "threshold": self.threshold, "dilate": self.dilate,
-                "min_coverage": self.min_coverage}
+        cfg = {"name": self.name, "threshold": self.threshold, "dilate": self.dilate,
+               "min_coverage": self.min_coverage}
+        if self.max_coverage < 1.0:  # only when set, so stores forged before the option keep their config
+            cfg["max_coverage"] = self.max_coverage
+        return cfg
 
     def saliency(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
@@ -113,8 +119,22 @@ class Masker:
         outs = []
         for i in range(0, images.shape[0], self.batch_size):
             sal = self.saliency(images[i:i + self.batch_size], labels[i:i + self.batch_size], class_names)
-            outs.append(dilate_masks(sal.cpu() >= self.threshold, self.dilate))
+            outs.append(dilate_masks(self.threshold_maps(sal.cpu()), self.dilate))
         return torch.cat(outs) if outs else torch.zeros((0, *images.shape[-2:]), dtype=torch.bool)
+
+    def threshold_maps(self, sal: torch.Tensor) -> torch.Tensor:
+        """``A >= λ`` per image; where that covers more than ``max_coverage`` of the image, keep only
+        the most salient ``max_coverage`` share instead (``A >= `` the image's ``1 - max_coverage``
+        quantile of ``A``), so an object-wide saliency cannot erase the whole image."""
+        masks = sal >= self.threshold
+        if self.max_coverage >= 1.0:
+            return masks
+        flat = sal.flatten(1)
+        over = masks.flatten(1).float().mean(1) > self.max_coverage
+        if over.any():
+            q = torch.quantile(flat[over].float(), 1.0 - self.max_coverage, dim=1)
+            masks[over] = sal[over] >= q.view(-1, 1, 1)
+        return masks
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config()})"
@@ -132,8 +152,8 @@ class ClipSegMasker(Masker):
 
     def __init__(self, model=CLIPSEG_DEFAULT, prompt: str = "a photo of a {}", threshold: float = 0.2,
                  dilate: float = 0.0, min_coverage: float = 0.0, device: str = "cpu", batch_size: int = 32,
-                 option: str = "--clipseg-model") -> None:
-        super().__init__(threshold, dilate, min_coverage, device, batch_size)
+                 option: str = "--clipseg-model", max_coverage: float = 1.0) -> None:
+        super().__init__(threshold, dilate, min_coverage, device, batch_size, max_coverage)
         if "{}" not in prompt:
             raise ValueError(f"the CLIPSeg prompt needs a '{{}}' where the class name goes, got {prompt!r}")
         self.model = model
@@ -195,8 +215,8 @@ class CamMasker(Masker):
 
     def __init__(self, model: torch.nn.Module, method: str = "layercam", threshold: float = 0.2,
                  dilate: float = 0.0, min_coverage: float = 0.0, target: str = "label", device: str = "cpu",
-                 batch_size: int = 64, model_id: str | None = None) -> None:
-        super().__init__(threshold, dilate, min_coverage, device, batch_size)
+                 batch_size: int = 64, model_id: str | None = None, max_coverage: float = 1.0) -> None:
+        super().__init__(threshold, dilate, min_coverage, device, batch_size, max_coverage)
         if method not in ("layercam", "gradcam"):
             raise ValueError(f"CAM method must be 'layercam' or 'gradcam', got {method!r}")
         if target not in ("label", "pred"):

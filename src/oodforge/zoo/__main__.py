@@ -1,0 +1,28 @@
+"""``python -m oodforge.zoo manifest`` rewrites the manifest; ``python -m oodforge.zoo verify`` checks
+every entry's sha256 and prints its recorded accuracies."""
+
+from __future__ import annotations
+
+import sys
+
+from . import manifest, verify, write_manifest
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "verify"
+    if cmd == "manifest":
+        for name, rec in write_manifest().items():
+            print(f"{name:<16} test acc {100 * (rec['id_test_accuracy'] or 0):6.2f} %  {rec['train_seconds']} s  "
+                  f"{rec['sha256'][:12]}")
+        return 0
+    if cmd == "verify":
+        for name in manifest():
+            rec = verify(name)
+            print(f"{name:<16} ok  test acc {100 * rec['id_test_accuracy']:.2f} %  ({rec['command']})")
+        return 0
+    print("usage: python -m oodforge.zoo [manifest|verify]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
