@@ -134,3 +134,22 @@ def test_cam_on_a_strided_network_upsamples_to_image_size():
         assert (float(row.min()), float(row.max())) in ((0.0, 1.0), (0.0, 0.0))
     with pytest.raises(ValueError, match="--checkpoint"):
         make_masker("layercam", model=None)
+
+
+def test_max_coverage_keeps_only_the_most_salient_share():
+    from oodforge.synth.masks import Masker
+
+    # a ramp saliency: A >= 0.2 covers 80 % of the image; a blob image covers 6 %
+    ramp = torch.linspace(0, 1, 100).view(1, 10, 10)
+    blob = torch.zeros(1, 10, 10)
+    blob[0, 4:6, 4:7] = 1.0
+    sal = torch.cat([ramp, blob])
+    paper = Masker(threshold=0.2).threshold_maps(sal.clone())
+    capped = Masker(threshold=0.2, max_coverage=0.5).threshold_maps(sal.clone())
+    assert mask_coverage(paper).tolist() == pytest.approx([0.8, 0.06])
+    assert mask_coverage(capped).tolist() == pytest.approx([0.5, 0.06])  # the blob is under the cap: unchanged
+    assert capped[0].flatten()[50:].all() and not capped[0].flatten()[:50].any()  # the top half of the ramp
+    assert torch.equal(capped[1], paper[1])
+    assert "max_coverage" in Masker(max_coverage=0.5).config() and "max_coverage" not in Masker().config()
+    with pytest.raises(ValueError, match="max_coverage"):
+        Masker(max_coverage=0.0)

@@ -1,0 +1,174 @@
+"""Forged outliers vs post-hoc detection under the protocol of docs/protocol.md (issue 9).
+
+    .venv/bin/python benchmarks/bench_forged.py [--suites fashion,fashion6,scenes] [--seeds 0,1,2]
+        [--variants all] [--out benchmarks/results/forged]
+
+Per suite, on the zoo's plain classifier (``src/oodforge/zoo``):
+
+1. forge SHIFT outliers (Layer-CAM + Telea, K = 1) from at most 10,000 training images and from
+   every ID validation image, for each mask rule: ``paper`` (lambda 0.2) and ``maxcov`` (lambda 0.2,
+   at most 50 % of the image, :meth:`Masker.threshold_maps`);
+2. fine-tune the zoo classifier with outlier exposure (one epoch of the training set, outliers as
+   many as ID images per step) for each variant in :data:`VARIANTS`;
+3. benchmark every post-hoc detector on the plain classifier, ``shift`` and ``fusion`` per mask rule,
+   ``ssod`` (and its fusion with KNN) on the zoo's SSOD model, and on every OE backbone the cheap
+   post-hoc detectors, ``shift`` and two fusions.
+
+**Validation** (the only numbers any choice reads): ID validation images vs the union of the
+outliers forged from ID validation images by both mask rules (never trained on), plus ID
+validation accuracy. The protocol's pick per suite is the forged-outlier method with the highest
+validation AUROC whose backbone keeps ID validation accuracy within 0.5 points of the zoo
+classifier. The OOD test sets are read only to print the final table, which lists every variant
+with its validation and test numbers.
+
+With ``--seeds 0,1,2`` the forged-outlier side is re-run per seed (forging seed, OE fine-tune seed,
+rejection-network seed); the classifier under it is the zoo's (seed 0) in every run, so the
+post-hoc rows have no seed spread. Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's
+format, with ``validation``) and ``OUT/summary.json`` / ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oodforge.bench import BenchJob, run_bench
+from oodforge.data.base import ArrayDataset
+from oodforge.data.suites import load_suite
+from oodforge.demo import group_mean, is_forged
+from oodforge.models.features import default_cache_dir
+from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+
+MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
+#: OE fine-tuning variants: (outlier loss, mask rule, peak lr)
+VARIANTS = {
+    "oe-paper-lr1e-2": ("oe", "paper", 1e-2),
+    "oe-maxcov-lr1e-2": ("oe", "maxcov", 1e-2),
+    "energy-paper-lr1e-2": ("energy", "paper", 1e-2),
+    "oe-paper-lr1e-3": ("oe", "paper", 1e-3),
+}
+CHEAP = [m for m in POST_HOC if m not in ("odin",)]
+FORGE_LIMIT = 10000
+
+
+def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
+    return ArrayDataset(torch.cat([a.images, b.images]), None, None, f"union({a.identity},{b.identity})")
+
+
+def run_suite(name: str, seed: int, variants: list[str], out: Path, log) -> dict:
+    suite = load_suite(name)
+    plain, pinfo = get_model(suite, TrainPlan(), log=log)
+    ssod, sinfo = get_model(suite, TrainPlan(method="ssod"), log=log)
+    if "zoo" not in pinfo or "zoo" not in sinfo:
+        raise SystemExit(f"the zoo has no {name} classifiers: run scripts/build_zoo.sh first")
+    stores, times = {}, {}
+    for mask, opts in MASKS.items():
+        tr, tr_dir, tr_t = forge_cpu_outliers(suite, plain, limit=FORGE_LIMIT, seed=seed, log=log, **opts)
+        va, _, _ = forge_cpu_outliers(suite, plain, split="val", seed=seed, log=log, **opts)
+        stores[mask] = (tr, tr_dir, va)
+        times[f"forge-{mask}"] = tr_t
+    val_outliers = union(stores["paper"][2], stores["maxcov"][2])
+    jobs = [BenchJob(plain, POST_HOC + ["shift", "fusion:a=shift,b=knn"], outliers=stores["paper"][0],
+                     val_outliers=val_outliers, info={"zoo": pinfo.get("zoo")}),
+            BenchJob(plain, ["shift", "fusion:a=shift,b=knn"], label="maxcov", outliers=stores["maxcov"][0],
+                     val_outliers=val_outliers),
+            BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
+                     info={"zoo": sinfo.get("zoo")})]
+    for v in variants:
+        loss, mask, lr = VARIANTS[v]
+        plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
+                         outliers=str(stores[mask][1]))
+        t0 = time.time()
+        model, info = get_model(suite, plan, log=log, use_zoo=False)
+        times[f"train-{v}"] = info.get("train_seconds", round(time.time() - t0, 1))
+        jobs.append(BenchJob(model, CHEAP + ["shift", "fusion:a=msp,b=knn", "fusion:a=shift,b=knn"], label=v,
+                             outliers=stores[mask][0], val_outliers=val_outliers,
+                             info={"checkpoint": info["checkpoint"], "train_seconds": info.get("train_seconds")}))
+    res = run_bench(suite, jobs, out / name / f"seed{seed}", cache_dir=default_cache_dir(), seed=seed,
+                    progress=False, config={"bench": "bench_forged", "variants": variants, "timings_extra": times},
+                    log=log)
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def forged_candidates(res: dict, base_val_acc: float) -> list[tuple[float, float, str]]:
+    """(val AUROC, -val FPR95, key) of every forged-outlier method whose backbone keeps ID val accuracy."""
+    out = []
+    for m, v in res.get("validation", {}).items():
+        label = m.split("@")[1] if "@" in m else ""
+        if not (is_forged(m) or label in VARIANTS or label in ("maxcov", "ssod")):
+            continue
+        acc = res["models"].get(label or "plain", {}).get("id_val_accuracy", base_val_acc)
+        if acc < base_val_acc - 0.005:
+            continue
+        out.append((v["auroc"], -v["fpr95"], m))
+    return sorted(out, reverse=True)
+
+
+def summarise(all_res: dict, out: Path) -> str:
+    lines = ["# Forged outliers vs post-hoc detection (benchmarks/bench_forged.py)", "",
+             "Validation = ID val vs outliers forged from ID val (both mask rules); test = mean over the group's "
+             "OOD sets. AUROC / FPR95 in %. Seeds: mean ± std over the forged-outlier side's seeds.", ""]
+    summary = {}
+    for name, by_seed in all_res.items():
+        seeds = sorted(by_seed)
+        r0 = by_seed[seeds[0]]
+        base_val = r0["models"]["plain"]["id_val_accuracy"]
+        lines += [f"## {name}", "", "| method | ID val acc | val AUROC / FPR95 | near (test) | far (test) |",
+                  "|---|---|---|---|---|"]
+        keys = list(r0["methods"])
+        for m in keys:
+            label = m.split("@")[1] if "@" in m else "plain"
+            vals, cells = r0.get("validation", {}).get(m), []
+            for g in ("near", "far"):
+                per = [group_mean(by_seed[s], m, g) for s in seeds if m in by_seed[s]["methods"]]
+                per = [p for p in per if p is not None]
+                if not per:
+                    cells.append("-")
+                    continue
+                a, f = np.array(per).T * 100
+                cells.append(f"{a.mean():.2f} / {f.mean():.2f}" + (f" (± {a.std():.2f} / {f.std():.2f})"
+                                                                    if len(per) > 1 else ""))
+            vacc = r0["models"].get(label if label in r0["models"] else "plain", {}).get("id_val_accuracy")
+            vcell = f"{100 * vals['auroc']:.2f} / {100 * vals['fpr95']:.2f}" if vals else "-"
+            lines.append(f"| {m} | {100 * vacc:.2f} | {vcell} | {cells[0]} | {cells[1]} |")
+        picks = forged_candidates(r0, base_val)
+        pick = picks[0][2] if picks else None
+        summary[name] = {"pick": pick, "val_candidates": picks[:10]}
+        lines += ["", f"Protocol pick (best validation AUROC among forged-outlier methods, ID val accuracy within "
+                      f"0.5 points of {100 * base_val:.2f} %): **{pick}**", ""]
+    (out / "summary.json").write_text(json.dumps({"picks": summary, "results": all_res}, indent=1))
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suites", default="fashion,fashion6,scenes")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--variants", default="all", help=f"comma-separated of {', '.join(VARIANTS)}, or all")
+    ap.add_argument("--out", default="benchmarks/results/forged")
+    args = ap.parse_args()
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_res: dict = {}
+    for name in [s for s in args.suites.split(",") if s]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            print(f"=== {name} seed {seed} ===", flush=True)
+            t0 = time.time()
+            all_res.setdefault(name, {})[seed] = run_suite(name, seed, variants, out, log=print)
+            print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    print(summarise(all_res, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The model zoo: every checkpoint matches its recorded sha256 and, re-measured on its suite's
+test set, its recorded ID accuracy; the workflows pick it up for the default recipe only."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from oodforge import zoo
+from oodforge.data.suites import load_suite
+from oodforge.models.train import accuracy
+from oodforge.workflows import TrainPlan, zoo_checkpoint
+
+HAVE_FASHION = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+ENTRIES = sorted(zoo.manifest())
+
+
+def test_the_zoo_has_a_plain_and_an_ssod_classifier_per_suite():
+    for suite in ("fashion", "fashion6", "scenes"):
+        for method in ("plain", "ssod"):
+            assert zoo.entry_name(suite, method) in ENTRIES
+    for name in ENTRIES:
+        rec = zoo.manifest()[name]
+        assert rec["command"].startswith("oodforge train ") and f"--suite {rec['suite']}" in rec["command"]
+        assert rec["seed"] == 0 and rec["train_seconds"] > 0 and len(rec["sha256"]) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("name", ENTRIES)
+def test_zoo_checkpoint_hash_and_accuracy(name):
+    rec = zoo.verify(name)
+    suite = load_suite(rec["suite"])
+    assert suite.id_train.identity == rec["train_set"]  # trained on the train split, not on val or test
+    model, meta = zoo.load_zoo_model(rec["suite"], rec["method"])
+    assert accuracy(model, suite.id_test) == pytest.approx(rec["id_test_accuracy"], abs=2e-3)
+
+
+def test_tampered_weights_are_refused(tmp_path, monkeypatch):
+    name = ENTRIES[0]
+    fake = tmp_path / "zoo"
+    (fake / name).mkdir(parents=True)
+    for f in ("meta.json",):
+        (fake / name / f).write_bytes((zoo.ZOO_DIR / name / f).read_bytes())
+    data = bytearray((zoo.ZOO_DIR / name / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (fake / name / "model.safetensors").write_bytes(bytes(data))
+    (fake / "manifest.json").write_text(json.dumps({"entries": {name: zoo.manifest()[name]}}))
+    monkeypatch.setattr(zoo, "ZOO_DIR", fake)
+    monkeypatch.setattr(zoo, "MANIFEST", fake / "manifest.json")
+    with pytest.raises(ValueError, match="changed or damaged"):
+        zoo.verify(name)
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
+def test_zoo_serves_the_default_recipe_on_the_full_suite_only():
+    full, quick = load_suite("fashion6"), load_suite("fashion6", quick=True)
+    assert zoo_checkpoint(full, TrainPlan()) == zoo.ZOO_DIR / "fashion6-plain"
+    assert zoo_checkpoint(full, TrainPlan(method="ssod")) == zoo.ZOO_DIR / "fashion6-ssod"
+    assert zoo_checkpoint(quick, TrainPlan()) is None  # another training set
+    assert zoo_checkpoint(full, TrainPlan(lr=0.1)) is None  # another recipe
+    assert zoo_checkpoint(full, TrainPlan(seed=1)) is None
