@@ -107,6 +107,11 @@ def _with_images(fs: FeatureSet, ds: ArrayDataset) -> FeatureSet:
     return FeatureSet(fs.logits, fs.penultimate, fs.labels, fs.feature_map, images=ds)
 
 
+def _needs_feature_map(method: str) -> bool:
+    name, params = parse_method(method)
+    return bool(getattr(create(name, **params), "needs_feature_map", False))
+
+
 def check_fit_inputs(ctx: FitContext, suite: Suite) -> None:
     """The protocol's guard: nothing a detector is fitted on may be ID test or OOD test data.
 
@@ -140,7 +145,9 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
     for job in jobs:
         cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress)
         t0 = time.time()
-        test = cache.get(suite.id_test)
+        # one pass per scored set: when any method needs feature maps, take them in the first pass
+        want_fmap = any(_needs_feature_map(m) for m in job.methods)
+        test = cache.get(suite.id_test, want_fmap)
         acc = float((test.logits.argmax(1) == suite.id_test.labels).double().mean())
         if results["id_accuracy"] is None:
             results["id_accuracy"] = acc
@@ -156,7 +163,7 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
             det = create(name, **params)
             fmap = bool(getattr(det, "needs_feature_map", False))
             t1 = time.time()
-            train = cache.get(suite.id_train, fmap)
+            train = cache.get(suite.id_train, fmap and getattr(det, "needs_train_feature_map", True))
             outliers = None
             if det.needs_outliers:
                 if job.outliers is None:
@@ -177,7 +184,7 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}
             for set_name, ds in sets.items():
-                fs = _with_images(cache.get(ds, fmap), ds)
+                fs = _with_images(cache.get(ds, fmap or want_fmap), ds)
                 scores[f"{key}/{set_name}"] = det.score(fs)
             for set_name in ood_names:
                 res_m[set_name] = evaluate(scores[f"{key}/id"], scores[f"{key}/{set_name}"])

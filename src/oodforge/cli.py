@@ -47,7 +47,8 @@ def _check_methods(method_list: list[str], has_outliers: bool) -> None:
 def bench(
     suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: fashion, fashion6 or scenes."),
     methods: str = typer.Option(None, "--methods", help="Comma-separated detectors, optionally with parameters "
-                                "(e.g. 'msp,energy,knn:k=10,shift'). Default: every post-hoc detector."),
+                                "(e.g. 'msp,energy,knn:k=10,shift'); groups: 'posthoc' (all 23 post-hoc detectors, the default), "
+                                "'classic' (the first 10)."),
     out: Path = typer.Option(..., "--out", help="Output folder for results.json, scores.npz, report.md, plots/."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Classifier checkpoint folder "
                                               "(from `oodforge train`). Default: train (or reuse) the default one."),
@@ -74,7 +75,11 @@ def bench(
     from .report import print_table
     from .workflows import POST_HOC, TrainPlan, get_model
 
-    method_list = split_methods(methods) if methods else list(POST_HOC)
+    from .workflows import CLASSIC
+
+    groups = {"posthoc": POST_HOC, "classic": CLASSIC}
+    method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
+                   for m in groups.get(part, [part])]
     _check_methods(method_list, has_outliers=outliers is not None)
     s = _load_suite(suite, data_root, seed, quick)
     model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,

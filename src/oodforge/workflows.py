@@ -20,7 +20,12 @@ from .models.base import Classifier
 from .models.checkpoint import load_checkpoint, save_checkpoint
 from .models.train import CrossEntropy, TrainConfig, run_training, seed_everything
 
-POST_HOC = ["msp", "maxlogit", "energy", "odin", "mahalanobis", "react", "dice", "knn", "vim", "gradnorm"]
+#: every post-hoc detector, the default method list of ``bench`` (``--methods posthoc``)
+POST_HOC = ["msp", "maxlogit", "energy", "odin", "mahalanobis", "react", "dice", "knn", "vim", "gradnorm",
+            "entropy", "tempscale", "gen", "klm", "ash", "scale", "rankfeat", "vra", "rmds", "nnguide", "she",
+            "fdbd", "nci"]
+#: the 10 of the first release (cheaper; the SSOD / OE backbones are compared with these minus ODIN)
+CLASSIC = POST_HOC[:10]
 
 
 def cache_root() -> Path:

@@ -64,6 +64,9 @@ class Detector:
     needs_inputs: ClassVar[bool] = False  # needs FeatureSet.images and the model at score time
     needs_outliers: ClassVar[bool] = False  # needs FitContext.outliers
     needs_feature_map: ClassVar[bool] = False
+    #: with ``needs_feature_map``: whether ``fit`` reads the training set's maps too (large: N x C x H x W);
+    #: detectors that only shape the maps of scored images set it False
+    needs_train_feature_map: ClassVar[bool] = True
 
     def fit(self, ctx: FitContext) -> Detector:
         if self.needs_outliers and ctx.outliers is None:

@@ -45,18 +45,16 @@ class Fusion(Detector):
         if a == "fusion" or b == "fusion":
             raise ValueError("fusion combines two other detectors; nest them in Python, not by name")
         self.a, self.b, self.rule = a, b, rule
-        self.det_a_, self.det_b_ = create(a), create(b)  # validates the names now, before any work
-        self.needs_outliers = self.det_a_.needs_outliers or self.det_b_.needs_outliers
-        self.needs_inputs = self.det_a_.needs_inputs or self.det_b_.needs_inputs
-        self.needs_feature_map = bool(getattr(self.det_a_, "needs_feature_map", False)
-                                      or getattr(self.det_b_, "needs_feature_map", False))
+        parts = (create(a), create(b))  # validates the names now, before any work
+        self.needs_outliers = any(p.needs_outliers for p in parts)
+        self.needs_inputs = any(p.needs_inputs for p in parts)
+        self.needs_feature_map = any(getattr(p, "needs_feature_map", False) for p in parts)
 
     def _fit(self, ctx: FitContext) -> None:
         if ctx.val is None or len(ctx.val) == 0:
             raise ValueError("fusion calibrates on held-out ID data: the suite needs an ID validation split "
                              "(FitContext.val)")
-        self.det_a_.fit(ctx)
-        self.det_b_.fit(ctx)
+        self.det_a_, self.det_b_ = create(self.a).fit(ctx), create(self.b).fit(ctx)
         self.ref_a_ = self.det_a_.score(ctx.val)
         self.ref_b_ = self.det_b_.score(ctx.val)
         self.stats_ = [(r.mean(), r.std() + 1e-12) for r in (self.ref_a_, self.ref_b_)]

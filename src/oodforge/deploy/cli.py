@@ -1,0 +1,174 @@
+"""Command functions for ``oodforge export`` and ``oodforge predict``.
+
+Plain typer-annotated functions: :mod:`oodforge.cli` registers them (one CLI, no standalone copy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def export(
+    suite: str = typer.Option(..., "--suite", help="Suite the classifier was trained on: fashion, fashion6 or scenes "
+                              "(its ID train split fits the detector, its ID validation split calibrates the threshold)."),
+    method: str = typer.Option(..., "--method", help="One detector, with parameters as in `oodforge bench` "
+                               "(e.g. 'knn:k=10', 'shift')."),
+    out: Path = typer.Option(..., "--out", help="Export folder to write, e.g. guard.oodf (replaced if it exists)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Classifier checkpoint folder (from "
+                                              "`oodforge train`). Default: the one `oodforge bench` uses (zoo / cache)."),
+    outliers: Optional[Path] = typer.Option(None, "--outliers", help="Outlier store (from `oodforge synth`) for "
+                                            "detectors trained on synthetic outliers (shift)."),
+    target: float = typer.Option(0.95, "--target", help="Target ID acceptance rate: the threshold accepts this "
+                                 "fraction of the ID validation images."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write guard.onnx (classifier + detector as one graph; "
+                              "logit/penultimate/head-based detectors, mahalanobis, vim and shift only)."),
+    quick: bool = typer.Option(False, "--quick", help="The suite's quick subsets (as `oodforge bench --quick`)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIST IDX files."),
+    seed: int = typer.Option(0, "--seed", help="Suite and detector seed (as in `oodforge bench`)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ... (ONNX export needs cpu)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+) -> None:
+    """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
+    from ..bench import parse_method
+    from ..data.suites import SUITES, load_suite
+    from ..detectors import create
+    from ..models.features import default_cache_dir
+    from ..workflows import TrainPlan, get_model
+    from .guard import GuardedClassifier
+    from .onnx import check_exportable
+    from .state import SERIALISABLE, serialisable_detectors
+
+    if suite not in SUITES:
+        raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}", param_hint="--suite")
+    try:
+        name, params = parse_method(method)
+        det = create(name, **params)
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"--method {method!r}: {e.args[0] if e.args else e}")
+    if det.name not in SERIALISABLE:
+        _fail(f"detector {det.name!r} cannot be exported; detectors that can: {', '.join(serialisable_detectors())}")
+    if det.needs_outliers and outliers is None:
+        _fail(f"method {method!r} trains on synthetic outliers: give --outliers DIR (made by `oodforge synth shift`)")
+    if onnx:
+        try:
+            check_exportable(det)
+        except ValueError as e:
+            _fail(str(e))
+    if not 0 < target <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {target}", param_hint="--target")
+    s = load_suite(suite, data_root=data_root, seed=seed, quick=quick)
+    model, info = get_model(s, TrainPlan(epochs=3 if quick else 4, seed=seed), checkpoint, device, log=typer.echo)
+    store = None
+    if outliers is not None:
+        from ..synth.store import OutlierStore
+
+        store = OutlierStore(outliers).load()
+    t0 = time.time()
+    guard = GuardedClassifier.fit(model, s, method, outliers=store, target=target, device=device,
+                                  batch_size=batch_size, cache_dir=None if no_cache else default_cache_dir(),
+                                  seed=seed, progress=sys.stderr.isatty())
+    guard.provenance.update({"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"), "quick": quick,
+                             "outlier_store": str(outliers) if outliers else None,
+                             "command": "oodforge export " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["export"]
+                                                                      else sys.argv[1:])})
+    if onnx and device != "cpu":
+        guard.model.cpu()
+        guard.device = "cpu"
+    guard.save(out, onnx=onnx)
+    r = guard.rates
+    typer.echo(f"{method}: threshold {guard.threshold:.6g} accepts {100 * r['id_val_acceptance']:.1f} % of ID val "
+               f"(target {100 * target:.1f} %), {100 * r['id_test_acceptance']:.1f} % of ID test "
+               f"({time.time() - t0:.1f} s)")
+    for name_, fpr in r["ood_fpr"].items():
+        typer.echo(f"  FPR on {name_:<18} {100 * fpr:6.2f} %  (accepted as ID)")
+    typer.echo(f"wrote {out}" + (" (with guard.onnx)" if onnx else ""))
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders searched recursively for PNG / JPEG files (sorted)."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    return files
+
+
+def predict(
+    guard: Annotated[Path, typer.Argument(help="Export folder written by `oodforge export` (e.g. guard.oodf).")],
+    images: Annotated[list[Path], typer.Argument(help="PNG / JPEG files or folders (searched recursively).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (last line: the summary).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Classify images or abstain: one line per image (file, class, confidence, ID score, decision)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..ssod.cli import load_image_file
+    from .guard import GuardedClassifier
+
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
+    try:
+        g = GuardedClassifier.load(guard, device)
+        files = collect_images(list(images))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not files:
+        _fail("no PNG or JPEG images found in " + ", ".join(map(str, images)))
+    c, h, w = g.image_shape
+    n_acc = 0
+    t0 = time.time()
+    bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        try:
+            x = torch.stack([load_image_file(f, c, (h, w)) for f in chunk])
+        except (ValueError, FileNotFoundError) as e:
+            bar.close()
+            _fail(str(e))
+        p = g.predict(x, batch_size=batch_size)
+        for j, f in enumerate(chunk):
+            name = g.class_names[int(p.classes[j])]
+            ok = bool(p.accepted[j])
+            n_acc += ok
+            if as_json:
+                line = json.dumps({"file": str(f), "class": name, "class_index": int(p.classes[j]),
+                                   "confidence": float(p.confidence[j]), "id_score": float(p.id_score[j]),
+                                   "accepted": ok})
+            else:
+                line = (f"{f}\t{name}\t{p.confidence[j]:.4f}\t{p.id_score[j]:.8g}\t"
+                        f"{'accepted' if ok else 'abstained'}")
+            if not bar.disable:
+                bar.clear()
+            typer.echo(line)
+        bar.update(len(chunk))
+    bar.close()
+    n = len(files)
+    dt = time.time() - t0
+    if as_json:
+        typer.echo(json.dumps({"summary": {"images": n, "accepted": n_acc, "abstained": n - n_acc,
+                                           "threshold": g.threshold, "target_acceptance": g.target,
+                                           "seconds": round(dt, 3)}}))
+    else:
+        typer.echo(f"# {n} images: {n_acc} accepted, {n - n_acc} abstained ({100 * (n - n_acc) / n:.1f} %) at "
+                   f"threshold {g.threshold:.8g} ({g.detector.name}; target ID acceptance "
+                   f"{100 * (g.target or 0):.1f} %); {n / max(dt, 1e-9):.0f} images/s")

@@ -1,0 +1,212 @@
+"""The export folder ``NAME.oodf/`` of a guarded classifier (format version 1).
+
+=======================  ===================================================================
+file                     content
+=======================  ===================================================================
+``model.safetensors``    the classifier's state dict (normalisation buffers included)
+``detector.safetensors`` the detector's fitted state, flattened with dotted keys
+                         (``det_a_.means_``, ``net_.fc1.weight``); see :mod:`.state`
+``guard.json``           format + version, detector name / params / state layout, threshold,
+                         target, achieved rates, model architecture, preprocessing, class
+                         names, provenance, the sha256 of every other file and of itself
+``guard.onnx``           optional: classifier + detector as one ONNX graph (see :mod:`.onnx`)
+=======================  ===================================================================
+
+``guard.json``'s own checksum (``manifest_sha256``) is the sha256 of the canonical JSON
+(sorted keys, no spaces) of the document without that field. :func:`load_guard` checks the
+format, the version and every checksum before reading a tensor, and raises one
+:class:`GuardFileError` (a ``ValueError``) naming the file for anything wrong. Nothing is
+unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "oodforge-guard"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MODEL_FILE, DETECTOR_FILE, MANIFEST_FILE, ONNX_FILE = "model.safetensors", "detector.safetensors", "guard.json", \
+    "guard.onnx"
+
+
+class GuardFileError(ValueError):
+    """An export folder that is corrupt, was modified after export, or has an unknown format version."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def manifest_checksum(doc: dict) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in doc.items() if k != "manifest_sha256"})).hexdigest()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
+    """Write ``guard`` into the folder ``path`` (replaced atomically when it exists)."""
+    from .. import __version__
+    from ..models.checkpoint import model_meta
+    from .state import detector_state
+
+    out = Path(path)
+    det_manifest, det_tensors = detector_state(guard.detector, guard.model)  # raises early when unsupported
+    if onnx:
+        from .onnx import check_exportable
+
+        check_exportable(guard.detector)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in guard.model.state_dict().items()}
+        save_file(state, str(tmp / MODEL_FILE))
+        save_file(det_tensors, str(tmp / DETECTOR_FILE), metadata={"format": FORMAT})
+        files = [MODEL_FILE, DETECTOR_FILE]
+        onnx_info = None
+        if onnx:
+            from .onnx import export_onnx
+
+            export_onnx(guard, tmp / ONNX_FILE)
+            files.append(ONNX_FILE)
+            c, h, w = guard.image_shape
+            onnx_info = {"file": ONNX_FILE, "input": {"name": "images", "dtype": "float32", "shape": ["N", c, h, w],
+                                                      "range": [0, 1]},
+                         "outputs": {"logits": "float32 [N, num_classes]",
+                                     "id_score": "float64 [N], accept when >= threshold"}}
+        c, h, w = guard.image_shape
+        doc = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "detector": det_manifest,
+            "threshold": guard.threshold, "target_acceptance": guard.target,
+            "accept_rule": "id_score >= threshold",
+            "rates": guard.rates,
+            "model": model_meta(guard.model),
+            "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
+                              "range": [0.0, 1.0], "normalisation": "inside the model (model.mean / model.std)",
+                              "resize": "area when shrinking, linear when enlarging (oodforge.ssod.cli.load_image_file)",
+                              "channel_conversion": "gray" if c == 1 else "RGB"},
+            "class_names": guard.class_names,
+            "provenance": {**guard.provenance, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "exporter": f"oodforge {__version__}", "torch": torch.__version__},
+            "onnx": onnx_info,
+            "files": {f: sha256_file(tmp / f) for f in files},
+        }
+        doc = _jsonable(doc)
+        doc["manifest_sha256"] = manifest_checksum(doc)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False))
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """``guard.json`` of an export folder, after checking format, version and every checksum."""
+    folder = Path(path)
+    if folder.is_file() and folder.name == MANIFEST_FILE:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a guarded-classifier export folder (made by `oodforge export`)")
+    mfile = folder / MANIFEST_FILE
+    if not mfile.is_file():
+        raise GuardFileError(f"{mfile} is missing: {folder} is not a complete guarded-classifier export")
+    try:
+        doc = json.loads(mfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GuardFileError(f"{mfile} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise GuardFileError(f"{mfile} is not an oodforge guard manifest (format {doc.get('format')!r} "
+                             f"if a dict, expected {FORMAT!r})" if isinstance(doc, dict) else
+                             f"{mfile} is not an oodforge guard manifest")
+    version = doc.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise GuardFileError(f"{mfile} has format version {version!r}; this oodforge reads version(s) "
+                             f"{', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade oodforge or re-export")
+    if doc.get("manifest_sha256") != manifest_checksum(doc):
+        raise GuardFileError(f"{mfile} was modified after export: its checksum (manifest_sha256) does not match "
+                             "its content; re-export the guarded classifier")
+    files = doc.get("files") or {}
+    for required in (MODEL_FILE, DETECTOR_FILE):
+        if required not in files:
+            raise GuardFileError(f"{mfile} lists no checksum for {required}")
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise GuardFileError(f"{f} is missing (listed in {mfile})")
+        if sha256_file(f) != digest:
+            raise GuardFileError(f"{f} is corrupt or was modified after export: its sha256 does not match "
+                                 f"{MANIFEST_FILE}; re-export the guarded classifier")
+    return doc
+
+
+def load_guard(path: str | Path, device: str = "cpu"):
+    """Rebuild a :class:`~oodforge.deploy.guard.GuardedClassifier` from an export folder."""
+    from ..models.backbones import build_model
+    from .guard import GuardedClassifier
+    from .state import restore_detector
+
+    doc = read_manifest(path)
+    folder = Path(path)
+    if folder.name == MANIFEST_FILE:
+        folder = folder.parent
+    meta = doc["model"]
+    try:
+        model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta.get("mean"), meta.get("std"))
+        result = model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=False)
+    except Exception as e:  # any failure here: the file does not fit the manifest
+        raise GuardFileError(f"{folder / MODEL_FILE} cannot be loaded as a {meta.get('arch')!r} model: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise GuardFileError(f"{folder / MODEL_FILE} does not match architecture {meta['arch']!r}: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model = model.to(device).eval()
+    try:
+        tensors = load_file(str(folder / DETECTOR_FILE))
+        detector = restore_detector(doc["detector"], tensors, model, device)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise GuardFileError(f"{folder / DETECTOR_FILE} cannot be restored as detector "
+                             f"{doc['detector'].get('name')!r}: {type(e).__name__}: {e}") from None
+    pre = doc["preprocessing"]
+    guard = GuardedClassifier(model, detector, doc["threshold"], target=doc.get("target_acceptance"),
+                              class_names=doc.get("class_names"),
+                              image_shape=(pre["channels"], *pre["image_size"]), rates=doc.get("rates"),
+                              provenance=doc.get("provenance"), device=device)
+    guard.manifest = doc
+    guard.path = folder
+    return guard

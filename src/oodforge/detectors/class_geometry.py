@@ -1,0 +1,121 @@
+"""Detectors built on the geometry of the last layer: SHE, fDBD and NCI.
+
+Each compares the penultimate vector ``h`` of an image with a few training statistics (class
+patterns, the training mean) and the classifier head ``W, b``, relative to the *predicted*
+class ``yhat = argmax f(x)``. One vectorised pass over the cached features; no image access.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.featureset import FeatureSet
+from .activation_shaping import _check_head
+from .base import Detector, FitContext, register
+
+__all__ = ["SHE", "FDBD", "NCI"]
+
+
+def _predicted(feats: FeatureSet) -> torch.Tensor:
+    return feats.logits.argmax(dim=1)
+
+
+def _train_mean(ctx: FitContext) -> torch.Tensor:
+    return ctx.train.penultimate.double().mean(dim=0)
+
+
+@register
+class SHE(Detector):
+    """SHE (simplified Hopfield energy): ``<h, s_yhat>``, the inner product with the predicted class's stored pattern.
+
+    The stored pattern ``s_c`` of class ``c`` is the mean penultimate vector of the ID training
+    images of class ``c`` that the classifier gets right (the paper's memorised ID patterns; its
+    simplified Hopfield energy reduces to this inner product). ID images match
+    their class pattern strongly; OOD images, even when predicted confidently, match it less.
+    No hyperparameters.
+    """
+
+    name = "she"
+    paper = ("Zhang, Fu, Lu, Li, Wang, Zhang, Out-of-distribution Detection based on In-distribution Data "
+             "Patterns Memorization with Modern Hopfield Energy, ICLR 2023")
+
+    def _fit(self, ctx: FitContext) -> None:
+        train = ctx.train
+        if (train.labels < 0).any():
+            raise ValueError("she: the ID training FeatureSet has unlabelled images (label -1); the class "
+                             "patterns need the labels")
+        h, y, pred = train.penultimate.double(), train.labels, _predicted(train)
+        patterns = []
+        for c in range(train.logits.shape[1]):
+            hit = (y == c) & (pred == c)
+            if not hit.any():
+                raise ValueError(f"she: no training image of class {c} is classified correctly, so class {c} "
+                                 "has no stored pattern")
+            patterns.append(h[hit].mean(dim=0))
+        self.patterns_ = torch.stack(patterns)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        return (feats.penultimate.double() * self.patterns_[_predicted(feats)]).sum(dim=1)
+
+
+@register
+class FDBD(Detector):
+    """fDBD: mean feature distance to the decision boundaries of the predicted class, over ``||h - mu||``.
+
+    For the predicted class ``yhat`` and each other class ``c``, the distance of ``h`` to the
+    hyperplane where ``f_yhat = f_c`` is ``|f_yhat(x) - f_c(x)| / ||w_yhat - w_c||`` (closed form
+    for a linear head; the paper's closed-form distance). The score averages it over the ``C - 1`` other classes and
+    divides by ``||h - mu||``, the distance to the mean ``mu`` of the ID training features
+    (the paper's regularisation: ID and OOD are compared at equal deviation from the mean).
+    ID features sit far from the boundaries, hence higher = ID. Hyperparameter-free.
+    """
+
+    name = "fdbd"
+    paper = "Liu, Qin, Fast Decision Boundary based Out-of-Distribution Detector, ICML 2024"
+
+    def _fit(self, ctx: FitContext) -> None:
+        w, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
+        if w.shape[0] < 2:
+            raise ValueError("fdbd: decision boundaries need at least 2 classes")
+        dist = torch.cdist(w, w)  # ||w_p - w_c|| for every pair
+        dist.fill_diagonal_(1.0)  # the (yhat, yhat) term has a zero numerator; avoid 0 / 0
+        self.inv_weight_dist_ = 1.0 / dist
+        self.train_mean_ = _train_mean(ctx)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        z = feats.logits.double()
+        pred = z.argmax(dim=1)
+        gaps = (z.gather(1, pred[:, None]) - z).abs()  # |f_yhat - f_c|, 0 for c = yhat
+        boundary = (gaps * self.inv_weight_dist_[pred]).sum(dim=1) / (z.shape[1] - 1)
+        return boundary / (feats.penultimate.double() - self.train_mean_).norm(dim=1).clamp_min(1e-12)
+
+
+@register
+class NCI(Detector):
+    """NCI: ``<w_yhat, (h - mu) / ||h - mu||> + alpha * ||h||_1`` (higher = ID).
+
+    Neural collapse says ID features, centred at the training mean ``mu``, align with the
+    classifier weight ``w_yhat`` of their class. The first term (the paper's pScore) projects the
+    unit direction of ``h - mu`` on ``w_yhat``; the L1 norm of ``h`` (ID features are larger) is
+    added with weight ``alpha`` as a filter (the paper's NCI score). ``alpha = 1e-4`` is the default of
+    the authors' OpenOOD implementation (they select it from {1e-4, 1e-3, 1e-2, 1e-1} on ID
+    validation data).
+    """
+
+    name = "nci"
+    paper = "Liu, Qin, Detecting Out-of-Distribution through the Lens of Neural Collapse, CVPR 2025 (arXiv:2311.01479)"
+
+    def __init__(self, alpha: float = 1e-4):
+        self.alpha = alpha
+
+    def _fit(self, ctx: FitContext) -> None:
+        if not float(self.alpha) >= 0:
+            raise ValueError(f"nci: alpha must be >= 0, got {self.alpha}")
+        self.weight_, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
+        self.train_mean_ = _train_mean(ctx)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        h = feats.penultimate.double()
+        centred = h - self.train_mean_
+        proj = (self.weight_[_predicted(feats)] * centred).sum(dim=1) / centred.norm(dim=1).clamp_min(1e-12)
+        return proj + float(self.alpha) * h.abs().sum(dim=1)

@@ -1,0 +1,226 @@
+"""Activation shaping before the last layer, then the energy score: ASH, SCALE and VRA.
+
+ASH and SCALE reshape the last convolutional feature map ``A`` (``[N, C, H, W]``, post-ReLU)
+*per image*, before global average pooling; they read ``FeatureSet.feature_map`` (filled by the
+benchmark from the same cached forward pass, ``needs_feature_map = True``), pool it, apply the
+classifier head ``W, b`` (``FitContext.head_weight`` / ``head_bias``) and score with the energy
+``logsumexp``. VRA rectifies the pooled penultimate vector with thresholds taken from the ID
+training activations. None of them needs a second pass over the images.
+
+ASH and SCALE share one per-image quantity: with ``A`` flattened to ``D = C*H*W`` values, keep the
+``k = D - round(D * p / 100)`` largest ones (the authors' ``topk``); ``s1`` is the sum of all
+values and ``s2`` the sum of the kept ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models.featureset import FeatureSet
+from .activation_shaping import _check_head
+from .base import Detector, FitContext, register
+from .logit_based import check_temperature, energy_score
+
+__all__ = ["ASH", "Scale", "VRA", "require_feature_map", "top_k_prune", "ASH_VARIANTS"]
+
+ASH_VARIANTS = ("p", "b", "s")
+_CHUNK = 256  # images per block when working on feature maps (float64 copies of [256, C, H, W])
+
+
+def require_feature_map(feats: FeatureSet, who: str) -> torch.Tensor:
+    """``feats.feature_map`` as a 4-D tensor, or a clear error when it was not extracted."""
+    fmap = feats.feature_map
+    if fmap is None:
+        raise ValueError(f"{who} reads the last conv feature map: the FeatureSet has none (extract it with "
+                         "feature_map=True; oodforge.bench does so when detector.needs_feature_map is True)")
+    if fmap.ndim != 4 or fmap.shape[0] != len(feats):
+        raise ValueError(f"{who}: feature_map must be [N, C, H, W] with N = {len(feats)}, got {tuple(fmap.shape)}")
+    return fmap
+
+
+def check_percentile(percentile: float, who: str) -> float:
+    p = float(percentile)
+    if not 0 <= p < 100:
+        raise ValueError(f"{who}: percentile must be in [0, 100), got {percentile}")
+    return p
+
+
+def top_k_prune(flat: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``flat`` ``[N, D]``: the ``k = D - round(D p / 100)`` largest values and their indices.
+
+    Returns ``(values [N, k], indices [N, k], s1 [N, 1], s2 [N, 1])`` with ``s1`` the row sum and
+    ``s2`` the sum of the kept values (float64). ``round`` is numpy's half-to-even, as in the ASH code.
+    """
+    d = flat.shape[1]
+    k = max(1, d - int(np.round(d * percentile / 100.0)))
+    vals, idx = torch.topk(flat, k, dim=1)
+    return vals, idx, flat.sum(dim=1, keepdim=True), vals.sum(dim=1, keepdim=True)
+
+
+def _ratio(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``s1 / s2``; an all-zero feature map (``s2 = 0``) gets ratio 0 (it has nothing to scale)."""
+    return torch.where(s2 > 0, s1 / torch.where(s2 > 0, s2, torch.ones_like(s2)), torch.zeros_like(s1))
+
+
+class _FeatureMapEnergy(Detector):
+    """Shared plumbing: reshape the pooled feature map per block of images, head, energy."""
+
+    needs_feature_map = True
+    needs_train_feature_map = False  # nothing is fitted on the training maps: only scored sets need them
+
+    def _fit_head(self, ctx: FitContext) -> None:
+        check_temperature(self.temperature, self.name)
+        dim = ctx.train.penultimate.shape[1]
+        self.weight_, self.bias_ = _check_head(ctx, dim, self.name)
+        if ctx.train.feature_map is not None and ctx.train.feature_map.shape[1] != dim:
+            raise ValueError(f"{self.name}: the feature map has {ctx.train.feature_map.shape[1]} channels but the "
+                             f"head takes {dim} inputs")
+
+    def pooled(self, fmap: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The shaped, pooled penultimate vectors ``[n, C]`` (float64) of a block of feature maps."""
+        raise NotImplementedError
+
+    def shaped_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``W pool(shape(A)) + b`` for every image of ``fmap`` (float64, in blocks of images)."""
+        out = [self.pooled(fmap[i:i + _CHUNK].double()) @ self.weight_.T + self.bias_
+               for i in range(0, fmap.shape[0], _CHUNK)]
+        return torch.cat(out) if out else torch.zeros(0, self.weight_.shape[0], dtype=torch.float64)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        fmap = require_feature_map(feats, self.name)
+        if fmap.shape[1] != self.weight_.shape[1]:
+            raise ValueError(f"{self.name}: the feature map has {fmap.shape[1]} channels but the head takes "
+                             f"{self.weight_.shape[1]} inputs")
+        return energy_score(self.shaped_logits(fmap), float(self.temperature))
+
+
+@register
+class ASH(_FeatureMapEnergy):
+    """ASH: prune the feature map of each image at its own ``percentile``, reshape, pool, head, energy.
+
+    On the flattened per-image map (``D = C*H*W`` values), the ``k`` largest values are kept and
+    the rest set to 0 (the paper's three variants):
+
+    * ``variant="p"`` (ASH-P): only prune;
+    * ``variant="b"`` (ASH-B): the kept positions all get ``s1 / k`` (binarise, preserving the sum);
+    * ``variant="s"`` (ASH-S, default): the kept values are multiplied by ``exp(s1 / s2)``.
+
+    The shaped map is average-pooled, fed to the head, and scored with ``T * logsumexp(f / T)``
+    (energy, ``T = 1``). ``percentile = 90`` is the authors' CIFAR-10 setting (``ash_s@90``); on
+    ImageNet ResNet-50 the paper tunes it per variant (65 is the default of the authors'
+    functions). The scaling assumes non-negative (post-ReLU) activations, as in the paper.
+    """
+
+    name = "ash"
+    paper = ("Djurisic, Bozanic, Ashok, Liu, Extremely Simple Activation Shaping for Out-of-Distribution "
+             "Detection, ICLR 2023")
+
+    def __init__(self, percentile: float = 90.0, variant: str = "s", temperature: float = 1.0):
+        self.percentile = percentile
+        self.variant = variant
+        self.temperature = temperature
+
+    def _fit(self, ctx: FitContext) -> None:
+        check_percentile(self.percentile, self.name)
+        if self.variant not in ASH_VARIANTS:
+            raise ValueError(f"ash: variant must be one of {', '.join(map(repr, ASH_VARIANTS))}, got {self.variant!r}")
+        self._fit_head(ctx)
+
+    def shape(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The ASH-shaped feature maps (same shape as ``fmap``, float64)."""
+        n = fmap.shape[0]
+        flat = fmap.double().reshape(n, -1)
+        vals, idx, s1, s2 = top_k_prune(flat, float(self.percentile))
+        if self.variant == "b":
+            vals = (s1 / vals.shape[1]).expand_as(vals)
+        elif self.variant == "s":
+            vals = vals * torch.exp(_ratio(s1, s2))
+        return torch.zeros_like(flat).scatter_(1, idx, vals).reshape(fmap.shape)
+
+    def pooled(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.shape(fmap).mean(dim=(2, 3))
+
+
+@register
+class Scale(_FeatureMapEnergy):
+    """SCALE: multiply each image's features by ``exp(s1 / s2)`` without pruning, then energy.
+
+    ``s1`` sums the image's whole feature map and ``s2`` only its values above the per-image
+    ``percentile`` (the paper's scaling factor ``exp(r)``, ``r = s1 / s2``, the one ASH-S uses); unlike
+    ASH-S nothing is set to zero, so the class evidence is untouched and only the confidence is
+    rescaled. Pooling is linear, so the score is ``logsumexp(exp(s1/s2) W h + b)`` with ``h`` the
+    pooled vector. ``percentile = 85`` is the paper's (ImageNet) default, used for CIFAR-size
+    models too (as OpenOOD does).
+    """
+
+    name = "scale"
+    paper = ("Xu, Lian, Yang, Scaling for Training Time and Post-hoc Out-of-distribution Detection "
+             "Enhancement, ICLR 2024")
+
+    def __init__(self, percentile: float = 85.0, temperature: float = 1.0):
+        self.percentile = percentile
+        self.temperature = temperature
+
+    def _fit(self, ctx: FitContext) -> None:
+        check_percentile(self.percentile, self.name)
+        self._fit_head(ctx)
+
+    def scale_factor(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``exp(s1 / s2)`` per image ``[n, 1]`` (float64)."""
+        _, _, s1, s2 = top_k_prune(fmap.double().reshape(fmap.shape[0], -1), float(self.percentile))
+        return torch.exp(_ratio(s1, s2))
+
+    def pooled(self, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.double().mean(dim=(2, 3)) * self.scale_factor(fmap)
+
+
+@register
+class VRA(Detector):
+    """VRA: piecewise rectification of the penultimate activations, then the energy score.
+
+    Per unit ``j`` of the penultimate vector, with ``alpha_j`` / ``beta_j`` the ``alpha`` / ``beta``
+    quantiles of that unit over the ID training set,
+
+        g(z) = 0          if z < alpha_j      (suppress abnormally low activations)
+               z + gamma  if alpha_j <= z <= beta_j   (keep / amplify the intermediate ones)
+               beta_j     if z > beta_j       (truncate abnormally high ones, like ReAct)
+
+    (the piecewise "VRA" operator of the paper's method section, derived from its variational
+    optimum), then ``logsumexp(W g(h) + b)``. Defaults are the authors' CIFAR-10 command
+    (``q1 = 0.6, q2 = 0.9``, ``gamma = 0``; CIFAR-100 uses ``beta = 0.95``, "VRA+" ``gamma = 0.6``);
+    on ImageNet they use fixed thresholds. Quantiles are per unit, as ``torch.quantile(feat, q,
+    dim=0)`` in their code (OpenOOD's port clips at two global percentiles instead).
+    """
+
+    name = "vra"
+    paper = "Xu, Lian, Liu, Tao, VRA: Variational Rectified Activation for Out-of-distribution Detection, NeurIPS 2023"
+
+    def __init__(self, alpha: float = 0.6, beta: float = 0.9, gamma: float = 0.0, temperature: float = 1.0):
+        self.alpha = alpha
+        self.beta = beta
+        self.gamma = gamma
+        self.temperature = temperature
+
+    def _fit(self, ctx: FitContext) -> None:
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"vra: alpha (lower quantile) must be in [0, 1), got {self.alpha}")
+        if not self.alpha < self.beta <= 1:
+            raise ValueError(f"vra: beta (upper quantile) must be in (alpha, 1], got {self.beta}")
+        if not np.isfinite(self.gamma):
+            raise ValueError(f"vra: gamma must be finite, got {self.gamma}")
+        check_temperature(self.temperature, self.name)
+        h = ctx.train.penultimate
+        self.weight_, self.bias_ = _check_head(ctx, h.shape[1], self.name)
+        q = np.quantile(h.double().numpy(), [self.alpha, self.beta], axis=0)
+        self.low_, self.high_ = torch.from_numpy(q[0]), torch.from_numpy(q[1])
+
+    def rectify(self, h: torch.Tensor) -> torch.Tensor:
+        """``g(h)`` unit by unit (float64)."""
+        h = h.double()
+        out = torch.where(h > self.high_, self.high_.expand_as(h), h + float(self.gamma))
+        return torch.where(h < self.low_, torch.zeros_like(h), out)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        logits = self.rectify(feats.penultimate) @ self.weight_.T + self.bias_
+        return energy_score(logits, float(self.temperature))
