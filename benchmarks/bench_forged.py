@@ -160,12 +160,20 @@ def main() -> None:
                     f"{', '.join(DEFAULT_VARIANTS)}; or all")
     ap.add_argument("--out", default="benchmarks/results/forged")
     ap.add_argument("--quick", action="store_true", help="smoke run on the quick suites (classifiers trained here)")
+    ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
+                    "files already in OUT (runs of several processes)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.summarise:
+        found: dict = {}
+        for f in sorted(out.glob("*/seed*/results.json")):
+            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = json.loads(f.read_text())
+        print(summarise(found, out))
+        return
     variants = DEFAULT_VARIANTS if args.variants == "default" else list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_res: dict = {}
     for name in [s for s in args.suites.split(",") if s]:

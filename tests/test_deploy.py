@@ -17,7 +17,6 @@ import pytest
 import torch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed at " + str(FASHION))
 
 SHIFT = "shift:hidden=512,epochs=5"  # a smaller, faster rejection network than the paper's (2048, 10)
 METHODS = ["msp", "energy", "knn", "mahalanobis", "vim", SHIFT]
@@ -56,6 +55,8 @@ def run(tmp_path_factory):
     from oodforge.models.features import default_cache_dir
     from oodforge.workflows import TrainPlan, forge_cpu_outliers, train_model
 
+    if not FASHION.is_dir():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION}")
     root = tmp_path_factory.mktemp("deploy")
     suite = load_suite("fashion6", quick=True)
     # one epoch on 1,200 of the 2,700 quick training images (~88 % ID accuracy in a few seconds); the
@@ -309,3 +310,36 @@ def test_calibration_rule_and_input_checks(run):
         g.predict(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
     empty = g.predict(torch.zeros(0, 1, 28, 28))
     assert empty.id_score.shape == (0,)
+
+
+@pytest.mark.parametrize("arch,methods", [
+    ("ssod:small_resnet", ["ssod", "ssod-combined"]),
+    ("small_resnet", ["odin:batch_size=16", "mahalanobis:noise=0.001", "react", "dice", "gradnorm", "maxlogit",
+                      "knn:k=5,backend=torch"]),
+    ("small_resnet", ["ash", "entropy", "fdbd", "gen", "klm", "nci", "nnguide", "rankfeat", "rmds", "scale",
+                      "tempscale", "vra"]),
+])
+def test_roundtrip_on_a_toy_suite(arch, methods, tmp_path):
+    """Every other kind of fitted state (model references, needs_inputs detectors, torch knn) survives a reload."""
+    from oodforge.data.base import ArrayDataset, Suite
+    from oodforge.deploy import GuardedClassifier
+    from oodforge.models.backbones import build_model
+
+    rng = np.random.default_rng(0)
+
+    def ds(n, ident, labelled=True):
+        x = rng.integers(0, 256, (n, 1, 16, 16), dtype=np.uint8)
+        return ArrayDataset(x, rng.integers(0, 3, n) if labelled else None, ["a", "b", "c"], ident)
+
+    suite = Suite("toy", ds(60, "toy/train"), ds(30, "toy/test"), {"o": ds(20, "toy/o", False)},
+                  class_names=["a", "b", "c"], id_val=ds(30, "toy/val"))
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 1).eval()
+    x = suite.ood["o"].float_images()
+    for m in methods:
+        g = GuardedClassifier.fit(model, suite, m, target=0.9)
+        back = GuardedClassifier.load(g.save(tmp_path / f"{m.split(':')[0]}.oodf"))
+        np.testing.assert_allclose(back.predict(x).id_score, g.predict(x).id_score, rtol=0, atol=1e-10, err_msg=m)
+        assert back.threshold == g.threshold and back.detector.name == g.detector.name
+        if hasattr(back.detector, "model_"):
+            assert back.detector.model_ is back.model

@@ -234,6 +234,7 @@ def list_suites() -> None:
 
 def _wire() -> None:
     """Register the subsystems' command functions (their heavy imports stay inside the functions)."""
+    from .deploy.cli import export, predict
     from .ssod.cli import explain
     from .synood.cli import label_contexts, synth_synood
     from .synth.cli import synth_merge, synth_shift
@@ -243,6 +244,8 @@ def _wire() -> None:
     synth_app.command("synood")(synth_synood)
     app.command("contexts")(label_contexts)
     app.command("explain")(explain)
+    app.command("export")(export)
+    app.command("predict")(predict)
 
 
 _wire()

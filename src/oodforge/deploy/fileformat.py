@@ -122,6 +122,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         doc = _jsonable(doc)
         doc["manifest_sha256"] = manifest_checksum(doc)
         (tmp / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False))
+        _usual_permissions(tmp)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
@@ -133,6 +134,15 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder: give the export the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -150,9 +160,8 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GuardFileError(f"{mfile} is corrupt: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise GuardFileError(f"{mfile} is not an oodforge guard manifest (format {doc.get('format')!r} "
-                             f"if a dict, expected {FORMAT!r})" if isinstance(doc, dict) else
-                             f"{mfile} is not an oodforge guard manifest")
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise GuardFileError(f"{mfile} is not an oodforge guard manifest (format {found!r}, expected {FORMAT!r})")
     version = doc.get("format_version")
     if version not in SUPPORTED_VERSIONS:
         raise GuardFileError(f"{mfile} has format version {version!r}; this oodforge reads version(s) "

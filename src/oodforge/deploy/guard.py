@@ -152,7 +152,8 @@ class GuardedClassifier:
         model = model.to(device).eval()
         fmap = bool(getattr(det, "needs_feature_map", False))
         cache = _FeatureCache(model, device, cache_dir, batch_size, progress)
-        train = _with_images(cache.get(suite.id_train, fmap), suite.id_train)
+        train_fmap = fmap and getattr(det, "needs_train_feature_map", True)  # as run_bench does
+        train = _with_images(cache.get(suite.id_train, train_fmap), suite.id_train)
         val = _with_images(cache.get(suite.id_val, fmap), suite.id_val)
         out_fs = None
         if det.needs_outliers:

@@ -30,8 +30,9 @@ from torch import nn
 from ..detectors import REGISTRY, Detector, available, create
 
 #: the registered detectors that export (tested in tests/test_deploy.py); others fail with a clear error
-SERIALISABLE = ("dice", "energy", "fusion", "gradnorm", "knn", "mahalanobis", "maxlogit", "msp", "odin", "react",
-                "shift", "ssod", "ssod-combined", "vim")
+SERIALISABLE = ("ash", "dice", "energy", "entropy", "fdbd", "fusion", "gen", "gradnorm", "klm", "knn", "mahalanobis",
+                "maxlogit", "msp", "nci", "nnguide", "odin", "rankfeat", "react", "rmds", "scale", "she", "shift",
+                "ssod", "ssod-combined", "tempscale", "vim", "vra")
 
 
 class UnsupportedDetectorError(ValueError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -97,5 +98,7 @@ def write_manifest() -> dict:
             "train_set": meta.get("train_set"), "init_from": (meta.get("init_from") or {}).get("checkpoint"),
             "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
         }
-    MANIFEST.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    tmp = MANIFEST.with_name(MANIFEST.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    os.replace(tmp, MANIFEST)  # readers never see half a file
     return entries

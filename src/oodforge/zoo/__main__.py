@@ -1,5 +1,5 @@
 """``python -m oodforge.zoo manifest`` rewrites the manifest; ``python -m oodforge.zoo verify`` checks
-every entry's sha256 and prints its recorded accuracies."""
+every entry's sha256 and prints its recorded accuracies; ``table`` prints them as markdown."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ def main(argv: list[str]) -> int:
             rec = verify(name)
             print(f"{name:<16} ok  test acc {100 * rec['id_test_accuracy']:.2f} %  ({rec['command']})")
         return 0
-    print("usage: python -m oodforge.zoo [manifest|verify]", file=sys.stderr)
+    if cmd == "table":  # the markdown table of docs/results.md
+        print("| entry | ID test acc | ID val acc | train time (s) | command |\n|---|---|---|---|---|")
+        for name, rec in manifest().items():
+            print(f"| {name} | {100 * rec['id_test_accuracy']:.2f} | {100 * rec['id_val_accuracy']:.2f} | "
+                  f"{rec['train_seconds']:.0f} | `{rec['command']}` |")
+        return 0
+    print("usage: python -m oodforge.zoo [manifest|verify|table]", file=sys.stderr)
     return 2
 
 
