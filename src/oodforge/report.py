@@ -58,6 +58,28 @@ def print_table(results: dict, title: str | None = None) -> None:
     Console(width=max(120, 22 * len(header))).print(t)
 
 
+def export_hint(results: dict) -> list[str]:
+    """A 'ship it' section: the export command for the best detector of this run (docs/deploy.md)."""
+    from .bench import best_method
+
+    best, auroc = best_method(results)
+    if not best:
+        return []
+    name, _, label = best.partition("@")
+    ckpt = (results.get("models", {}).get(label or "plain") or {}).get("checkpoint")
+    parts = [f"oodforge export --suite {results['suite']}", f"--method {name}"]
+    if ckpt:
+        parts.append(f"--checkpoint {ckpt}")
+    if name.split(":")[0] in ("shift", "fusion") or "shift" in name:
+        store = (results.get("models", {}).get(label or "plain") or {}).get("outlier_store")
+        parts.append(f"--outliers {store or 'STORE'}")
+    return ["## Ship it", "",
+            f"The best detector of this run by mean AUROC over all OOD sets is `{best}` ({100 * auroc:.2f}). A guarded "
+            "classifier with that detector, its threshold calibrated on held-out ID data to accept 95 % of ID "
+            "images (docs/deploy.md):", "", "```bash", " ".join(parts) + " --target 0.95 --out guard.oodf",
+            "oodforge predict guard.oodf IMAGES_OR_FOLDERS...", "```", ""]
+
+
 def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_md: str = "") -> Path:
     """Write ``report.md`` and the ROC / histogram plots; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +99,7 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
           "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), ""]
     if extra_md:
         md += [extra_md, ""]
+    md += export_hint(results)
     md += ["## Plots", ""]
     for method, roc, hist in pictures:
         md.append(f"**{method}**: [ROC]({roc}) · [score histogram]({hist})")
