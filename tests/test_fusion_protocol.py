@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_problems import features_of, make_toy_problem
 
 from oodforge.bench import BenchJob, check_fit_inputs, run_bench
 from oodforge.data.base import Suite
@@ -12,7 +13,6 @@ from oodforge.detectors import FitContext, create
 from oodforge.detectors.base import REGISTRY, Detector
 from oodforge.detectors.fusion import id_percentile
 from oodforge.metrics import evaluate
-from toy_problems import features_of, make_toy_problem
 
 
 def test_id_percentile_is_the_empirical_cdf():

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_training_loop import _toy_images
 
 from oodforge.data.base import ArrayDataset
 from oodforge.models import build_model
 from oodforge.models.train import CrossEntropy, TrainConfig, run_training
 from oodforge.oe import OutlierExposure, energy_margin_loss, uniform_ce_loss
-from test_training_loop import _toy_images
 
 
 def test_uniform_cross_entropy_matches_the_oe_formula():

@@ -73,9 +73,7 @@ def bench(
     from .bench import BenchJob, run_bench, split_methods
     from .models.features import default_cache_dir
     from .report import print_table
-    from .workflows import POST_HOC, TrainPlan, get_model
-
-    from .workflows import CLASSIC
+    from .workflows import CLASSIC, POST_HOC, TrainPlan, get_model
 
     groups = {"posthoc": POST_HOC, "classic": CLASSIC}
     method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])

@@ -92,7 +92,7 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
 
-        def job(model, methods, label, info, **extra):
+        def job(model, methods, label, info, outliers=outliers, val_outliers=val_outliers, **extra):
             return BenchJob(model, methods, label=label, outliers=outliers, val_outliers=val_outliers,
                             info={"checkpoint": info["checkpoint"], "zoo": info.get("zoo"),
                                   "train_seconds": info.get("train_seconds"), **extra})

@@ -6,4 +6,5 @@ from .explain import explain_image
 from .model import SSODModel
 from .train import CPU_DEFAULT, CPU_FINETUNE, PAPER_SETTING, SSODObjective, train_ssod
 
-__all__ = ["CPU_DEFAULT", "CPU_FINETUNE", "PAPER_SETTING", "SSODModel", "SSODObjective", "combined_posterior", "explain_image", "train_ssod"]
+__all__ = ["CPU_DEFAULT", "CPU_FINETUNE", "PAPER_SETTING", "SSODModel", "SSODObjective", "combined_posterior",
+           "explain_image", "train_ssod"]
