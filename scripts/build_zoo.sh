@@ -3,7 +3,7 @@
 # Each checkpoint is made by one recorded `oodforge train` command (also kept in its meta.json), then
 # `python -m oodforge.zoo manifest` writes zoo/manifest.json (command, seed, time, accuracies, sha256).
 # Two lanes run in parallel with one thread each (2-core machine); measured times are in docs/zoo.md.
-# Usage: scripts/build_zoo.sh [lane]   (lane a, b, or nothing for both)
+# Usage: scripts/build_zoo.sh [lane]   (lane a, b, c, d; 'oe' for c + d; nothing for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OF=${OODFORGE:-.venv/bin/oodforge}
@@ -21,9 +21,25 @@ lane_b() {
   $OF train --suite fashion6 --method ssod --init-from $Z/fashion6-plain --epochs 2 --seed 0 --out $Z/fashion6-ssod
 }
 
+# Outlier exposure (after the plain models): SHIFT outliers (Layer-CAM + Telea, K=1) forged from the first
+# 10,000 training images by the zoo's plain classifier, then one epoch of the recipe the protocol picked
+# (docs/protocol.md, benchmarks/bench_forged.py): energy-bounded loss, SGD lr 0.01 cosine.
+oe() {
+  $OF synth shift --data $1 --checkpoint $Z/$1-plain --masker layercam --inpainter telea --limit 10000 \
+      --seed 0 --no-progress --out runs/zoo-outliers/$1
+  $OF train --suite $1 --method oe --init-from $Z/$1-plain --outliers runs/zoo-outliers/$1 --oe-loss energy \
+      --lr 0.01 --epochs 1 --seed 0 --out $Z/$1-oe
+}
+lane_c() { oe fashion; }
+lane_d() { oe scenes; oe fashion6; }
+
 case "${1:-both}" in
   a) lane_a ;;
   b) lane_b ;;
-  *) lane_a > runs/zoo-lane-a.log 2>&1 & lane_b > runs/zoo-lane-b.log 2>&1 & wait ;;
+  c) lane_c ;;
+  d) lane_d ;;
+  oe) lane_c > runs/zoo-lane-c.log 2>&1 & lane_d > runs/zoo-lane-d.log 2>&1 & wait ;;
+  *) lane_a > runs/zoo-lane-a.log 2>&1 & lane_b > runs/zoo-lane-b.log 2>&1 & wait
+     lane_c > runs/zoo-lane-c.log 2>&1 & lane_d > runs/zoo-lane-d.log 2>&1 & wait ;;
 esac
 .venv/bin/python -m oodforge.zoo manifest

@@ -16,7 +16,7 @@ import numpy as np
 from .bench import BenchJob, best_method, run_bench
 from .data.base import Suite
 from .report import print_table
-from .workflows import CLASSIC, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 DEMO_SUITES = ("fashion", "fashion6", "scenes")
 
@@ -52,8 +52,9 @@ def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int
 
     if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method)) is not None:
         return get_model(suite, TrainPlan(method=method), device=device, progress=progress, log=log)
+    recipe = {k: v for k, v in OE_RECIPE.items() if k != "epochs"} if method == "oe" else {}
     plan = TrainPlan(method=method, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"],
-                     outliers=str(outlier_store) if outlier_store else None)
+                     outliers=str(outlier_store) if outlier_store else None, **recipe)
     return get_model(suite, plan, device=device, progress=progress, log=log, use_zoo=False)
 
 
