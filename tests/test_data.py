@@ -418,8 +418,12 @@ def test_stratified_indices():
 def test_fashion_suite_quick(fake_fashion):
     root, arrays = fake_fashion
     s = load_suite("fashion", data_root=root, quick=True)
-    assert len(s.id_train) == 3000 and len(s.id_test) == 600 and s.class_names == FASHION_MNIST_CLASSES
-    assert np.bincount(s.id_train.labels.numpy()).tolist() == [300] * 10
+    # the quick subset holds 3,000 training images; 300 of them (30 per class) are the ID validation split
+    assert len(s.id_train) == 2700 and len(s.id_val) == 300 and len(s.id_test) == 600
+    assert s.class_names == FASHION_MNIST_CLASSES
+    assert np.bincount(s.id_train.labels.numpy()).tolist() == [270] * 10
+    assert np.bincount(s.id_val.labels.numpy()).tolist() == [30] * 10
+    assert "[val:" in s.id_val.identity and "[train-minus-val:" in s.id_train.identity
     assert np.bincount(s.id_test.labels.numpy()).tolist() == [60] * 10
     assert s.groups == {"near": [], "far": ["digits", "textures", "photos", "noise"]}
     assert {k: len(v) for k, v in s.ood.items()} == {"digits": 300, "textures": 300, "photos": 300, "noise": 300}
@@ -449,11 +453,12 @@ def test_fashion6_suite_remaps_and_holds_out(fake_fashion):
         near = s.ood["held-out-classes"].images.numpy()[:, 0, 0, 0] // 20
         assert np.isin(near, held).all() and set(near.tolist()) == set(held)
         if quick:
-            assert (len(s.id_train), len(s.id_test), len(s.ood["held-out-classes"])) == (3000, 600, 300)
+            assert (len(s.id_train), len(s.id_val), len(s.id_test), len(s.ood["held-out-classes"])) == (
+                2700, 300, 600, 300)
             assert np.bincount(near).tolist()[4:] == [75, 75, 75, 0, 0, 75]
         else:
-            assert (len(s.id_train), len(s.id_test), len(near)) == (3600, 600, 400)
-            assert s.id_train.identity == "fashion6/train" and s.ood["held-out-classes"].identity == (
+            assert (len(s.id_train), len(s.id_val), len(s.id_test), len(near)) == (3240, 360, 600, 400)
+            assert s.id_train.identity.startswith("fashion6/train[") and s.ood["held-out-classes"].identity == (
                 "fashion6/held-out-classes")
             # the near set is exactly the held-out TEST images
             t_imgs, t_labels = arrays["t10k"]
@@ -463,7 +468,8 @@ def test_fashion6_suite_remaps_and_holds_out(fake_fashion):
 @pytest.mark.skipif(not REAL_FASHION, reason="Debian dataset-fashion-mnist not installed")
 def test_fashion6_full_sizes_on_real_data():
     s = load_suite("fashion6")
-    assert (len(s.id_train), len(s.id_test), len(s.ood["held-out-classes"])) == (36000, 6000, 4000)
+    assert (len(s.id_train), len(s.id_val), len(s.id_test), len(s.ood["held-out-classes"])) == (
+        32400, 3600, 6000, 4000)
     assert {k: len(v) for k, v in s.ood.items() if k != "held-out-classes"} == {
         "digits": 1797, "textures": 2000, "photos": 2000, "noise": 2000}
 
@@ -524,3 +530,31 @@ def test_scenes_quick_build_disjoint_backgrounds_and_cache(fake_fashion, tmp_pat
     assert (fresh.ood["digits-on-scenes"].images == s.ood["digits-on-scenes"].images).all()
     other = load_suite("scenes", data_root=root, seed=1, quick=True)
     assert not (other.id_test.images == s.id_test.images).all() and other.id_test.identity != s.id_test.identity
+
+
+def test_validation_split_is_disjoint_stratified_and_seed_stable():
+    import torch
+
+    from oodforge.data.base import ArrayDataset, Suite
+    from oodforge.data.suites import with_validation_split
+
+    n = 1000
+    imgs = np.arange(n, dtype=np.int64).reshape(n, 1, 1, 1)  # image i holds i (mod 256) ...
+    labels = np.arange(n) % 4
+    ds = ArrayDataset((imgs % 256).astype(np.uint8), labels, list("abcd"), "unique")
+    ids = lambda d: set(d.images.numpy().ravel().tolist())  # noqa: E731
+
+    def split(seed):
+        s = Suite("t", ds, ds.subset(np.arange(10)), {}, class_names=list("abcd"))
+        return with_validation_split(s, seed, quick=False)
+
+    a, b, c = split(0), split(0), split(1)
+    assert len(a.id_val) == 100 and len(a.id_train) == 900
+    assert np.bincount(a.id_val.labels.numpy()).tolist() == [25] * 4
+    assert a.id_val.identity == b.id_val.identity and torch.equal(a.id_val.images, b.id_val.images)
+    assert not torch.equal(a.id_val.images, c.id_val.images)
+    # disjoint: together they are the training set exactly once (labels + pixels as a multiset)
+    both = np.concatenate([a.id_train.images.numpy().ravel().astype(np.int64) * 4 + a.id_train.labels.numpy(),
+                           a.id_val.images.numpy().ravel().astype(np.int64) * 4 + a.id_val.labels.numpy()])
+    assert sorted(both.tolist()) == sorted(((imgs % 256).ravel() * 4 + labels).tolist())
+    assert ids(a.id_val) <= ids(ds)

@@ -20,14 +20,17 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     results = run_demo(out, suites=("fashion6",), quick=True, max_train=1200, progress=False, log=lines.append)
     res = results["fashion6"]
     methods = set(res["methods"])
-    assert {"msp", "energy", "odin", "knn", "vim", "shift", "ssod@ssod", "energy@ssod"} <= methods
-    assert set(res["models"]) == {"plain", "ssod"}
+    assert {"msp", "energy", "odin", "knn", "vim", "ash", "fdbd", "shift", "fusion:a=shift,b=knn", "ssod@ssod",
+            "energy@ssod", "energy@oe", "knn@oe"} <= methods
+    assert set(res["models"]) == {"plain", "ssod", "oe"}
+    # the protocol's validation numbers exist for every method; no test set is read to choose
+    assert set(res["validation"]) == methods
     assert res["config"]["shift_synthesis"]["n"] == 1200  # one outlier per training image (K=1)
     on_disk = json.loads((out / "fashion6" / "results.json").read_text())
     assert on_disk["methods"] == res["methods"]
     assert (out / "fashion6" / "outliers_grid.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()
-    assert "| fashion6 |" in summary and "shift" in summary
+    assert "| fashion6 | near |" in summary and "| fashion6 | far |" in summary and "protocol pick" in summary
     # the SHIFT rejection network, trained only on forged outliers, separates far-OOD sets
     far = res["groups"]["far"]
     assert sum(res["methods"]["shift"][s]["auroc"] for s in far) / len(far) > 0.8
