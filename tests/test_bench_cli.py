@@ -78,7 +78,7 @@ def test_bench_rejects_bad_input_with_clear_errors(tmp_path):
     assert proc.returncode != 0 and "nosuchsuite" in (proc.stderr + proc.stdout)
     proc = run_cli("bench", "--suite", "fashion", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "nope"),
                    "--quick")
-    assert proc.returncode != 0 and "meta.json" in proc.stderr
+    assert proc.returncode == 2 and "--checkpoint" in proc.stderr and "no such folder" in proc.stderr
 
 
 @needs_fashion

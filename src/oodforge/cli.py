@@ -43,6 +43,19 @@ def _check_methods(method_list: list[str], has_outliers: bool) -> None:
                              "--outliers DIR (made by `oodforge synth shift ...`)")
 
 
+def _check_checkpoint_files(path: Path, option: str) -> None:
+    """A checkpoint folder must exist with its two files (read fully later, after the cheap checks)."""
+    from .models.checkpoint import META, WEIGHTS
+
+    folder = path.parent if path.suffix == ".safetensors" else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {path}: no such folder (a checkpoint folder from `oodforge train`)")
+    missing = [f for f in (WEIGHTS, META) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{option} {path}: missing {', '.join(missing)}; a checkpoint folder holds "
+                                f"{WEIGHTS} and {META} (written by `oodforge train`)")
+
+
 @app.command()
 def bench(
     suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: fashion, fashion6 or scenes."),
@@ -68,6 +81,8 @@ def bench(
                                              "CLIP detectors (mcm, neglabel, synood), e.g. openai/clip-vit-base-patch16."),
     wordnet_dir: Optional[Path] = typer.Option(None, "--wordnet-dir", help="WordNet dict folder for neglabel/synood "
                                                "(default: Debian's wordnet-base, /usr/share/wordnet)."),
+    allow_foreign_outliers: bool = typer.Option(False, "--allow-foreign-outliers", help="Use an outlier store "
+                                                "forged from other data than this suite (recorded in results.json)."),
 ) -> None:
     """Benchmark detectors on a suite and write results.json, scores.npz, report.md and plots."""
     from .bench import BenchJob, run_bench, split_methods
@@ -78,19 +93,30 @@ def bench(
     groups = {"posthoc": POST_HOC, "classic": CLASSIC}
     method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
                    for m in groups.get(part, [part])]
-    _check_methods(method_list, has_outliers=outliers is not None)
-    s = _load_suite(suite, data_root, seed, quick)
-    model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
-                            log=typer.echo, use_zoo=not retrain)
+    from .checks import check_device, check_out_dir, check_store_fits, check_suite_fits_model
     from .synth.store import OutlierStore
 
-    store = OutlierStore(outliers).load() if outliers is not None else None
-    val_store = OutlierStore(val_outliers).load() if val_outliers is not None else None
+    check_out_dir(out)
+    check_device(device)
+    _check_methods(method_list, has_outliers=outliers is not None)
+    if checkpoint is not None:
+        _check_checkpoint_files(checkpoint, "--checkpoint")
+    s = _load_suite(suite, data_root, seed, quick)
+    stores = {opt: OutlierStore(path) for opt, path in (("--outliers", outliers), ("--val-outliers", val_outliers))
+              if path is not None}
+    foreign = {opt: check_store_fits(st, s.id_train, s.class_names, opt, allow_foreign_outliers,
+                                     split="val" if opt == "--val-outliers" else "train") for opt, st in stores.items()}
+    model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
+                            log=typer.echo, use_zoo=not retrain)
+    check_suite_fits_model(s, model, info, f"--checkpoint {checkpoint}" if checkpoint else "the classifier")
+    store = stores["--outliers"].load() if "--outliers" in stores else None
+    val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
     label = (info.get("plan") or {}).get("method", "plain")
     job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, label="" if label == "plain" else label,
                    info={"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"),
                          "outlier_store": str(outliers) if outliers else None,
-                         "val_outlier_store": str(val_outliers) if val_outliers else None})
+                         "val_outlier_store": str(val_outliers) if val_outliers else None,
+                         **({"foreign_outliers": foreign} if any(foreign.values()) else {})})
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,
                     config={"quick": quick, "methods": method_list, "argv": sys.argv[1:]}, log=typer.echo,
                     extra={k: str(v) for k, v in (("clip_model", clip_model), ("wordnet_dir", wordnet_dir)) if v})
@@ -166,6 +192,8 @@ def train(
                                        "(AdamW lr 1e-4 halved every 30 epochs, batch 256, 224 px inputs); "
                                        "explicit options still win."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Train on at most this many images."),
+    allow_foreign_outliers: bool = typer.Option(False, "--allow-foreign-outliers", help="oe: use an outlier store "
+                                                "forged from other data than this suite."),
     quick: bool = typer.Option(False, "--quick"),
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
@@ -177,8 +205,12 @@ def train(
     from .models.train import accuracy
     from .workflows import TrainPlan, train_model
 
+    from .checks import check_device, check_out_dir, check_store_fits
+
     if max_train is not None and max_train < 1:
         raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")
+    check_out_dir(out)
+    check_device(device)
     if paper_setting and method != "ssod":
         raise typer.BadParameter("the paper setting is SSOD's (App. A.4); use it with --method ssod",
                                  param_hint="--paper-setting")
@@ -198,7 +230,16 @@ def train(
                      outliers=str(outliers) if outliers else None, oe_loss=oe_loss, oe_lambda=oe_lambda, m_in=m_in,
                      m_out=m_out)
     plan.train_config()  # validate every setting before loading data
+    if init_from is not None:
+        _check_checkpoint_files(init_from, "--init-from")
+        from .models.checkpoint import load_checkpoint
+
+        load_checkpoint(init_from)  # corrupt or mismatched weights fail here, before any data is read
     s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick), max_train, seed)
+    if outliers is not None:
+        from .synth.store import OutlierStore
+
+        check_store_fits(OutlierStore(outliers), s.id_train, s.class_names, "--outliers", allow_foreign_outliers)
     model, meta = train_model(s, plan, device, state_dir=out, log=typer.echo)
     meta["id_test_accuracy"] = accuracy(model, s.id_test, device)
     if s.id_val is not None:
@@ -249,19 +290,57 @@ def _wire() -> None:
 _wire()
 
 
-def main() -> None:
+@app.callback()
+def _options(no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (they are also off "
+                                              "when standard error is not a terminal, or with OODFORGE_NO_PROGRESS=1)."
+                                              )) -> None:
+    """oodforge: OOD detection for image classifiers without real outlier data."""
+    from .progress import set_progress
+
+    set_progress(not no_progress)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI. A failure the user can fix prints one ``error:`` line and exits 2 (a traceback only with
+    ``OODFORGE_DEBUG=1``); Ctrl-C prints what was kept and how to resume, and exits 130."""
+    from .progress import resume_notes
     from .synth.hub import ModelUnavailableError
     from .synth.store import StoreError
 
+    debug = os.environ.get("OODFORGE_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
     try:
-        app()
-    except (FileNotFoundError, ValueError, KeyError, ModelUnavailableError, StoreError) as e:  # bad input: one clear line, no traceback
-        if os.environ.get("OODFORGE_DEBUG"):
+        rc = command.main(args=argv, prog_name="oodforge", standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        notes = resume_notes()
+        typer.secho("interrupted." + (" Kept: " + "; ".join(notes) + ". Run the same command again to resume."
+                                       if notes else " Nothing was kept from this run."), fg=typer.colors.YELLOW,
+                    err=True)
+        rc = 130
+    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(ctx.get_help() if ctx else str(e))
+            return 0
+        if debug:
+            raise
+        where = f"oodforge {ctx.command_path.split(' ', 1)[1]} --help" if ctx and " " in ctx.command_path else \
+            "oodforge --help"
+        typer.secho(f"error: {_one_line(e.format_message())} (see {where})", fg=typer.colors.RED, err=True)
+        rc = 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError, ModelUnavailableError,
+            StoreError) as e:  # bad input: one clear line, no traceback
+        if debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+        typer.secho(f"error: {_one_line(msg)}", fg=typer.colors.RED, err=True)
+        rc = 2
+    return int(rc or 0)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

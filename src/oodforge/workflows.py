@@ -159,6 +159,7 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
     history = run_training(model, suite.id_train, objective, config, device=device, progress=progress,
                            state_dir=state_dir, log=log)
     meta = {"class_names": suite.class_names, "suite": suite.name, "train_set": suite.id_train.identity,
+            "input_shape": list(suite.id_train.image_shape),
             "plan": plan.__dict__, "train_seconds": round(time.time() - t0, 1), "init_from": init,
             "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str, dict))}}
     return model.eval(), meta

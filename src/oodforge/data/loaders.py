@@ -217,12 +217,29 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
 # image folders
 
 
+def _high_bit_depth_to_uint8(im, path: Path) -> np.ndarray:
+    """16-bit (and 32-bit integer) grayscale images scaled to 0..255: ``round(v / 257)``, so 65535 -> 255.
+
+    PIL's ``convert("L")`` clips such values at 255 instead, which turns almost every 16-bit image white.
+    Float images are taken as 0..1 and refused outside that range (their scale is unknown).
+    """
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        if arr.min() < 0 or arr.max() > 1:
+            raise DatasetFormatError(f"{path}: a floating-point image with values outside 0..1 "
+                                     f"({arr.min():.3g}..{arr.max():.3g}); save it as an 8-bit PNG")
+        return np.round(arr * 255.0).astype(np.uint8)
+    return np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8)
+
+
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.mode in ("L", "1", "I;16", "I", "F", "LA"):
+            if im.mode.startswith("I") or im.mode == "F":
+                arr = _high_bit_depth_to_uint8(im, path)
+            elif im.mode in ("L", "1", "LA"):
                 arr = np.asarray(im.convert("L"))
             else:
                 arr = np.asarray(im.convert("RGB"))
@@ -257,7 +274,7 @@ def load_image_folder(
     then a centre crop); without it every image must have the same height and width.
     ``channels`` (1 or 3) converts; by default it is 1 if every image is grayscale, else 3.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     root = Path(root)
     if not root.is_dir():
@@ -273,7 +290,12 @@ def load_image_folder(
     if subdirs:
         class_names = [d.name for d in subdirs]
         for k, d in enumerate(subdirs):
-            files += [(p, k) for p in images_in(d, True)]
+            found = images_in(d, True)
+            if not found:
+                raise DatasetFormatError(f"{d}: class folder with no images (extensions "
+                                         f"{', '.join(IMAGE_EXTENSIONS)}); remove it or add its images, since "
+                                         "every sub-folder of an image folder is a class")
+            files += [(p, k) for p in found]
     else:
         class_names = None
         files = [(p, -1) for p in images_in(root, False)]
@@ -282,7 +304,7 @@ def load_image_folder(
             f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}); expected root/<class>/<image>"
         )
     arrays = []
-    for p, _ in tqdm(files, desc=f"reading {root.name}", disable=not progress or len(files) < 500, leave=False):
+    for p, _ in progress_bar(files, desc=f"reading {root.name}", disable=not progress or len(files) < 500, leave=False):
         img = _read_image(p)
         if size is not None:
             img = _square(img, size)

@@ -131,12 +131,12 @@ def composite(objects: np.ndarray, backgrounds: np.ndarray, rng: np.random.Gener
 
 
 def _composited(objects: np.ndarray, photos: tuple[str, ...], rng: np.random.Generator, progress: bool, desc: str):
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     n = objects.shape[0]
     bgs, which = photo_crops(list(photos), n, SIZE, rng)
     out = np.empty((n, 3, SIZE, SIZE), np.uint8)
-    for s in tqdm(range(0, n, _CHUNK), desc=desc, disable=not progress or n < 4 * _CHUNK, leave=False):
+    for s in progress_bar(range(0, n, _CHUNK), desc=desc, disable=not progress or n < 4 * _CHUNK, leave=False):
         out[s : s + _CHUNK] = composite(objects[s : s + _CHUNK], bgs[s : s + _CHUNK], rng)
     return out, which
 

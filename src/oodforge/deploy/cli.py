@@ -120,7 +120,7 @@ def predict(
 ) -> None:
     """Classify images or abstain: one line per image (file, class, confidence, ID score, decision)."""
     import torch
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..ssod.cli import load_image_file
     from .guard import GuardedClassifier
@@ -137,7 +137,7 @@ def predict(
     c, h, w = g.image_shape
     n_acc = 0
     t0 = time.time()
-    bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = progress_bar(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
         try:

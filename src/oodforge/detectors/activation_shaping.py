@@ -38,6 +38,7 @@ class ReAct(Detector):
 
     name = "react"
     paper = "Sun, Guo, Li, ReAct: Out-of-distribution Detection With Rectified Activations, NeurIPS 2021"
+    param_ranges = {"percentile": "(0, 100]", "temperature": "(0, inf)"}
 
     def __init__(self, percentile: float = 90.0, temperature: float = 1.0):
         self.percentile = percentile
@@ -72,6 +73,7 @@ class DICE(Detector):
 
     name = "dice"
     paper = "Sun, Li, DICE: Leveraging Sparsification for Out-of-Distribution Detection, ECCV 2022"
+    param_ranges = {"sparsity": "[0, 1)", "temperature": "(0, inf)"}
 
     def __init__(self, sparsity: float = 0.9, temperature: float = 1.0):
         self.sparsity = sparsity

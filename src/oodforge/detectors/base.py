@@ -12,6 +12,7 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -67,6 +68,40 @@ class Detector:
     #: with ``needs_feature_map``: whether ``fit`` reads the training set's maps too (large: N x C x H x W);
     #: detectors that only shape the maps of scored images set it False
     needs_train_feature_map: ClassVar[bool] = True
+    #: the valid range of each numeric hyperparameter, as interval text (``"(0, 100]"``, ``"[1, inf)"``);
+    #: :func:`create` checks types (from the constructor's defaults) and these ranges before any work
+    param_ranges: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def check_params(cls, params: dict) -> dict:
+        """Validate ``params`` against the constructor: known names, the defaults' types, ``param_ranges``.
+
+        Returns the params with ints widened to floats where the default is a float. Raises ``ValueError``
+        naming the parameter, what it must be and what it got.
+        """
+        sig = inspect.signature(cls.__init__)
+        known = {n: p.default for n, p in sig.parameters.items() if n != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
+        out = {}
+        for key, value in params.items():
+            if key not in known:
+                raise ValueError(f"{cls.name} has no parameter {key!r}; its parameters: {', '.join(known) or 'none'}")
+            default = known[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{cls.name}: {key} must be true or false, got {value!r}")
+            elif isinstance(default, int) and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{cls.name}: {key} must be an integer, got {value!r}")
+            elif isinstance(default, float) and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{cls.name}: {key} must be a number, got {value!r}")
+                value = float(value)
+            if key in cls.param_ranges and value is not None:
+                lo, hi, lo_closed, hi_closed = _interval(cls.param_ranges[key])
+                if not ((value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)):
+                    raise ValueError(f"{cls.name}: {key} must be in {cls.param_ranges[key]}, got {value}")
+            out[key] = value
+        return out
 
     def fit(self, ctx: FitContext) -> Detector:
         if self.needs_outliers and ctx.outliers is None:
@@ -118,7 +153,15 @@ def create(name: str, **params) -> Detector:
     _load_all()
     if name not in REGISTRY:
         raise KeyError(f"unknown detector {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**params)
+    cls = REGISTRY[name]
+    return cls(**cls.check_params(params))
+
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"(0, 100]"`` -> ``(0.0, 100.0, False, True)``; ``inf`` is allowed as a bound."""
+    t = text.strip()
+    lo, hi = (float(x) for x in t[1:-1].split(","))
+    return lo, hi, t[0] == "[", t[-1] == "]"
 
 
 def available() -> list[str]:

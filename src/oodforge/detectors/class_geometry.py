@@ -104,6 +104,7 @@ class NCI(Detector):
 
     name = "nci"
     paper = "Liu, Qin, Detecting Out-of-Distribution through the Lens of Neural Collapse, CVPR 2025 (arXiv:2311.01479)"
+    param_ranges = {"alpha": "[0, inf)"}
 
     def __init__(self, alpha: float = 1e-4):
         self.alpha = alpha

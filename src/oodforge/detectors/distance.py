@@ -89,6 +89,7 @@ class NNGuide(Detector):
 
     name = "nnguide"
     paper = ("Park, Jung, Teoh, Nearest Neighbor Guidance for Out-of-Distribution Detection, ICCV 2023")
+    param_ranges = {"k": "[1, inf)", "train_fraction": "(0, 1]"}
 
     def __init__(self, k: int = 10, train_fraction: float = 1.0):
         self.k = k

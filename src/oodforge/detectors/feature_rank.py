@@ -46,6 +46,7 @@ class RankFeat(_FeatureMapEnergy):
     name = "rankfeat"
     paper = ("Song, Sebe, Wang, RankFeat: Rank-1 Feature Removal for Out-of-distribution Detection, "
              "NeurIPS 2022")
+    param_ranges = {"temperature": "(0, inf)"}
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature

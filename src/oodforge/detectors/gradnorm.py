@@ -44,6 +44,7 @@ class GradNorm(Detector):
     name = "gradnorm"
     paper = ("Huang, Geng, Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, "
              "NeurIPS 2021")
+    param_ranges = {"temperature": "(0, inf)"}
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature

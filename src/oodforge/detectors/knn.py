@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
@@ -46,6 +46,7 @@ class KNN(Detector):
 
     name = "knn"
     paper = "Sun, Ming, Zhu, Li, Out-of-Distribution Detection with Deep Nearest Neighbors, ICML 2022"
+    param_ranges = {"k": "[1, inf)", "train_fraction": "(0, 1]", "batch_size": "[1, inf)"}
 
     def __init__(self, k: int = 50, backend: str = "auto", train_fraction: float = 1.0, batch_size: int = 4096,
                  progress: bool = True):
@@ -92,7 +93,7 @@ class KNN(Detector):
             step = max(1, min(step, 2**24 // self.train_.shape[0]))
             train = self.train_.to(self.device_)
             train_sq = (train * train).sum(1)[None, :]
-        for i in tqdm(range(0, z.shape[0], step), desc="knn", disable=not self.progress, leave=False):
+        for i in progress_bar(range(0, z.shape[0], step), desc="knn", disable=not self.progress, leave=False):
             q = z[i:i + step]
             if self.backend_ == "faiss":
                 d2, _ = self.index_.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)

@@ -43,6 +43,7 @@ class MSP(Detector):
     name = "msp"
     paper = ("Hendrycks & Gimpel, A Baseline for Detecting Misclassified and Out-of-Distribution Examples "
              "in Neural Networks, ICLR 2017")
+    param_ranges = {"temperature": "(0, inf)"}
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
@@ -77,6 +78,7 @@ class Energy(Detector):
 
     name = "energy"
     paper = "Liu, Wang, Owens, Li, Energy-based Out-of-distribution Detection, NeurIPS 2020"
+    param_ranges = {"temperature": "(0, inf)"}
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature

@@ -65,6 +65,7 @@ class Mahalanobis(Detector):
     name = "mahalanobis"
     paper = ("Lee, Lee, Lee, Shin, A Simple Unified Framework for Detecting Out-of-Distribution Samples and "
              "Adversarial Attacks, NeurIPS 2018")
+    param_ranges = {"noise": "[0, inf)", "batch_size": "[1, inf)"}
 
     def __init__(self, noise: float = 0.0, batch_size: int = 128, progress: bool = True):
         self.noise = noise

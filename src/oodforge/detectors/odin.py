@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
@@ -33,7 +33,7 @@ def iter_image_batches(images, batch_size: int, device: str, progress: bool, des
     if int(batch_size) < 1:
         raise ValueError(f"{desc}: batch_size must be >= 1, got {batch_size}")
     n = len(images)
-    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         yield images.float_images(i, i + batch_size).to(device)
 
 
@@ -57,6 +57,7 @@ class ODIN(Detector):
     name = "odin"
     paper = ("Liang, Li, Srikant, Enhancing The Reliability of Out-of-distribution Image Detection in Neural "
              "Networks, ICLR 2018")
+    param_ranges = {"temperature": "(0, inf)", "epsilon": "[0, inf)", "batch_size": "[1, inf)"}
     needs_inputs = True
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014, batch_size: int = 128,

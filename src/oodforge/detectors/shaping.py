@@ -115,6 +115,7 @@ class ASH(_FeatureMapEnergy):
     name = "ash"
     paper = ("Djurisic, Bozanic, Ashok, Liu, Extremely Simple Activation Shaping for Out-of-Distribution "
              "Detection, ICLR 2023")
+    param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
 
     def __init__(self, percentile: float = 90.0, variant: str = "s", temperature: float = 1.0):
         self.percentile = percentile
@@ -157,6 +158,7 @@ class Scale(_FeatureMapEnergy):
     name = "scale"
     paper = ("Xu, Lian, Yang, Scaling for Training Time and Post-hoc Out-of-distribution Detection "
              "Enhancement, ICLR 2024")
+    param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
 
     def __init__(self, percentile: float = 85.0, temperature: float = 1.0):
         self.percentile = percentile
@@ -195,6 +197,7 @@ class VRA(Detector):
 
     name = "vra"
     paper = "Xu, Lian, Liu, Tao, VRA: Variational Rectified Activation for Out-of-distribution Detection, NeurIPS 2023"
+    param_ranges = {"alpha": "[0, 1)", "beta": "(0, 1]", "gamma": "[0, inf)", "temperature": "(0, inf)"}
 
     def __init__(self, alpha: float = 0.6, beta: float = 0.9, gamma: float = 0.0, temperature: float = 1.0):
         self.alpha = alpha

@@ -53,6 +53,7 @@ class GEN(Detector):
 
     name = "gen"
     paper = "Liu, Lochman, Zach, GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection, CVPR 2023"
+    param_ranges = {"gamma": "(0, 1)", "top_m": "[1, inf)"}
 
     def __init__(self, gamma: float = 0.1, top_m: int = 100):
         self.gamma = gamma

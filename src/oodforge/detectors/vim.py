@@ -45,6 +45,7 @@ class ViM(Detector):
 
     name = "vim"
     paper = "Wang, Li, Feng, Zhang, ViM: Out-Of-Distribution with Virtual-logit Matching, CVPR 2022"
+    param_ranges = {"principal_dim": "[1, inf)"}
 
     def __init__(self, principal_dim: int | None = None):
         self.principal_dim = principal_dim

@@ -63,12 +63,26 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Classifier, 
     if missing:
         raise ValueError(f"{mfile} lacks {missing}; it needs arch, num_classes and in_channels")
     model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta.get("mean"), meta.get("std"))
-    state = load_file(str(wfile))
-    result = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(wfile))
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"{wfile} cannot be read ({_one_line(e)}); the file is truncated or corrupt: "
+                         "copy it again or re-run the command that wrote it") from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _one_line(e)[:200])
+        raise ValueError(f"{wfile} does not match architecture {meta['arch']!r} with {meta['num_classes']} classes "
+                         f"and {meta['in_channels']} channels as {mfile.name} says ({first}); the weights come "
+                         "from another model") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{wfile} does not match architecture {meta['arch']!r}: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     return model.to(device).eval(), meta
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def weights_hash(model: torch.nn.Module) -> str:

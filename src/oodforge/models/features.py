@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
 from .checkpoint import weights_hash
@@ -36,7 +36,7 @@ def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature
     model.to(device).eval()
     logits, pens, fmaps = [], [], []
     n = len(dataset)
-    for i in tqdm(range(0, n, batch_size), desc=f"features {dataset.identity[:40]}", disable=not progress,
+    for i in progress_bar(range(0, n, batch_size), desc=f"features {dataset.identity[:40]}", disable=not progress,
                   leave=False):
         out = model.forward_all(dataset.float_images(i, i + batch_size).to(device))
         logits.append(out.logits.float().cpu())

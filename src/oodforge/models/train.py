@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
 from .base import Classifier
@@ -282,7 +282,7 @@ def run_training(model: nn.Module, dataset: ArrayDataset, objective: Objective |
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        bar = tqdm(iterate_batches(dataset, config.batch_size, g), total=n_batches,
+        bar = progress_bar(iterate_batches(dataset, config.batch_size, g), total=n_batches,
                    desc=f"{objective.name} {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for x, y in bar:
             if step >= total_steps:

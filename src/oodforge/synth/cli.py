@@ -87,6 +87,17 @@ def synth_shift(
     from .shift import forge_shift
     from .store import StoreError
 
+    from ..checks import (check_device, check_images_fit, check_labels, check_model_classes, check_out_dir,
+                          check_positive)
+    from .store import parse_shard_spec
+
+    check_out_dir(out)
+    check_device(device)
+    for value, option in ((k, "--k"), (limit, "--limit"), (batch_size, "--batch-size"), (shard_size, "--shard-size"),
+                          (steps, "--steps"), (size, "--size")):
+        check_positive(value, option)
+    if shard is not None:
+        parse_shard_spec(shard)
     if masker not in MASKERS:
         _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
     if inpainter not in INPAINTERS:
@@ -102,10 +113,13 @@ def synth_shift(
             _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR")
         from ..models.checkpoint import load_checkpoint, weights_hash
 
-        model, _meta = load_checkpoint(checkpoint, device=device)
-        if model.in_channels != dataset.image_shape[0]:
-            _fail(f"--checkpoint {checkpoint} takes {model.in_channels}-channel images but --data {data} has "
-                  f"{dataset.image_shape[0]} channels")
+        model, meta = load_checkpoint(checkpoint, device=device)
+        hw = tuple(meta["input_shape"][1:]) if meta.get("input_shape") else None
+        # CAM masks explain the classifier's logit of each image's label: it must be this data's classifier
+        check_images_fit(dataset, model.in_channels, hw, f"--data {data}")
+        check_model_classes(meta.get("class_names"), model.num_classes, dataset.class_names, f"--data {data}",
+                            f"--checkpoint {checkpoint}")
+        check_labels(dataset, model.num_classes, f"--data {data}")
         m = make_masker(masker, model=model, model_id=f"checkpoint:{weights_hash(model)}", **mopts)
     if inpainter == "sd":
         inp = make_inpainter("sd", model=inpaint_model, steps=steps, guidance_scale=guidance, size=size,

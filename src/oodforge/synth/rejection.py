@@ -70,6 +70,9 @@ class ShiftRejection(Detector):
     paper = "Kwon, Kim et al., BMVC 2023 (SHIFT), rejection network Eq. 5"
     needs_outliers = True
 
+    param_ranges = {"hidden": "[1, inf)", "epochs": "[1, inf)", "lr": "(0, inf)", "momentum": "[0, 1)",
+                    "weight_decay": "[0, inf)", "batch_size": "[1, inf)"}
+
     def __init__(self, input: str = "penultimate", hidden: int = 2048, epochs: int = 10, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
                  standardize: bool = True, balance: bool = False, score: str = "logit",
@@ -127,10 +130,10 @@ class ShiftRejection(Detector):
         opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(len(x) / self.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs * steps_per_epoch)
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         self.history_ = []
-        for _ in tqdm(range(self.epochs), desc="shift rejection net", unit="epoch", disable=not self.progress):
+        for _ in progress_bar(range(self.epochs), desc="shift rejection net", unit="epoch", disable=not self.progress):
             perm = torch.randperm(len(x), generator=g)
             total = 0.0
             for i in range(0, len(x), self.batch_size):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
 from .inpaint import Inpainter, make_inpainter
@@ -93,7 +93,7 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
         if not todo:
             return store
         src_list = list(todo)
-        bar = tqdm(total=total, desc="shift", unit="img", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=total, desc="shift", unit="img", disable=not progress, dynamic_ncols=True)
         buf_imgs: list[np.ndarray] = []
         buf_recs: list[dict] = []
         buf_skip: list[dict] = []

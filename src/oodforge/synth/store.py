@@ -137,6 +137,17 @@ def parse_shard_spec(spec: str) -> tuple[int, int]:
     return i, m
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); the store is damaged: re-create it with the command "
+                         "that made it (in a new --out folder)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise StoreError(f"{path} has no 'config' object; it is not an oodforge outlier store file")
+    return meta
+
+
 class OutlierStore:
     """Synthetic outliers on disk: image shards plus a manifest, written atomically (see module doc).
 
@@ -156,11 +167,11 @@ class OutlierStore:
             if not cfg_path.is_file():
                 raise FileNotFoundError(f"{self.root} is not an outlier store (no store.json); create it with "
                                         "`oodforge synth shift --out DIR` or OutlierStore(root, config)")
-            meta = json.loads(cfg_path.read_text())
+            meta = _read_config(cfg_path)
         else:
             config = _canon(config)
             if cfg_path.is_file():
-                meta = json.loads(cfg_path.read_text())
+                meta = _read_config(cfg_path)
                 if meta.get("config") != config:
                     diff = _diff_keys(meta.get("config", {}), config)
                     raise StoreError(
@@ -459,12 +470,12 @@ def merge_stores(roots: Iterable[str | os.PathLike], out: str | os.PathLike, all
                 raise StoreError(f"merge: outlier {key} is in both {seen[key]} and {s.root}")
             seen[key] = s.root
     merged = OutlierStore(out, {**base, "shard": None})
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     with merged.writer():
         done = merged.done_keys()
         todo = [(s, e) for s in stores for e in s.entries()]
-        for s, e in tqdm(todo, desc="merge", unit="shard", disable=not progress):
+        for s, e in progress_bar(todo, desc="merge", unit="shard", disable=not progress):
             keys = {(int(r["source_index"]), int(r["k"])) for r in e["records"] + e.get("skipped", [])}
             if keys and keys <= done:
                 continue
