@@ -200,12 +200,11 @@ def train(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Train a classifier (plain or SSOD) on a suite's ID training set and save a checkpoint."""
+    from .checks import check_device, check_out_dir, check_store_fits
     from .demo import stratified_subset
     from .models.checkpoint import save_checkpoint, weights_hash
     from .models.train import accuracy
     from .workflows import TrainPlan, train_model
-
-    from .checks import check_device, check_out_dir, check_store_fits
 
     if max_train is not None and max_train < 1:
         raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")

@@ -44,6 +44,7 @@ def export(
 ) -> None:
     """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
     from ..bench import parse_method
+    from ..checks import check_device, check_out_dir
     from ..data.suites import SUITES, load_suite
     from ..detectors import create
     from ..models.features import default_cache_dir
@@ -52,6 +53,8 @@ def export(
     from .onnx import check_exportable
     from .state import SERIALISABLE, serialisable_detectors
 
+    check_out_dir(out)
+    check_device(device)
     if suite not in SUITES:
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}", param_hint="--suite")
     try:
@@ -120,8 +123,8 @@ def predict(
 ) -> None:
     """Classify images or abstain: one line per image (file, class, confidence, ID score, decision)."""
     import torch
-    from ..progress import progress_bar
 
+    from ..progress import progress_bar
     from ..ssod.cli import load_image_file
     from .guard import GuardedClassifier
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from ..progress import progress_bar
 
 from ..models.featureset import FeatureSet
+from ..progress import progress_bar
 from .base import Detector, FitContext, register
 
 __all__ = ["KNN", "faiss_available"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from ..progress import progress_bar
 
 from ..models.featureset import FeatureSet
+from ..progress import progress_bar
 from .base import Detector, FitContext, register
 from .logit_based import check_temperature
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
+from ..progress import progress_bar
 from .checkpoint import weights_hash
 from .featureset import FeatureSet
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
+from ..progress import progress_bar
 from .base import Classifier
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -81,15 +81,19 @@ def synth_shift(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Forge SHIFT outliers (mask the ID object, inpaint the background) into a resumable outlier store."""
+    from ..checks import (
+        check_device,
+        check_images_fit,
+        check_labels,
+        check_model_classes,
+        check_out_dir,
+        check_positive,
+    )
     from .hub import ModelUnavailableError
     from .inpaint import INPAINTERS, make_inpainter
     from .masks import MASKERS, make_masker
     from .shift import forge_shift
-    from .store import StoreError
-
-    from ..checks import (check_device, check_images_fit, check_labels, check_model_classes, check_out_dir,
-                          check_positive)
-    from .store import parse_shard_spec
+    from .store import StoreError, parse_shard_spec
 
     check_out_dir(out)
     check_device(device)

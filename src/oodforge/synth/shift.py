@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..progress import progress_bar
 
 from ..data.base import ArrayDataset
+from ..progress import progress_bar
 from .inpaint import Inpainter, make_inpainter
 from .masks import Masker, make_masker, mask_coverage
 from .store import OutlierStore, parse_shard_spec, shard_indices
