@@ -315,10 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = command.main(args=argv, prog_name="oodforge", standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
-        notes = resume_notes()
-        typer.secho("interrupted." + (" Kept: " + "; ".join(notes) + ". Run the same command again to resume."
-                                       if notes else " Nothing was kept from this run."), fg=typer.colors.YELLOW,
-                    err=True)
         rc = 130
     except typer.TyperException as e:  # click's usage errors (typer vendors click)
         ctx = getattr(e, "ctx", None)
@@ -338,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         typer.secho(f"error: {_one_line(msg)}", fg=typer.colors.RED, err=True)
         rc = 2
+    if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
+        notes = resume_notes()
+        typer.secho("interrupted." + (" Kept: " + "; ".join(notes) + ". Run the same command again to resume."
+                                       if notes else " Nothing was kept from this run."), fg=typer.colors.YELLOW,
+                    err=True)
     return int(rc or 0)
 
 

@@ -262,6 +262,10 @@ def run_training(model: nn.Module, dataset: ArrayDataset, objective: Objective |
     fingerprint = {"config": asdict(config), "objective": objective.describe(), "data": dataset.identity,
                    "n": len(dataset)}
     state_dir = Path(state_dir) if state_dir is not None else None
+    if state_dir is not None:
+        from ..progress import note_resume
+
+        note_resume(f"the training state after each finished epoch ({state_dir / STATE_FILE})")
     if state_dir is not None and (state := _load_state(state_dir, fingerprint)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

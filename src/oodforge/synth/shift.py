@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
-from ..progress import progress_bar
+from ..progress import note_resume, progress_bar
 from .inpaint import Inpainter, make_inpainter
 from .masks import Masker, make_masker, mask_coverage
 from .store import OutlierStore, parse_shard_spec, shard_indices
@@ -87,6 +87,7 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
     masker.load()
     inpainter.load()
     store = OutlierStore(out_dir, config)
+    note_resume(f"every committed shard of the outlier store {out_dir}")
     with store.writer():
         todo = missing_work(store.done_keys())
         total = sum(len(v) for v in todo.values())
