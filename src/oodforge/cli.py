@@ -252,12 +252,13 @@ def train(
 
 @app.command("detectors")
 def list_detectors() -> None:
-    """List the registered detectors with their papers."""
+    """List the registered detectors with their papers and what they need with their default parameters."""
     from .detectors import REGISTRY, available
 
     for name in available():
         cls = REGISTRY[name]
-        flags = [f for f, on in (("inputs", cls.needs_inputs), ("outliers", cls.needs_outliers)) if on]
+        det = cls()  # the flags of the default parameters (mahalanobis needs the images only with noise > 0)
+        flags = [f for f, on in (("inputs", det.needs_inputs), ("outliers", det.needs_outliers)) if on]
         typer.echo(f"{name:<14} {cls.paper}" + (f"   [needs {', '.join(flags)}]" if flags else ""))
 
 
