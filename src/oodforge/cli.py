@@ -111,7 +111,7 @@ def bench(
     check_suite_fits_model(s, model, info, f"--checkpoint {checkpoint}" if checkpoint else "the classifier")
     store = stores["--outliers"].load() if "--outliers" in stores else None
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
-    label = (info.get("plan") or {}).get("method", "plain")
+    label = (info.get("plan") or {}).get("method", "user" if checkpoint is not None else "plain")
     job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, label="" if label == "plain" else label,
                    info={"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"),
                          "outlier_store": str(outliers) if outliers else None,
