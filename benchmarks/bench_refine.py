@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodforge.bench import BenchJob, best_method, run_bench
+from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
 from oodforge.models.backbones import build_model
 from oodforge.models.checkpoint import load_checkpoint, save_checkpoint
 from oodforge.models.train import train_classifier
+from oodforge.report import best_method
 from oodforge.synood.energy import energy_scores
 from oodforge.synood.refine import refine_outliers
 from oodforge.synth.inpaint import make_inpainter

@@ -221,16 +221,3 @@ def write_artifacts(results: dict, scores: dict[str, np.ndarray], out: Path, sui
     tmp_npz = out / "scores.tmp.npz"
     np.savez_compressed(tmp_npz, **scores)
     os.replace(tmp_npz, out / "scores.npz")
-
-
-def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, float]:
-    """The method with the highest mean AUROC over a group of OOD sets (all sets when ``group`` is None)."""
-    best, best_v = "", -1.0
-    for m, res in results["methods"].items():
-        if m.split(":")[0].split("@")[0] in exclude:
-            continue
-        sets = results["groups"].get(group, []) if group else list(res)
-        vals = [res[s]["auroc"] for s in sets if s in res]
-        if vals and np.mean(vals) > best_v:
-            best, best_v = m, float(np.mean(vals))
-    return best, best_v

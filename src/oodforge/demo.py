@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import BenchJob, best_method, run_bench
+from .bench import BenchJob, run_bench
 from .data.base import Suite
-from .report import print_table
+from .report import best_method, print_table
 from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 DEMO_SUITES = ("fashion", "fashion6", "scenes")

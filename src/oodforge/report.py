@@ -10,6 +10,19 @@ import numpy as np
 from .metrics import roc_curve
 
 
+def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, float]:
+    """The method with the highest mean AUROC over a group of OOD sets (all sets when ``group`` is None)."""
+    best, best_v = "", -1.0
+    for m, res in results["methods"].items():
+        if m.split(":")[0].split("@")[0] in exclude:
+            continue
+        sets = results["groups"].get(group, []) if group else list(res)
+        vals = [res[s]["auroc"] for s in sets if s in res]
+        if vals and np.mean(vals) > best_v:
+            best, best_v = m, float(np.mean(vals))
+    return best, best_v
+
+
 def _group_avg(res: dict, sets: list[str], metric: str) -> float | None:
     vals = [res[s][metric] for s in sets if s in res]
     return float(np.mean(vals)) if vals else None
@@ -60,8 +73,6 @@ def print_table(results: dict, title: str | None = None) -> None:
 
 def export_hint(results: dict) -> list[str]:
     """A 'ship it' section: the export command for the best detector of this run (docs/deploy.md)."""
-    from .bench import best_method
-
     best, auroc = best_method(results)
     if not best:
         return []

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from oodforge.data.base import ArrayDataset
-from oodforge.data.loaders import DatasetFormatError, DatasetNotFoundError, read_idx
+from oodforge.data.idx import DatasetFormatError, DatasetNotFoundError, read_idx
 
 __all__ = ["FASHION_MNIST_CLASSES", "DEFAULT_FASHION_ROOT", "FASHION_APT_PACKAGE", "load_fashion_mnist", "fashion_files"]
 

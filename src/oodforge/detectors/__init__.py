@@ -6,9 +6,10 @@ import importlib
 
 from .base import REGISTRY, Detector, FitContext, NotFittedError, available, create, register
 
-# Modules that define registered detectors. Optional ones (needing extra packages or other
-# subpackages) are imported lazily and silently skipped only when their module is absent.
-_MODULES = [
+# The post-hoc families of this package. Method packages (shift, ssod, the CLIP detectors, synood) add
+# their detectors through ``oodforge.detectors`` entry points (pyproject.toml), so this layer never imports
+# them by name. A module that fails to import is an error, never silently skipped.
+_FAMILIES = [
     "oodforge.detectors.logit_based",
     "oodforge.detectors.odin",
     "oodforge.detectors.mahalanobis",
@@ -22,24 +23,22 @@ _MODULES = [
     "oodforge.detectors.distance",
     "oodforge.detectors.class_geometry",
     "oodforge.detectors.fusion",
-    "oodforge.synth.rejection",
-    "oodforge.ssod.detector",
-    "oodforge.synood.clip_detectors",
-    "oodforge.synood.detector",
 ]
+ENTRY_POINT_GROUP = "oodforge.detectors"
 _loaded = False
 
 
 def _load_all() -> None:
+    """Import every module that registers detectors: this package's families and the entry points'."""
     global _loaded
     if _loaded:
         return
-    for mod in _MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a subpackage not built yet
-            if e.name is None or not mod.startswith(e.name):
-                raise
+    from importlib.metadata import entry_points
+
+    for mod in _FAMILIES:
+        importlib.import_module(mod)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
     _loaded = True
 
 

@@ -131,11 +131,28 @@ class DenseNet(Classifier):
 
 
 ARCHS = ("small_resnet", "resnet18", "resnet34", "wrn40_2", "densenet100")
+WRAPPER_GROUP = "oodforge.model_wrappers"
+
+
+def model_wrapper(prefix: str):
+    """The factory a method package registered for ``"<prefix>:<backbone>"`` architectures.
+
+    Method packages declare their wrappers as ``oodforge.model_wrappers`` entry points in pyproject.toml
+    (``ssod = "oodforge.ssod.model:SSODModel"``), so this layer builds their models without importing them.
+    """
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=WRAPPER_GROUP)}
+    if prefix not in found:
+        hint = "" if found else " (none is registered: is oodforge installed, e.g. `pip install -e .`?)"
+        raise ValueError(f"unknown model wrapper {prefix!r} in the architecture name; registered: "
+                         f"{', '.join(sorted(found)) or 'none'}{hint}")
+    return found[prefix].load()
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, mean: tuple[float, ...] | None = None,
                 std: tuple[float, ...] | None = None) -> Classifier:
-    """Build a classifier by name; ``"ssod:<backbone>"`` wraps the backbone in an SSOD model.
+    """Build a classifier by name; ``"<wrapper>:<backbone>"`` (e.g. ``"ssod:small_resnet"``) wraps the backbone.
 
     ``mean``/``std`` are the per-channel normalisation applied inside the model (defaults 0.5/0.25).
     """
@@ -143,10 +160,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: tuple[float
     std = tuple(std) if std is not None else (0.25,) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean/std need {in_channels} values (one per channel), got {mean} / {std}")
-    if arch.startswith("ssod:"):
-        from ..ssod.model import SSODModel
-
-        return SSODModel(build_model(arch[5:], num_classes, in_channels, mean, std))
+    if ":" in arch:
+        prefix, inner = arch.split(":", 1)
+        return model_wrapper(prefix)(build_model(inner, num_classes, in_channels, mean, std))
     if arch == "small_resnet":
         return ResNet(num_classes, in_channels, mean, std, [32, 64, 128], [1, 1, 1], [2, 1, 2], arch)
     if arch == "resnet18":
