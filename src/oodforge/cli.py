@@ -72,7 +72,8 @@ def bench(
                                                 "method also gets a validation AUROC/FPR95 (docs/protocol.md)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the classifier anew instead of using the zoo's."),
     quick: bool = typer.Option(False, "--quick", help="Small subsets and a short training: a run in well under a minute."),
-    epochs: int = typer.Option(4, "--epochs", help="Epochs when the default classifier is trained."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs when the default classifier is trained "
+                                         "(default 4, or 3 with --quick)."),
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
@@ -93,11 +94,12 @@ def bench(
     groups = {"posthoc": POST_HOC, "classic": CLASSIC}
     method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
                    for m in groups.get(part, [part])]
-    from .checks import check_device, check_out_dir, check_store_fits, check_suite_fits_model
+    from .checks import check_device, check_out_dir, check_positive, check_store_fits, check_suite_fits_model
     from .synth.store import OutlierStore
 
     check_out_dir(out)
     check_device(device)
+    check_positive(epochs, "--epochs")
     _check_methods(method_list, has_outliers=outliers is not None)
     if checkpoint is not None:
         _check_checkpoint_files(checkpoint, "--checkpoint")
@@ -106,7 +108,8 @@ def bench(
               if path is not None}
     foreign = {opt: check_store_fits(st, s.id_train, s.class_names, opt, allow_foreign_outliers,
                                      split="val" if opt == "--val-outliers" else "train") for opt, st in stores.items()}
-    model, info = get_model(s, TrainPlan(epochs=3 if quick else epochs, seed=seed), checkpoint, device,
+    model, info = get_model(s, TrainPlan(epochs=epochs if epochs is not None else 3 if quick else 4, seed=seed),
+                            checkpoint, device,
                             log=typer.echo, use_zoo=not retrain)
     check_suite_fits_model(s, model, info, f"--checkpoint {checkpoint}" if checkpoint else "the classifier")
     store = stores["--outliers"].load() if "--outliers" in stores else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -24,6 +25,19 @@ def set_progress(enabled: bool) -> None:
     """Turn every progress bar on or off for this process (``--no-progress``)."""
     global _enabled
     _enabled = bool(enabled)
+
+
+@contextmanager
+def bars(enabled: bool):
+    """Within the block, bars are shown only if ``enabled`` (and they were on): a function given
+    ``progress=False`` silences every bar below it, the detectors' own included."""
+    global _enabled
+    before = _enabled
+    _enabled = before and bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def progress_on() -> bool:
@@ -48,4 +62,4 @@ def resume_notes() -> list[str]:
     return list(_resume)
 
 
-__all__ = ["set_progress", "progress_on", "progress_bar", "note_resume", "resume_notes"]
+__all__ = ["set_progress", "bars", "progress_on", "progress_bar", "note_resume", "resume_notes"]
