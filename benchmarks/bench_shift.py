@@ -274,7 +274,7 @@ def outlier_stats(model, suite, outl: dict[int, ArrayDataset], synth: dict) -> d
     """Mask coverage of the stores (into ``synth``) and where ID test, the OOD sets and the outliers lie
     (median energy and KNN distance, mean intensity, share of flat images: :func:`feature_position`)."""
     from oodforge.models.features import default_cache_dir
-    from oodforge.synth.store import OutlierStore
+    from oodforge.outliers.store import OutlierStore
 
     for k in outl:
         cov = np.array([r["coverage"] for r in OutlierStore(synth[f"k{k}"]["store"]).records()])

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from oodforge.cli import main
-from oodforge.synth.store import OutlierStore
+from oodforge.outliers.store import OutlierStore
 
 ZOO = Path(__file__).resolve().parents[1] / "src" / "oodforge" / "zoo"
 FASHION_NAMES = json.loads((ZOO / "fashion-plain" / "meta.json").read_text())["class_names"]

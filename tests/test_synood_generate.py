@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from oodforge.data.base import ArrayDataset
+from oodforge.outliers.store import OutlierStore, merge_stores
 from oodforge.synood.clip_model import MissingModelError
 from oodforge.synood.energy import default_m_out, energy_loss, energy_score, energy_scores, logit_fn
 from oodforge.synood.generate import (
@@ -21,7 +22,6 @@ from oodforge.synood.generate import (
     select_complex_images,
     synthesize_synood,
 )
-from oodforge.synth.store import OutlierStore, merge_stores
 
 
 class Pattern(torch.nn.Module):

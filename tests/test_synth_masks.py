@@ -7,8 +7,8 @@ import torch
 from synth_tiny import save_tiny_clipseg
 from torch import nn
 
+from oodforge.hub import ModelUnavailableError
 from oodforge.models.base import Classifier
-from oodforge.synth.hub import ModelUnavailableError
 from oodforge.synth.masks import dilate_masks, dilation_kernel_size, make_masker, mask_coverage
 
 NAMES = ["t-shirt", "trouser", "bag"]

@@ -16,11 +16,11 @@ import torch
 from synth_tiny import save_tiny_clipseg, save_tiny_sd_inpaint
 
 from oodforge.data.base import ArrayDataset
+from oodforge.hub import ModelUnavailableError
+from oodforge.outliers.store import OutlierStore, StoreError, merge_stores
 from oodforge.synth.grid import save_outlier_grid
-from oodforge.synth.hub import ModelUnavailableError
 from oodforge.synth.inpaint import jitter_mask
 from oodforge.synth.shift import forge_shift, make_inpainter, make_masker, outlier_seed
-from oodforge.synth.store import OutlierStore, StoreError, merge_stores
 
 NAMES = ["shirt", "bag", "shoe"]
 

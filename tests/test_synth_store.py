@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from oodforge.synth.store import OutlierStore, StoreError, merge_stores, parse_shard_spec, shard_indices
+from oodforge.outliers.store import OutlierStore, StoreError, merge_stores, parse_shard_spec, shard_indices
 
 CFG = {"method": "test", "image_shape": [1, 4, 4], "seed": 0, "shard": None, "class_names": ["a", "b"]}
 

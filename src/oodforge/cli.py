@@ -95,7 +95,7 @@ def bench(
     method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
                    for m in groups.get(part, [part])]
     from .checks import check_device, check_out_dir, check_positive, check_store_fits, check_suite_fits_model
-    from .synth.store import OutlierStore
+    from .outliers.store import OutlierStore
 
     check_out_dir(out)
     check_device(device)
@@ -239,7 +239,7 @@ def train(
         load_checkpoint(init_from)  # corrupt or mismatched weights fail here, before any data is read
     s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick), max_train, seed)
     if outliers is not None:
-        from .synth.store import OutlierStore
+        from .outliers.store import OutlierStore
 
         check_store_fits(OutlierStore(outliers), s.id_train, s.class_names, "--outliers", allow_foreign_outliers)
     model, meta = train_model(s, plan, device, state_dir=out, log=typer.echo)
@@ -310,9 +310,9 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. A failure the user can fix prints one ``error:`` line and exits 2 (a traceback only with
     ``OODFORGE_DEBUG=1``); Ctrl-C prints what was kept and how to resume, and exits 130."""
+    from .hub import ModelUnavailableError
+    from .outliers.store import StoreError
     from .progress import resume_notes
-    from .synth.hub import ModelUnavailableError
-    from .synth.store import StoreError
 
     debug = os.environ.get("OODFORGE_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)

@@ -104,7 +104,7 @@ class TrainPlan:
                                  input_size=self.input_size, warmup_epochs=self.warmup_epochs, seed=self.seed)
         if self.method == "oe":
             from .oe import OutlierExposure
-            from .synth.store import OutlierStore
+            from .outliers.store import OutlierStore
 
             return OutlierExposure(OutlierStore(self.outliers).load(), loss=self.oe_loss, lam=self.oe_lambda,
                                    m_in=self.m_in, m_out=self.m_out, seed=self.seed)

@@ -8,8 +8,8 @@ and the command line (``oodforge export`` / ``oodforge predict``). See docs/depl
 
 from __future__ import annotations
 
-from .fileformat import FORMAT_VERSION, GuardFileError, load_guard, read_manifest, save_guard
-from .guard import GuardedClassifier, Prediction, acceptance_rate, calibrate_threshold
+from .fileformat import FORMAT_VERSION, GuardFileError, read_manifest, save_guard
+from .guard import GuardedClassifier, Prediction, acceptance_rate, calibrate_threshold, load_guard
 from .state import SERIALISABLE, UnsupportedDetectorError, serialisable_detectors
 
 __all__ = ["FORMAT_VERSION", "GuardFileError", "GuardedClassifier", "Prediction", "SERIALISABLE",

@@ -77,7 +77,7 @@ def export(
     model, info = get_model(s, TrainPlan(epochs=3 if quick else 4, seed=seed), checkpoint, device, log=typer.echo)
     store = None
     if outliers is not None:
-        from ..synth.store import OutlierStore
+        from ..outliers.store import OutlierStore
 
         store = OutlierStore(outliers).load()
     t0 = time.time()

@@ -13,7 +13,7 @@ file                     content
 =======================  ===================================================================
 
 ``guard.json``'s own checksum (``manifest_sha256``) is the sha256 of the canonical JSON
-(sorted keys, no spaces) of the document without that field. :func:`load_guard` checks the
+(sorted keys, no spaces) of the document without that field. :func:`read_guard` checks the
 format, the version and every checksum before reading a tensor, and raises one
 :class:`GuardFileError` (a ``ValueError``) naming the file for anything wrong. Nothing is
 unpickled: safetensors and JSON only.
@@ -183,10 +183,12 @@ def read_manifest(path: str | Path) -> dict:
     return doc
 
 
-def load_guard(path: str | Path, device: str = "cpu"):
-    """Rebuild a :class:`~oodforge.deploy.guard.GuardedClassifier` from an export folder."""
+def read_guard(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, object, dict, Path]:
+    """The verified parts of an export folder: ``(model, fitted detector, guard.json document, folder)``.
+
+    :meth:`oodforge.deploy.guard.GuardedClassifier.load` assembles them (this module stays below it).
+    """
     from ..models.backbones import build_model
-    from .guard import GuardedClassifier
     from .state import restore_detector
 
     doc = read_manifest(path)
@@ -211,11 +213,4 @@ def load_guard(path: str | Path, device: str = "cpu"):
     except Exception as e:
         raise GuardFileError(f"{folder / DETECTOR_FILE} cannot be restored as detector "
                              f"{doc['detector'].get('name')!r}: {type(e).__name__}: {e}") from None
-    pre = doc["preprocessing"]
-    guard = GuardedClassifier(model, detector, doc["threshold"], target=doc.get("target_acceptance"),
-                              class_names=doc.get("class_names"),
-                              image_shape=(pre["channels"], *pre["image_size"]), rates=doc.get("rates"),
-                              provenance=doc.get("provenance"), device=device)
-    guard.manifest = doc
-    guard.path = folder
-    return guard
+    return model, detector, doc, folder

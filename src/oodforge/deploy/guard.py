@@ -242,9 +242,16 @@ class GuardedClassifier:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> GuardedClassifier:
         """Read an export folder, verifying its format version and every file's sha256."""
-        from .fileformat import load_guard
+        from .fileformat import read_guard
 
-        return load_guard(path, device)
+        model, detector, doc, folder = read_guard(path, device)
+        pre = doc["preprocessing"]
+        guard = cls(model, detector, doc["threshold"], target=doc.get("target_acceptance"),
+                    class_names=doc.get("class_names"), image_shape=(pre["channels"], *pre["image_size"]),
+                    rates=doc.get("rates"), provenance=doc.get("provenance"), device=device)
+        guard.manifest = doc
+        guard.path = folder
+        return guard
 
     def onnx_module(self) -> nn.Module:
         from .onnx import onnx_module
@@ -259,3 +266,8 @@ class GuardedClassifier:
     def __repr__(self) -> str:
         return (f"GuardedClassifier({getattr(self.model, 'arch', type(self.model).__name__)}, "
                 f"{self.detector!r}, threshold={self.threshold:.6g}, target={self.target})")
+
+
+def load_guard(path: str | Path, device: str = "cpu") -> GuardedClassifier:
+    """Read an export folder (``GuardedClassifier.load``)."""
+    return GuardedClassifier.load(path, device)

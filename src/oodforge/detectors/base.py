@@ -12,6 +12,7 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -137,6 +138,42 @@ class Detector:
 
 REGISTRY: dict[str, type[Detector]] = {}
 
+# The post-hoc families of this package. Method packages (shift, ssod, the CLIP detectors, synood) add
+# their detectors through ``oodforge.detectors`` entry points (pyproject.toml), so this layer never imports
+# them by name. A module that fails to import is an error, never silently skipped.
+_FAMILIES = [
+    "oodforge.detectors.logit_based",
+    "oodforge.detectors.odin",
+    "oodforge.detectors.mahalanobis",
+    "oodforge.detectors.activation_shaping",
+    "oodforge.detectors.knn",
+    "oodforge.detectors.vim",
+    "oodforge.detectors.gradnorm",
+    "oodforge.detectors.shaping",
+    "oodforge.detectors.feature_rank",
+    "oodforge.detectors.softmax_based",
+    "oodforge.detectors.distance",
+    "oodforge.detectors.class_geometry",
+    "oodforge.detectors.fusion",
+]
+ENTRY_POINT_GROUP = "oodforge.detectors"
+_loaded = False
+
+
+def _load_all() -> None:
+    """Import every module that registers detectors: this package's families and the entry points'."""
+    global _loaded
+    if _loaded:
+        return
+    from importlib.metadata import entry_points
+
+    for mod in _FAMILIES:
+        importlib.import_module(mod)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+    _loaded = True
+
+
 
 def register(cls: type[Detector]) -> type[Detector]:
     """Class decorator: make a detector available by its ``name``."""
@@ -148,8 +185,6 @@ def register(cls: type[Detector]) -> type[Detector]:
 
 def create(name: str, **params) -> Detector:
     """Instantiate a registered detector by name, e.g. ``create("react", percentile=90)``."""
-    from . import _load_all  # noqa: F401  (fills REGISTRY)
-
     _load_all()
     if name not in REGISTRY:
         raise KeyError(f"unknown detector {name!r}; available: {', '.join(sorted(REGISTRY))}")
@@ -165,7 +200,5 @@ def _interval(text: str) -> tuple[float, float, bool, bool]:
 
 
 def available() -> list[str]:
-    from . import _load_all
-
     _load_all()
     return sorted(REGISTRY)

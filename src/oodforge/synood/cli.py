@@ -67,7 +67,7 @@ def label_contexts(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Ask a VLM for the context elements of ID images (all but the main object; SynOOD Eq. 3) into a JSONL file."""
-    from ..synth.store import shard_indices
+    from ..outliers.store import shard_indices
     from .clip_model import MissingModelError
     from .contexts import ContextFileError, ContextLabeller
     from .contexts import label_contexts as run
@@ -127,8 +127,8 @@ def synth_synood(
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
     from ..models.checkpoint import weights_hash
+    from ..outliers.store import StoreError
     from ..synth.cli import SUITE_NAMES
-    from ..synth.store import StoreError
     from .clip_model import MissingModelError
     from .contexts import ContextFileError, read_contexts
     from .energy import LOSS_FORMS, default_m_out, logit_fn

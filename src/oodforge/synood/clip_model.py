@@ -163,9 +163,9 @@ class ClipFeatures:
 
 
 def load_pretrained(cls, ref: str | os.PathLike, what: str, option: str, **kwargs):
-    """``cls.from_pretrained`` through :func:`oodforge.synth.hub.from_pretrained` (local folder or cache first,
+    """``cls.from_pretrained`` through :func:`oodforge.hub.from_pretrained` (local folder or cache first,
     then the hub), raising :class:`MissingModelError` that names ``option`` when the model is unavailable."""
-    from ..synth.hub import ModelUnavailableError, from_pretrained
+    from ..hub import ModelUnavailableError, from_pretrained
 
     try:
         return from_pretrained(cls, str(ref), what, option, **kwargs)

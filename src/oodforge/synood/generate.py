@@ -14,7 +14,7 @@ regenerates the whole image (full-image mask ``M = 1``, the reference code's cho
   is updated ``eps := eps - r * rho * dL/dz_0`` with ``r * rho = 10``, for 3 iterations.
 
 The image regenerated from the last noise is the outlier. Outliers and their records go to an
-:class:`~oodforge.synth.store.OutlierStore` shard by shard, so a killed run resumes without losing or
+:class:`~oodforge.outliers.store.OutlierStore` shard by shard, so a killed run resumes without losing or
 duplicating an outlier; ``shard="i/m"`` splits the work over machines (merge with ``oodforge synth
 merge``). Every outlier's initial noise is seeded by ``(seed, source_index, k)``, so a resumed or
 sharded run produces the same outliers as one uninterrupted run.
@@ -265,11 +265,11 @@ def synthesize_synood(
     :func:`select_complex_images`); ``shard="i/m"`` keeps this machine's part of them. Outliers are
     stored at ``output_shape`` (default: the dataset's image shape, so the classifier can score them).
     Finished outliers are committed to the store every ``commit_every`` outliers (a kill loses at most
-    that much work). Returns the :class:`~oodforge.synth.store.OutlierStore`.
+    that much work). Returns the :class:`~oodforge.outliers.store.OutlierStore`.
     """
     from tqdm.auto import tqdm
 
-    from ..synth.store import OutlierStore, shard_indices
+    from ..outliers.store import OutlierStore, shard_indices
 
     if k < 1 or batch_size < 1 or commit_every < 1:
         raise ValueError(f"k, batch_size and commit_every must be >= 1, got {k}, {batch_size}, {commit_every}")

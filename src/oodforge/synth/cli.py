@@ -89,11 +89,11 @@ def synth_shift(
         check_out_dir,
         check_positive,
     )
-    from .hub import ModelUnavailableError
+    from ..hub import ModelUnavailableError
+    from ..outliers.store import StoreError, parse_shard_spec
     from .inpaint import INPAINTERS, make_inpainter
     from .masks import MASKERS, make_masker
     from .shift import forge_shift
-    from .store import StoreError, parse_shard_spec
 
     check_out_dir(out)
     check_device(device)
@@ -154,7 +154,7 @@ def synth_merge(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Merge the outlier stores of sharded runs into one store (equal to an unsharded run)."""
-    from .store import StoreError, merge_stores
+    from ..outliers.store import StoreError, merge_stores
 
     try:
         merged = merge_stores(stores, out, allow_partial=allow_partial, progress=progress)

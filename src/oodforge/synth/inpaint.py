@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .hub import from_pretrained
+from ..hub import from_pretrained
 
 SD_DEFAULT = "stabilityai/stable-diffusion-2-inpainting"
 _LUMA = torch.tensor([0.299, 0.587, 0.114])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .hub import from_pretrained
+from ..hub import from_pretrained
 
 CLIPSEG_DEFAULT = "CIDAS/clipseg-rd64-refined"
 

@@ -5,7 +5,7 @@ For each training image ``x`` with class ``y`` (Sec. 4.1):
 1. the masker marks the ID object: ``M = A(x, y) >= λ`` (Eq. 3 with CLIPSeg; Eq. 2 with a CAM);
 2. the inpainter refills it K times: ``x~_k = LDM_inpaint(x, M, Q_LDM; seed_k)`` (Eq. 4).
 
-The outliers go to an :class:`~oodforge.synth.store.OutlierStore`; a killed run re-run with the same
+The outliers go to an :class:`~oodforge.outliers.store.OutlierStore`; a killed run re-run with the same
 arguments skips what is committed and produces every ``(source_index, k)`` exactly once. The seed of
 outlier ``(i, k)`` is :func:`outlier_seed` ``(seed, i, k)``, independent of batching, ``--limit`` and
 ``--shard``, so sharded runs merge into exactly the unsharded result.
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
+from ..outliers.store import OutlierStore, parse_shard_spec, shard_indices
 from ..progress import note_resume, progress_bar
 from .inpaint import Inpainter, make_inpainter
 from .masks import Masker, make_masker, mask_coverage
-from .store import OutlierStore, parse_shard_spec, shard_indices
 
 
 def outlier_seed(seed: int, source_index: int, k: int) -> int:
@@ -49,7 +49,7 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
 
     ``k`` outliers per source image (Sec. 4.1; the paper uses K = 1 and 8); ``limit`` takes the first
     ``limit`` images; ``shard="i/m"`` does only work shard ``i`` of ``m`` (merge with
-    :func:`~oodforge.synth.store.merge_stores`). ``batch_size`` source images are masked and inpainted
+    :func:`~oodforge.outliers.store.merge_stores`). ``batch_size`` source images are masked and inpainted
     together; results are committed every ``shard_size`` outliers or ``flush_seconds`` seconds.
     Sources whose mask covers less than ``masker.min_coverage`` of the image, or nothing at all, are
     recorded as skipped (an empty mask would make the "outlier" a copy of an ID image).
