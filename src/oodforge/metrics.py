@@ -1,6 +1,6 @@
 """Exact OOD-detection metrics: AUROC, AUPR-In, AUPR-Out and FPR at 95 % TPR.
 
-Conventions (the same everywhere in oodforge, see ``DESIGN.md``):
+Conventions (the same everywhere in oodforge, see ``docs/architecture.md``):
 
 * a detector score is **higher for in-distribution** images;
 * **ID is the positive class**: an image is *accepted* as ID when its score is ``>= t``;

@@ -1,6 +1,6 @@
 """Detector API shared by every OOD detector in oodforge.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/architecture.md):
 
 * ``score`` returns one float per image, **higher = more in-distribution**;
 * the constructor only stores hyperparameters (scikit-learn style); ``fit`` returns ``self``
