@@ -15,6 +15,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+#: ITU-R BT.601 luma weights of (R, G, B): the one grey conversion in oodforge
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def luma(x, axis: int = 1):
+    """ITU-R BT.601 luma of an RGB numpy array or torch tensor whose channels lie along ``axis``.
+
+    Computed as ``0.299 R + 0.587 G + 0.114 B`` in that order, in the input's dtype (the channel axis is
+    removed).
+    """
+    if isinstance(x, torch.Tensor):
+        r, g, b = (x.select(axis, i) for i in range(3))
+    else:
+        r, g, b = (np.take(x, i, axis=axis) for i in range(3))
+    return r * LUMA_WEIGHTS[0] + g * LUMA_WEIGHTS[1] + b * LUMA_WEIGHTS[2]
+
 
 class ArrayDataset(Dataset):
     """Images held as a uint8 tensor ``[N, C, H, W]`` with int64 labels (``-1`` = no label).

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodforge.data.base import ArrayDataset
+from oodforge.data.base import ArrayDataset, luma
 from oodforge.data.idx import DatasetFormatError, DatasetNotFoundError, read_idx  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -134,8 +134,8 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and c == 1:
         return np.ascontiguousarray(np.repeat(images, 3, axis=1))
     if channels == 1 and c == 3:
-        w = np.array([0.299, 0.587, 0.114], np.float32)[None, :, None, None]
-        return np.clip(np.rint((images.astype(np.float32) * w).sum(1, keepdims=True)), 0, 255).astype(np.uint8)
+        grey = luma(images.astype(np.float32), axis=1)[:, None]
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels (use 1 or 3)")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodforge.data.base import ArrayDataset
+from oodforge.data.base import ArrayDataset, luma
 
 __all__ = [
     "OOD_SETS",
@@ -93,7 +93,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     """ITU-R 601 luma of ``[..., 3]`` arrays."""
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return luma(rgb, axis=-1)
 
 
 def random_crops(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from oodforge.data.base import ArrayDataset, Suite
+from oodforge.data.base import ArrayDataset, Suite, luma
 from oodforge.data.fashion import FASHION_MNIST_CLASSES, fashion_files, load_fashion_mnist
 from oodforge.data.loaders import cached_arrays, stratified_indices
 from oodforge.data.ood_sets import digit_objects, make_ood_set, photo_crops, rng_for
@@ -109,7 +109,7 @@ def composite(objects: np.ndarray, backgrounds: np.ndarray, rng: np.random.Gener
     bg = backgrounds.transpose(0, 3, 1, 2).astype(np.float32)
     bg *= 1.0 / 255.0  # [N, 3, S, S]
     alpha = np.clip(4.0 * (canvas - 0.02), 0.0, 1.0)[:, None]  # [N, 1, S, S]
-    lum = 0.299 * bg[:, 0] + 0.587 * bg[:, 1] + 0.114 * bg[:, 2]
+    lum = luma(bg, axis=1)
     lum_under = (alpha[:, 0] * lum).sum((1, 2)) / alpha.sum((1, 2, 3)).clip(1e-6)
     # object colour: a background pixel's colour, normalised to max 1 and half-desaturated
     colour = bg.reshape(n, 3, -1)[np.arange(n), :, pick]  # [N, 3]

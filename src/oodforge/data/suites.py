@@ -35,7 +35,7 @@ from oodforge.data.fashion import FASHION_MNIST_CLASSES, load_fashion_mnist
 from oodforge.data.loaders import stratified_indices
 from oodforge.data.ood_sets import FAR_OOD_SETS, far_ood_sets
 
-__all__ = ["SUITES", "FASHION6_CLASSES", "FASHION6_HELD_OUT", "QUICK_ID_SIZES", "QUICK_NEAR_SIZE", "load_suite"]
+__all__ = ["SUITES", "FASHION6_CLASSES", "FASHION6_HELD_OUT", "QUICK_ID_SIZES", "QUICK_NEAR_SIZE", "load_source_data", "load_suite"]
 
 SUITES: dict[str, str] = {
     "fashion": "Fashion-MNIST (10 classes, 1x28x28) vs far OOD: real handwritten digits, textures, photo crops, noise",
@@ -145,3 +145,19 @@ def load_suite(
     else:
         raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
     return with_validation_split(suite, seed, quick)
+
+
+def load_source_data(data: str, data_root=None, seed: int = 0, quick: bool = False, split: str = "train"):
+    """The ID images a forger reads (``--data``): a suite name (its ID training set, or with ``split="val"``
+    its ID validation set, for held-out forged outliers) or a path/name for
+    :func:`oodforge.data.loaders.load_dataset`."""
+    if split not in ("train", "val"):
+        raise ValueError(f"--split must be train or val, got {split!r}")
+    if data in SUITES:
+        suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
+        return suite.id_val if split == "val" else suite.id_train
+    if split != "train":
+        raise ValueError("--split val needs a suite name as --data (a path has no validation split)")
+    from .loaders import load_dataset
+
+    return load_dataset(data, split="train", data_root=data_root)

@@ -26,9 +26,9 @@ def _fail(msg: str) -> None:
 def _load(data: str, data_root: Optional[str], seed: int, quick: bool, size: Optional[int]):
     """``--data``: a suite name (its ID training set) or a path; ``--size`` resizes a folder of images of
     mixed sizes (shorter side, then centre crop), e.g. an ImageNet subset."""
-    from ..synth.cli import SUITE_NAMES, load_source_data
+    from ..data.suites import SUITES, load_source_data
 
-    if size is None or data in SUITE_NAMES:
+    if size is None or data in SUITES:
         return load_source_data(data, data_root, seed, quick)
     from ..data.loaders import load_dataset
 
@@ -126,9 +126,9 @@ def synth_synood(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
+    from ..data.suites import SUITES
     from ..models.checkpoint import weights_hash
     from ..outliers.store import StoreError
-    from ..synth.cli import SUITE_NAMES
     from .clip_model import MissingModelError
     from .contexts import ContextFileError, read_contexts
     from .energy import LOSS_FORMS, default_m_out, logit_fn
@@ -145,7 +145,7 @@ def synth_synood(
         from ..models.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(checkpoint, device=device)
-    elif data in SUITE_NAMES:
+    elif data in SUITES:
         from ..data.suites import load_suite
         from ..workflows import TrainPlan, get_model
 

@@ -11,26 +11,6 @@ from typing import Optional
 
 import typer
 
-SUITE_NAMES = ("fashion", "fashion6", "scenes")
-
-
-def load_source_data(data: str, data_root: Optional[str] = None, seed: int = 0, quick: bool = False,
-                     split: str = "train"):
-    """``--data``: a suite name (its ID training set, or with ``split="val"`` its ID validation set, for
-    held-out forged outliers) or a path/name for :func:`oodforge.data.loaders.load_dataset`."""
-    if split not in ("train", "val"):
-        raise ValueError(f"--split must be train or val, got {split!r}")
-    if data in SUITE_NAMES:
-        from ..data.suites import load_suite
-
-        suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
-        return suite.id_val if split == "val" else suite.id_train
-    if split != "train":
-        raise ValueError("--split val needs a suite name as --data (a path has no validation split)")
-    from ..data.loaders import load_dataset
-
-    return load_dataset(data, split="train", data_root=data_root)
-
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -89,6 +69,7 @@ def synth_shift(
         check_out_dir,
         check_positive,
     )
+    from ..data.suites import load_source_data
     from ..hub import ModelUnavailableError
     from ..outliers.store import StoreError, parse_shard_spec
     from .inpaint import INPAINTERS, make_inpainter

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..data.base import luma
 from ..hub import from_pretrained
 
 SD_DEFAULT = "stabilityai/stable-diffusion-2-inpainting"
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -251,7 +251,7 @@ class SDInpainter(Inpainter):
             y = torch.from_numpy(np.asarray(res, dtype=np.float32)).permute(0, 3, 1, 2)
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
             if c == 1:
-                y = (y * _LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+                y = luma(y, axis=1).unsqueeze(1)
             out[i:i + b] = to_uint8(y)
         return out
 
