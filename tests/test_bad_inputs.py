@@ -146,6 +146,9 @@ MATRIX = [
     ("synth-k-0", SHIFT + ["--data", "fashion", "--quick", "--k", "0", "--out", "{out}"], "--k"),
     ("synth-layercam-without-checkpoint", ["synth", "shift", "--data", "fashion", "--masker", "layercam",
                                            "--inpainter", "telea", "--out", "{out}"], "--checkpoint"),
+    ("demo-unknown-suite", ["demo", "--suites", "fashion,nope", "--out", "{out}"], "--suites"),
+    ("demo-out-is-file", ["demo", "--quick", "--out", "{d}/a_file"], "--out"),
+    ("demo-forge-limit-0", ["demo", "--quick", "--forge-limit", "0", "--out", "{out}"], "--forge-limit"),
     # deployment
     ("predict-missing-guard", ["predict", "{d}/nope.oodf", "{d}/two_classes"], "nope.oodf"),
     ("export-target-range", ["export", "--suite", "fashion", "--method", "msp", "--target", "1.5", "--quick",

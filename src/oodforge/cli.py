@@ -144,11 +144,22 @@ def demo(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Train, forge SHIFT outliers, train SSOD, and benchmark everything on the embedded suites."""
+    from .checks import check_device, check_out_dir, check_positive
+    from .data.suites import SUITES
     from .demo import run_demo
 
     if max_train is not None and max_train < 1:
         raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")
-    run_demo(out, tuple(s.strip() for s in suites.split(",") if s.strip()), quick=quick, data_root=data_root,
+    names = tuple(s.strip() for s in suites.split(",") if s.strip())
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown suite(s) {unknown or suites!r}; choose from {', '.join(SUITES)}",
+                                 param_hint="--suites")
+    check_out_dir(out)
+    check_device(device)
+    for value, option in ((epochs, "--epochs"), (k, "--k"), (forge_limit, "--forge-limit")):
+        check_positive(value, option)
+    run_demo(out, names, quick=quick, data_root=data_root,
              seed=seed, device=device, max_train=max_train, epochs=epochs, k=k, forge_limit=forge_limit,
              retrain=retrain, log=typer.echo)
 
