@@ -197,6 +197,28 @@ def _read_image(path: Path) -> np.ndarray:
     return arr
 
 
+def load_image_file(path: str | os.PathLike, in_channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One PNG/JPEG/... file as float ``[C, H, W]`` in ``[0, 1]`` with ``in_channels`` channels (1: BT.601
+    luma, 3: RGB, grey replicated), resized to ``size = (H, W)`` when given (area interpolation when
+    shrinking, linear when enlarging; the aspect ratio is not kept). Used by ``predict`` and ``explain``."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"image file {path} does not exist")
+    if in_channels not in (1, 3):
+        raise ValueError(f"the model expects {in_channels} channels; image files give 1 (grey) or 3 (RGB)")
+    arr = _read_image(path)
+    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    img = _to_channels(np.ascontiguousarray(chw)[None], in_channels)[0].transpose(1, 2, 0)
+    if size is not None and tuple(img.shape[:2]) != tuple(size):
+        shrink = size[0] * size[1] < img.shape[0] * img.shape[1]
+        img = cv2.resize(np.ascontiguousarray(img), (size[1], size[0]),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        img = img[:, :, None] if img.ndim == 2 else img
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+
+
 def _square(img: np.ndarray, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` (area interpolation when shrinking), then centre-crop."""
     import cv2

@@ -124,8 +124,8 @@ def predict(
     """Classify images or abstain: one line per image (file, class, confidence, ID score, decision)."""
     import torch
 
+    from ..data.loaders import load_image_file
     from ..progress import progress_bar
-    from ..ssod.cli import load_image_file
     from .guard import GuardedClassifier
 
     if batch_size < 1:

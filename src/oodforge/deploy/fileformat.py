@@ -111,7 +111,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
             "model": model_meta(guard.model),
             "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
                               "range": [0.0, 1.0], "normalisation": "inside the model (model.mean / model.std)",
-                              "resize": "area when shrinking, linear when enlarging (oodforge.ssod.cli.load_image_file)",
+                              "resize": "area when shrinking, linear when enlarging (oodforge.data.loaders.load_image_file)",
                               "channel_conversion": "gray" if c == 1 else "RGB"},
             "class_names": guard.class_names,
             "provenance": {**guard.provenance, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -8,45 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import cv2
-import numpy as np
-import torch
 import typer
-
-
-def load_image_file(path: Path, in_channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read a PNG/JPEG as float ``[C, H, W]`` in ``[0, 1]`` with ``in_channels`` channels (1 or 3),
-    resized to ``size = (H, W)`` when given (area interpolation when shrinking, linear when growing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"cannot read image file {path}: expected a PNG or JPEG image")
-    if arr.dtype == np.uint16:
-        arr = (arr // 257).astype(np.uint8)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image file {path} has pixel type {arr.dtype}; save it as 8-bit PNG or JPEG")
-    if arr.ndim == 2:
-        gray, rgb = arr, cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-    elif arr.shape[2] == 4:
-        rgb = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    else:
-        rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    if in_channels == 1:
-        img = gray[:, :, None]
-    elif in_channels == 3:
-        img = rgb
-    else:
-        raise ValueError(f"the model expects {in_channels} channels; image files give 1 (gray) or 3 (RGB)")
-    if size is not None and tuple(img.shape[:2]) != tuple(size):
-        shrink = size[0] * size[1] < img.shape[0] * img.shape[1]
-        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        if img.ndim == 2:
-            img = img[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
 
 
 def explain(
@@ -70,6 +32,8 @@ def explain(
     if size is None and meta.get("image_size"):
         size = tuple(int(v) for v in meta["image_size"][-2:])
     try:
+        from ..data.loaders import load_image_file
+
         x = load_image_file(image, model.in_channels, size)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="IMAGE") from e

@@ -33,13 +33,7 @@ def _require_ssod(model: torch.nn.Module, who: str) -> SSODModel:
 @torch.no_grad()
 def id_probability(model: SSODModel, feats: FeatureSet) -> torch.Tensor:
     """``P(x in S_ID | x)`` of Eq. 15 for every image of ``feats`` (float64, ``[N]``)."""
-    model = _require_ssod(model, "id_probability")
-    w = model.ood_head.weight.detach().cpu().double()
-    b = model.ood_head.bias
-    z = feats.penultimate.double() @ w.T
-    if b is not None:
-        z = z + b.detach().cpu().double()
-    return z.softmax(dim=1)[:, 1]
+    return _require_ssod(model, "id_probability").id_probability(feats.penultimate.double())
 
 
 @torch.no_grad()

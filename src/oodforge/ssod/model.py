@@ -184,8 +184,11 @@ class SSODModel(Classifier):
         return self.ood_head(penultimate)
 
     def id_probability(self, penultimate: torch.Tensor) -> torch.Tensor:
-        """The OOD factor ``P(x in S_ID | x)`` of Eq. 15 from pooled features ``[N, C]``."""
-        return self.ood_logits(penultimate).softmax(dim=1)[:, 1]
+        """The OOD factor ``P(x in S_ID | x)`` of Eq. 15 from pooled features ``[N, C]``, computed in the
+        features' dtype and on their device (the detector passes float64 CPU features)."""
+        w, b = self.ood_head.weight, self.ood_head.bias
+        z = F.linear(penultimate, w.to(penultimate), None if b is None else b.to(penultimate))
+        return z.softmax(dim=1)[:, 1]
 
     @torch.no_grad()
     def ood_score(self, x: torch.Tensor) -> torch.Tensor:
