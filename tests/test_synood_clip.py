@@ -228,9 +228,100 @@ def test_synood_detector_end_to_end(tiny_clip, wordnet_dir):
     moved = (det.neg_feats_ - base.neg_feats_).norm(dim=1) > 1e-6
     assert 0 < int(moved.sum()) <= 5 and set(torch.nonzero(moved).flatten().tolist()) <= set(det.learnable_.tolist())
     assert det.history_["label_loss"][-1] < det.history_["label_loss"][0]
-    # fine-tuned labels attract the outliers: their score drops compared with plain NegLabel
-    assert det.score(_fs(outliers)).mean() < base.score(_fs(outliers)).mean()
-    proj = create("synood", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=2, use_projection=True,
-                  proj_epochs=3).fit(ctx)
-    assert proj.projection_ is not None and proj.history_["projection_loss"][-1] < proj.history_["projection_loss"][0]
-    assert proj.score(_fs(test)).shape == (6,)
+    assert det.variant == "table1" and det.projection_ is not None  # the paper's configuration by default
+    assert det.history_["projection_loss"][-1] < det.history_["projection_loss"][0]
+    lab = create("synood", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=2, per_class=2,
+                 variant="labels-only").fit(ctx)
+    assert lab.projection_ is None
+    # table1 trains the label features as labels-only does (on the unprojected features): the same features
+    torch.testing.assert_close(lab.neg_feats_, det.neg_feats_, rtol=0, atol=0)
+    # fine-tuned labels attract the outliers: their score drops compared with plain NegLabel (without the
+    # projection; on this random tiny CLIP three steps of it scramble the feature space)
+    assert lab.score(_fs(outliers)).mean() < base.score(_fs(outliers)).mean()
+
+
+def _synood_data(tiny_clip):
+    rng = np.random.default_rng(2)
+    train = ArrayDataset(rng.integers(0, 256, (9, 3, 28, 28), dtype=np.uint8), np.array([0, 1, 2] * 3),
+                         ["shirt", "boot", "bag"])
+    outliers = ArrayDataset(rng.integers(0, 256, (12, 3, 28, 28), dtype=np.uint8))
+    test = ArrayDataset(rng.integers(0, 256, (5, 3, 28, 28), dtype=np.uint8))
+    ctx = FitContext(model=None, train=_fs(train), outliers=_fs(outliers),
+                     extra={"class_names": train.class_names, "clip_model": tiny_clip})
+    return ctx, outliers, test
+
+
+def test_synood_every_variant_fits_and_scores(tiny_clip, wordnet_dir):
+    from oodforge.synood.finetune import VARIANTS
+
+    ctx, _, test = _synood_data(tiny_clip)
+    base = create("neglabel", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=2).fit(ctx)
+    for variant, spec in VARIANTS.items():
+        det = create("synood", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=2, variant=variant,
+                     proj_epochs=2, label_epochs=2).fit(ctx)
+        s = det.score(_fs(test))
+        assert s.shape == (5,) and np.all((s >= 0) & (s <= 1)), variant
+        assert det.variant_ == variant and (det.projection_ is not None) == spec.projection
+        assert ("label_loss" in det.history_) == (spec.labels_on is not None)
+        if variant == "no-finetune":  # nothing trained: NegLabel's score
+            np.testing.assert_allclose(s, base.score(_fs(test)), rtol=1e-6)
+
+
+def test_synood_table1_trains_labels_on_raw_features_and_scores_through_the_projection(tiny_clip, wordnet_dir):
+    from oodforge.synood.finetune import assign_negative_labels, learnable_subset, train_label_features
+
+    ctx, outliers, test = _synood_data(tiny_clip)
+    det = create("synood", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=2, proj_epochs=2, label_epochs=3).fit(ctx)
+    assert det.variant == "table1" and det.projection_ is not None  # (c) the default
+    clip = load_clip(tiny_clip)
+    pos = clip.encode_text(["the nice shirt", "the nice boot", "the nice bag"])
+    mined = mine_from_lexicon(clip, pos, load_wordnet(wordnet_dir, first_lemma_only=True), ["shirt", "boot", "bag"],
+                              num=10)
+    # (a) the label features are Eq. 14 trained on the frozen, unprojected CLIP features of the outliers
+    raw_out = clip.image_features(outliers)
+    sub = learnable_subset(assign_negative_labels(raw_out, mined.feats), len(mined.feats), 0.5)
+    torch.testing.assert_close(det.learnable_, sub)
+    targets = assign_negative_labels(raw_out, mined.feats[sub])
+    init = mined.feats[sub] * mined.norms[sub].unsqueeze(1)
+    raw, _ = train_label_features(raw_out, targets, init, epochs=3, seed=ctx.seed)
+    torch.testing.assert_close(det.neg_feats_[sub], raw)
+    projd, _ = train_label_features(raw_out, targets, init, epochs=3, seed=ctx.seed, projection=det.projection_)
+    assert (projd - raw).abs().max() > 1e-4  # the check above tells the two apart
+    # (b) scoring is Eq. 2 (with NegLabel's grouping) on the projected image features
+    img = clip.image_features(test)
+    with torch.no_grad():
+        img_p = det.projection_(img)
+    assert (img_p - img).abs().max() > 1e-3
+    s = det.score(_fs(test))
+    np.testing.assert_allclose(s, neglabel_score(img_p, pos, det.neg_feats_, 0.01, 2, ctx.seed).numpy(), rtol=1e-6)
+    assert np.abs(s - neglabel_score(img, pos, det.neg_feats_, 0.01, 2, ctx.seed).numpy()).max() > 1e-6
+    # Eq. 2 by hand, one group: sum_ID e^{cos/tau} / (sum_ID e^{cos/tau} + sum_NEG e^{cos/tau}), in float64
+    one = create("synood", wordnet_dir=str(wordnet_dir), num_neg=10, ngroup=1, proj_epochs=2, label_epochs=3).fit(ctx)
+    with torch.no_grad():
+        x = one.projection_(img).double()
+    e_pos = torch.exp(x @ pos.double().T / 0.01).sum(1)
+    e_neg = torch.exp(x @ one.neg_feats_.double().T / 0.01).sum(1)
+    np.testing.assert_allclose(one.score(_fs(test)), (e_pos / (e_pos + e_neg)).numpy(), rtol=1e-5)
+
+
+def test_synood_variant_is_checked_at_construction(wordnet_dir):
+    from oodforge.synood.detector import SynOOD
+
+    with pytest.raises(ValueError, match="^synood: variant must be one of 'table1', 'labels-only', "
+                                         "'projected-labels', 'projection-only', 'no-finetune', got 'best'$"):
+        create("synood", variant="best")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        SynOOD(variant="Table1")  # the constructor checks, not only create()
+    with pytest.raises(ValueError, match="variant='labels-only' contradicts the deprecated use_projection=False, "
+                                         "finetune_labels=False"):
+        create("synood", variant="labels-only", finetune_labels=False)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        old = create("synood", use_projection=True)
+    assert old.variant == "projected-labels" and old.use_projection is None
+    # every name survives the CLI / bench method syntax (where a bare "none" would parse as None)
+    from oodforge.bench import parse_method
+    from oodforge.synood.finetune import VARIANTS
+
+    for v in VARIANTS:
+        name, params = parse_method(f"synood:num_neg=10,variant={v}")
+        assert create(name, **params).variant == v

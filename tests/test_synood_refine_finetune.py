@@ -12,6 +12,7 @@ from oodforge.data.base import ArrayDataset
 from oodforge.models.backbones import build_model
 from oodforge.synood.energy import energy_scores
 from oodforge.synood.finetune import (
+    VARIANTS,
     Projection,
     assign_negative_labels,
     finetune_synood,
@@ -122,12 +123,74 @@ def test_finetuning_losses_decrease_and_labels_attract_outliers():
     after = (out_feats * feats[targets]).sum(1).mean()
     assert after > before
 
-    res = finetune_synood(id_feats, id_y, out_feats, pos, neg, neg_norms=torch.full((20,), 5.0), seed=0)
+    res = finetune_synood(id_feats, id_y, out_feats, pos, neg, neg_norms=torch.full((20,), 5.0), seed=0,
+                          variant="labels-only")
     assert res.projection is None and res.history["label_loss"][-1] < res.history["label_loss"][0]
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[res.subset] = False
     torch.testing.assert_close(res.neg_feats[untouched], neg[untouched])  # the other labels stay fixed
-    res_p = finetune_synood(id_feats, id_y, out_feats, pos, neg, use_projection=True, seed=0)
+    res_p = finetune_synood(id_feats, id_y, out_feats, pos, neg, variant="projected-labels", seed=0)
     assert res_p.projection is not None and res_p.history["projection_loss"][-1] < res_p.history["projection_loss"][0]
     with pytest.raises(ValueError, match="synthetic outliers"):
         finetune_synood(id_feats, id_y, out_feats[:0], pos, neg)
+
+
+def _toy_features():
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    pos = F.normalize(torch.randn(3, d, generator=g), dim=1)
+    neg = F.normalize(torch.randn(12, d, generator=g), dim=1)
+    id_feats, id_y = _clusters(10, pos, 0.6, 4)
+    out_feats, _ = _clusters(10, F.normalize(neg[:4] + 0.8 * pos[torch.arange(4) % 3], dim=1), 0.5, 5)
+    return id_feats, id_y, out_feats, pos, neg
+
+
+def _proj_params(res):
+    return torch.cat([p.flatten() for p in res.projection.parameters()])
+
+
+def test_finetune_variants_train_what_they_say():
+    id_feats, id_y, out_feats, pos, neg = _toy_features()
+    norms = torch.full((len(neg),), 4.0)
+    res = {v: finetune_synood(id_feats, id_y, out_feats, pos, neg, neg_norms=norms, variant=v, seed=0, proj_epochs=2,
+                              label_epochs=3) for v in VARIANTS}
+    default = finetune_synood(id_feats, id_y, out_feats, pos, neg, neg_norms=norms, seed=0, proj_epochs=2,
+                              label_epochs=3)
+    assert default.variant == "table1" == default.history["variant"]  # the paper's configuration by default
+    torch.testing.assert_close(default.neg_feats, res["table1"].neg_feats, rtol=0, atol=0)
+    for v, r in res.items():
+        spec = VARIANTS[v]
+        assert r.variant == v and (r.projection is not None) == spec.projection
+        assert ("projection_loss" in r.history) == spec.projection
+        assert ("label_loss" in r.history) == (spec.labels_on is not None)
+        if spec.labels_on is None:  # CLIP's label features, untouched
+            torch.testing.assert_close(r.neg_feats, neg, rtol=0, atol=0)
+    # the same seed gives the same projection, whatever is done with it afterwards
+    for v in ("projected-labels", "projection-only"):
+        torch.testing.assert_close(_proj_params(res[v]), _proj_params(res["table1"]), rtol=0, atol=0)
+    # table1 trains the labels on the unprojected features: exactly labels-only's labels ...
+    torch.testing.assert_close(res["table1"].neg_feats, res["labels-only"].neg_feats, rtol=0, atol=0)
+    sub = res["table1"].subset
+    targets = assign_negative_labels(out_feats, neg[sub])
+    raw, _ = train_label_features(out_feats, targets, neg[sub] * 4.0, epochs=3, seed=0)
+    torch.testing.assert_close(res["table1"].neg_feats[sub], raw, rtol=0, atol=0)
+    # ... while projected-labels trains them on delta(F(x)), and that is a different result
+    projd, _ = train_label_features(out_feats, targets, neg[sub] * 4.0, epochs=3, seed=0,
+                                    projection=res["projected-labels"].projection)
+    torch.testing.assert_close(res["projected-labels"].neg_feats[sub], projd, rtol=0, atol=0)
+    assert (res["projected-labels"].neg_feats[sub] - raw).abs().max() > 1e-3
+
+
+def test_finetune_variant_errors_and_deprecated_booleans():
+    id_feats, id_y, out_feats, pos, neg = _toy_features()
+    with pytest.raises(ValueError, match="variant must be one of 'table1', 'labels-only'.*got 'table-1'"):
+        finetune_synood(id_feats, id_y, out_feats[:0], pos, neg, variant="table-1")  # checked before anything else
+    with pytest.raises(ValueError, match="contradicts the deprecated use_projection=True"):
+        finetune_synood(id_feats, id_y, out_feats, pos, neg, variant="labels-only", use_projection=True)
+    with pytest.warns(FutureWarning, match="variant='projected-labels'"):
+        r = finetune_synood(id_feats, id_y, out_feats, pos, neg, use_projection=True, seed=0, proj_epochs=1,
+                            label_epochs=1)
+    assert r.variant == "projected-labels"
+    with pytest.warns(FutureWarning, match="variant='no-finetune'"):
+        r = finetune_synood(id_feats, id_y, out_feats, pos, neg, finetune_labels=False, variant="no-finetune")
+    assert r.variant == "no-finetune" and r.projection is None

@@ -12,7 +12,7 @@ Modules (imported lazily: the foundation-model ones need transformers / diffuser
   and the JPEG-complexity selection of ID images (Sec. 3.4);
 * :mod:`.refine` -- boundary refinement of any generator's outliers (bounded energy-guided perturbation);
 * :mod:`.finetune` / :mod:`.detector` -- projection (Eq. 12) and negative-label features (Eq. 14), the
-  ``synood`` detector;
+  ``synood`` detector (``variant``: the paper's Table 1 configuration by default, or an ablation);
 * :mod:`.cli` -- ``oodforge contexts`` and ``oodforge synth synood``;
 * :mod:`.tiny` -- tiny random CLIP / SD-inpainting / LLaVA models built from configs (tests, CPU smoke runs).
 """

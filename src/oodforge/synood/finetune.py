@@ -16,12 +16,31 @@ they are cheap: a few epochs over ``[N, D]`` tensors.
   ``M'`` learnable labels. SGD, lr 2e-3 (momentum 0.9, weight decay 1e-5 as in the reference code),
   batch 128, 5 epochs. The remaining negative labels stay fixed.
 
-Table 5 of the paper: training the two stages separately and scoring *without* the projection is best;
-the projection remains available (``use_projection``).
+Which stages run, and on which features, is the ``variant`` (:data:`VARIANTS`):
+
+* ``"table1"`` (default) -- the paper's configuration (Table 1, Table 4's last row, Table 5's best
+  row: 97.01 AUROC / 14.27 FPR95): the projection is trained (Eq. 12) *and* the label features are
+  trained (Eq. 14) separately, the latter on the frozen, **unprojected** features ``F(x^syn)`` (Eq. 13;
+  Sec. 3.5: "We do not use the fine-tuned CLIP image encoder" for this stage). The projection is part
+  of the fine-tuned image encoder and is used at scoring.
+* ``"projected-labels"`` -- Table 5's other step-by-step row (96.49 / 16.18): the label features are
+  trained on the projected features ``delta(F(x^syn))``; projection used at scoring.
+* ``"labels-only"`` -- no projection, label features trained on ``F(x^syn)`` (a Table 4 ablation row).
+* ``"projection-only"`` -- the projection, label features left at their CLIP values (a Table 4 row).
+* ``"no-finetune"`` -- nothing trained: NegLabel's score (Table 4's first row, 94.21 / 25.40).
+
+Table 5 does **not** say that scoring without the projection is best: its "Fine-Tuning with
+Projection" column is about the *label-feature fine-tuning phase* ("one that incorporates the pre-trained
+projection layer during the label feature fine-tuning phase, and another that excludes it"); the best
+row excludes it *in that phase* and is the same 97.01 / 14.27 system as Tables 1 and 4, which uses the
+projection (Table 4: best "when both the image encoder fine-tuning and negative label fine-tuning are
+jointly applied"; Sec. 4.1: "adds less than 1% additional parameters" -- the projection). Table 5's
+"Joint" strategy (both trained together) is not implemented.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +48,68 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a SynOOD ``variant`` trains: the projection (Eq. 12; then also used at scoring) and the label
+    features (Eq. 14) on ``"raw"`` image features ``F(x)`` or on ``"projected"`` ones ``delta(F(x))``."""
+
+    projection: bool
+    labels_on: str | None  # "raw", "projected" or None (label features not fine-tuned)
+    paper: str
+
+
+#: SynOOD's configurations, by ``variant`` name (``finetune_synood`` and the ``synood`` detector)
+VARIANTS: dict[str, VariantSpec] = {
+    "table1": VariantSpec(True, "raw", "Tables 1/4/5 (97.01 / 14.27): projection (Eq. 12, used at scoring) and "
+                                       "label features trained separately on the unprojected features (Eq. 14)"),
+    "labels-only": VariantSpec(False, "raw", "Table 4 ablation: label features only (Eq. 14), no projection"),
+    "projected-labels": VariantSpec(True, "projected", "Table 5 (96.49 / 16.18): label features trained on the "
+                                                       "projected features"),
+    "projection-only": VariantSpec(True, None, "Table 4 ablation: projection only (Eq. 12), CLIP label features"),
+    "no-finetune": VariantSpec(False, None, "Table 4 first row (94.21 / 25.40): nothing trained, NegLabel's score"),
+}
+DEFAULT_VARIANT = "table1"
+# the configurations of the former ``use_projection`` / ``finetune_labels`` booleans (defaults False / True)
+_FLAG_VARIANTS = {(False, True): "labels-only", (True, True): "projected-labels",
+                  (True, False): "projection-only", (False, False): "no-finetune"}
+
+
+def resolve_variant(variant: str, use_projection: bool | None = None, finetune_labels: bool | None = None,
+                    owner: str = "synood") -> str:
+    """Check ``variant`` and fold in the deprecated ``use_projection`` / ``finetune_labels`` booleans.
+
+    The booleans (``None`` = not given) select the configurations they selected before ``variant``
+    existed (``use_projection=True`` = ``"projected-labels"``, ``finetune_labels=False`` = ``"no-finetune"``...);
+    they cannot express ``"table1"``. Given with the default ``variant`` they pick that configuration (with
+    a ``FutureWarning``); given with another ``variant`` they must name the same one. Raises ``ValueError``
+    naming the option and its valid values.
+    """
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"{owner}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+    for key, val in (("use_projection", use_projection), ("finetune_labels", finetune_labels)):
+        if val is not None and not isinstance(val, bool):
+            raise ValueError(f"{owner}: {key} must be true or false (deprecated: use variant=...), got {val!r}")
+    if use_projection is None and finetune_labels is None:
+        return variant
+    flags = (bool(use_projection) if use_projection is not None else False,
+             finetune_labels if finetune_labels is not None else True)
+    implied = _FLAG_VARIANTS[flags]
+    given = f"use_projection={flags[0]}, finetune_labels={flags[1]}"
+    if variant != DEFAULT_VARIANT and variant != implied:
+        raise ValueError(f"{owner}: variant={variant!r} contradicts the deprecated {given} (= variant="
+                         f"{implied!r}); give variant alone, one of {', '.join(map(repr, VARIANTS))}")
+    warnings.warn(f"{owner}: {given} is deprecated; it selects variant={implied!r} ({VARIANTS[implied].paper}). "
+                  f"Use variant=... (default {DEFAULT_VARIANT!r}: {VARIANTS[DEFAULT_VARIANT].paper})",
+                  FutureWarning, stacklevel=3)
+    return implied
+
+
 class Projection(nn.Module):
-    """The residual projection layer ``delta`` of Eq. 11: ``f + ReLU(LayerNorm(Linear(f)))``."""
+    """The residual projection layer ``delta`` of Eq. 11: ``f + ReLU(LayerNorm(Linear(f)))``, L2-normalised.
+
+    ``f`` is the L2-normalised CLIP image feature here; the reference code feeds the raw ``encode_image``
+    output, whose larger norm weighs the identity path more (docs/synood.md, "Differences from the paper").
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -66,6 +145,7 @@ class FinetuneResult:
     neg_feats: torch.Tensor  # all negative-label features, the learnable subset replaced by its trained values
     subset: torch.Tensor  # indices (into the negative labels) of Y*^-
     history: dict = field(default_factory=dict)
+    variant: str = DEFAULT_VARIANT
 
 
 def _batches(n: int, batch_size: int, g: torch.Generator):
@@ -118,8 +198,10 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
     The parameters are ``init_feats`` as given (the reference code trains the raw text-encoder outputs and
     normalises them in the forward pass), so their norm sets the effective step size.
 
-    ``out_targets`` index into ``init_feats``. The image features stay frozen (``projection`` applies the
-    Table-5 "with projection" variant). Returns the L2-normalised trained features and the loss per epoch.
+    ``out_targets`` index into ``init_feats``. The image features stay frozen: ``out_feats`` as given
+    (Eq. 13, ``I_i = F(x_i^syn)``: variants ``"table1"`` and ``"labels-only"``), or passed through
+    ``projection`` first (Table 5's "with projection" row: variant ``"projected-labels"``). Returns the
+    L2-normalised trained features and the loss per epoch.
     """
     from tqdm.auto import tqdm
 
@@ -148,19 +230,25 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
 
 def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: torch.Tensor,
                     pos_feats: torch.Tensor, neg_feats: torch.Tensor, *, neg_norms: torch.Tensor | None = None,
-                    use_projection: bool = False,
-                    finetune_labels: bool = True, max_learnable_fraction: float = 0.5, tau: float = 0.01,
+                    variant: str = DEFAULT_VARIANT, use_projection: bool | None = None,
+                    finetune_labels: bool | None = None, max_learnable_fraction: float = 0.5, tau: float = 0.01,
                     proj_epochs: int = 3, proj_lr: float = 1e-3, proj_weight_decay: float = 1e-5,
                     label_epochs: int = 5, label_lr: float = 2e-3, label_momentum: float = 0.9,
                     label_weight_decay: float = 1e-5, batch_size: int = 128, seed: int = 0,
                     device: str | torch.device = "cpu", progress: bool = False) -> FinetuneResult:
     """The whole of Secs. 3.4-3.5 on precomputed, L2-normalised CLIP features (separate training, Table 5).
 
-    Pairs the outliers with negative labels, optionally trains the projection (Eq. 12), then trains the
-    paired labels' features (Eq. 14; on projected features when ``use_projection``). ``neg_norms`` are the
-    norms of the raw text-encoder outputs: as in the reference code, the learnable parameters are the raw
-    (unnormalised) features, so the effective step of lr 2e-3 is the paper's.
+    Pairs the outliers with negative labels, then, as ``variant`` says (:data:`VARIANTS`; default
+    ``"table1"``, the paper's configuration): trains the projection (Eq. 12) and/or the paired labels'
+    features (Eq. 14) -- on the raw features ``out_feats`` for ``"table1"`` / ``"labels-only"``, on the
+    projected ones for ``"projected-labels"``. The two stages are independent except in
+    ``"projected-labels"``. ``use_projection`` / ``finetune_labels`` are the deprecated booleans
+    (:func:`resolve_variant`). ``neg_norms`` are the norms of the raw text-encoder outputs: as in the
+    reference code, the learnable parameters are the raw (unnormalised) features, so the effective step of
+    lr 2e-3 is the paper's.
     """
+    variant = resolve_variant(variant, use_projection, finetune_labels, "finetune_synood")
+    spec = VARIANTS[variant]
     if len(out_feats) == 0:
         raise ValueError("SynOOD fine-tuning needs synthetic outliers (an outlier store with at least one image)")
     assigned = assign_negative_labels(out_feats, neg_feats)
@@ -168,23 +256,22 @@ def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: 
     sub_feats = neg_feats[subset]
     # outliers paired with a label outside the capped subset are re-paired within it
     targets = assign_negative_labels(out_feats, sub_feats)
-    history: dict = {"num_learnable": int(len(subset)), "num_neg": int(len(neg_feats))}
+    history: dict = {"variant": variant, "num_learnable": int(len(subset)), "num_neg": int(len(neg_feats))}
     proj = None
-    if use_projection:
+    if spec.projection:
         proj, history["projection_loss"] = train_projection(
             id_feats, id_labels, out_feats, targets, pos_feats, sub_feats, epochs=proj_epochs, lr=proj_lr,
             weight_decay=proj_weight_decay, batch_size=batch_size, tau=tau, seed=seed, device=device,
             progress=progress)
     new_neg = neg_feats.clone().float()
-    if finetune_labels:
+    if spec.labels_on is not None:
         init = sub_feats * neg_norms[subset].unsqueeze(1) if neg_norms is not None else sub_feats
         trained, history["label_loss"] = train_label_features(
             out_feats, targets, init, epochs=label_epochs, lr=label_lr, momentum=label_momentum,
-            weight_decay=label_weight_decay, batch_size=batch_size, tau=tau, seed=seed, projection=proj,
-            device=device, progress=progress)
+            weight_decay=label_weight_decay, batch_size=batch_size, tau=tau, seed=seed,
+            projection=proj if spec.labels_on == "projected" else None, device=device, progress=progress)
         new_neg[subset] = trained
-    return FinetuneResult(proj.cpu() if proj is not None else None, new_neg, subset, history)
-
+    return FinetuneResult(proj.cpu() if proj is not None else None, new_neg, subset, history, variant)
 
 __all__ = ["Projection", "assign_negative_labels", "learnable_subset", "train_projection", "train_label_features",
-           "finetune_synood", "FinetuneResult"]
+           "finetune_synood", "FinetuneResult", "VARIANTS", "VariantSpec", "DEFAULT_VARIANT", "resolve_variant"]
