@@ -118,6 +118,11 @@ MATRIX = [
      "validation split"),
     ("store-train-as-val", BENCH + ["--methods", "msp", "--val-outliers", "{d}/store_fashion_train",
                                     "--out", "{out}"], "--split val"),
+    ("model-not-importable", ["bench", "--suite", "fashion", "--quick", "--model", "no_such_module:build",
+                              "--out", "{out}"], "cannot import"),
+    ("model-bad-spec", ["bench", "--suite", "fashion", "--quick", "--model", "no_colon", "--out", "{out}"],
+     "package.module:factory"),
+    ("weights-without-model", BENCH + ["--weights", "{d}/a_file", "--out", "{out}"], "--model"),
     # training
     ("train-max-train-0", TRAIN + ["--max-train", "0", "--out", "{out}"], "--max-train"),
     ("train-epochs-0", TRAIN + ["--epochs", "0", "--out", "{out}"], "epochs"),

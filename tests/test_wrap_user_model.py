@@ -115,3 +115,54 @@ def test_bad_names_and_non_average_heads_are_refused():
     assert not maxpool.gap_head
     with pytest.raises(ValueError, match="global average"):
         maxpool.pool(torch.rand(1, 512, 1, 1))
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_bench_takes_a_users_model_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from oodforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OODFORGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "my_user_net.py").write_text(USER_MODULE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("my_user_net_ref", tmp_path / "my_user_net.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    torch.manual_seed(3)
+    save_file(ref.build().state_dict(), str(tmp_path / "w.safetensors"))
+    rc = main(["bench", "--suite", "fashion6", "--quick", "--model", "my_user_net:build", "--weights", "w.safetensors",
+               "--head", "classifier", "--features", "features", "--mean", "0.3", "--std", "0.3",
+               "--methods", "msp,knn,scale", "--out", "out"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["methods"]) == {"msp@user", "knn@user", "scale@user"}
+    assert res["models"]["user"]["user_model"] == "my_user_net:build"
+    rc = main(["bench", "--suite", "fashion6", "--quick", "--model", "my_user_net:build", "--weights", "w.safetensors",
+               "--head", "classifier", "--features", "nope", "--methods", "msp", "--out", "out2"])
+    assert rc == 2 and "features='nope'" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -116,4 +116,54 @@ def wrap(model: nn.Module, head: str = "fc", features: str = "layer4", mean=(0.5
     return WrappedClassifier(model, head, features, mean, std, channels, input_size).eval()
 
 
-__all__ = ["WrappedClassifier", "wrap"]
+
+def load_user_model(spec: str, weights: str | None = None, head: str = "fc", features: str = "layer4",
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size: tuple[int, int] = (224, 224)
+                    ) -> WrappedClassifier:
+    """``--model package.module:factory [--weights FILE]``: import the factory, call it with no arguments,
+    load the weights (safetensors, or a ``torch.save``d state dict read with ``weights_only=True``: never
+    arbitrary pickled code), and :func:`wrap` the result. Every failure names the option and the fix."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: write it as package.module:factory (a function that returns the "
+                         "nn.Module)")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # a module in the current folder, as `python -m` would find it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name!r} ({e}); run from the folder that "
+                         "holds it or install its package") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {spec!r}: {attr}() returned a {type(net).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {path}: no such file")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated file, or a pickle that is not a plain state dict
+            raise ValueError(f"--weights {path} cannot be read as a state dict ({' '.join(str(e).split())[:200]}); "
+                             "save it with safetensors or torch.save(model.state_dict())") from None
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:300]
+            raise ValueError(f"--weights {path} does not fit {spec} ({first})") from None
+    return wrap(net.eval(), head=head, features=features, mean=mean, std=std, input_size=input_size)
+
+
+__all__ = ["WrappedClassifier", "load_user_model", "wrap"]
