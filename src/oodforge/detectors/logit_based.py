@@ -22,13 +22,15 @@ def check_temperature(temperature: float, what: str) -> float:
     return t
 
 
-def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def energy_score(logits: torch.Tensor, temperature: float = 1.0,
+                 dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
     """Negative free energy ``-E(x; T) = T * logsumexp(f(x) / T)`` (Liu et al. 2020, Sec. 2).
 
-    Computed in float64 with the stable ``logsumexp``; higher = more ID. Shared by Energy,
-    ReAct, DICE and ViM, which all score with the energy of (modified) logits.
+    The one energy function of oodforge: computed with the stable ``logsumexp``, in float64 by default
+    (detectors: Energy, ReAct, DICE, ViM score with the energy of (modified) logits), or in the logits' own
+    dtype with ``dtype=None`` (SynOOD's differentiable energy guidance). Higher = more ID.
     """
-    z = logits.double()
+    z = logits if dtype is None else logits.to(dtype)
     return temperature * torch.logsumexp(z / temperature, dim=1)
 
 

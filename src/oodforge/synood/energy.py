@@ -28,12 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.base import luma
+from ..detectors.logit_based import energy_score as shared_energy_score
+
 LOSS_FORMS = ("hinge", "linear", "squared")
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``S(x) = T * logsumexp(logits / T)`` per sample (higher = more ID)."""
-    return temperature * torch.logsumexp(logits / temperature, dim=1)
+    """``S(x) = T * logsumexp(logits / T)`` per sample in the logits' dtype, differentiable (higher = more ID)."""
+    return shared_energy_score(logits, temperature, dtype=None)
 
 
 def energy_loss(logits: torch.Tensor, m_out: float, temperature: float = 1.0, form: str = "hinge",
@@ -61,8 +64,7 @@ def adapt_images(x: torch.Tensor, in_channels: int | None, size: tuple[int, int]
     """Differentiably convert ``[N, C, H, W]`` images in [0, 1] to ``in_channels`` channels and ``size``."""
     if in_channels is not None and x.shape[1] != in_channels:
         if in_channels == 1:
-            w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            x = (x[:, :3] * w).sum(1, keepdim=True) if x.shape[1] >= 3 else x.mean(1, keepdim=True)
+            x = luma(x[:, :3], axis=1).unsqueeze(1) if x.shape[1] >= 3 else x.mean(1, keepdim=True)
         elif x.shape[1] == 1:
             x = x.repeat(1, in_channels, 1, 1)
         else:
