@@ -9,6 +9,7 @@ import torch
 
 from oodforge.data.base import ArrayDataset
 from oodforge.detectors import FitContext, create
+from oodforge.hub import ModelUnavailableError
 from oodforge.models.featureset import FeatureSet
 from oodforge.synood.clip_detectors import (
     NEGLABEL_ADJ_TEMPLATE,
@@ -18,7 +19,7 @@ from oodforge.synood.clip_detectors import (
     mine_negative_labels,
     neglabel_score,
 )
-from oodforge.synood.clip_model import MissingModelError, clear_loaded, load_clip
+from oodforge.synood.clip_model import clear_loaded, load_clip
 from oodforge.synood.wordnet import WordNetNotFoundError, load_wordnet, parse_data_file
 
 NOUNS = """\
@@ -162,9 +163,9 @@ def test_clip_features_gray_is_repeated_rgb_and_cached(tiny_clip, tmp_path):
 def test_clip_detectors_need_a_model_and_class_names(tiny_clip):
     ds = ArrayDataset(np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 1]), ["shirt", "boot"])
     for name in ("mcm", "neglabel"):
-        with pytest.raises(MissingModelError, match="--clip-model"):
+        with pytest.raises(ModelUnavailableError, match="--clip-model"):
             create(name).fit(FitContext(model=None, train=_fs(ds), extra={"class_names": ds.class_names}))
-    with pytest.raises(MissingModelError, match="does not exist.*--clip-model"):
+    with pytest.raises(ModelUnavailableError, match="does not exist.*--clip-model"):
         create("mcm", clip_model="/nonexistent/clip").fit(
             FitContext(model=None, train=_fs(ds), extra={"class_names": ds.class_names}))
     with pytest.raises(ValueError, match="class names"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oodforge.data.base import ArrayDataset
-from oodforge.synood.clip_model import MissingModelError
+from oodforge.hub import ModelUnavailableError
 from oodforge.synood.contexts import (
     ContextFileError,
     ContextLabeller,
@@ -70,9 +70,9 @@ def test_writer_repairs_a_torn_tail_and_keeps_hand_written_lines(tmp_path):
 
 
 def test_missing_vlm_names_the_option():
-    with pytest.raises(MissingModelError, match="--vlm"):
+    with pytest.raises(ModelUnavailableError, match="--vlm"):
         ContextLabeller(None)
-    with pytest.raises(MissingModelError, match="does not exist.*--vlm"):
+    with pytest.raises(ModelUnavailableError, match="does not exist.*--vlm"):
         ContextLabeller("/nonexistent/vlm")
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from oodforge.data.base import ArrayDataset
+from oodforge.hub import ModelUnavailableError
 from oodforge.outliers.store import OutlierStore, merge_stores
-from oodforge.synood.clip_model import MissingModelError
 from oodforge.synood.energy import default_m_out, energy_loss, energy_score, energy_scores, logit_fn
 from oodforge.synood.generate import (
     NearBoundaryGenerator,
@@ -127,9 +127,9 @@ def test_skip_gradient_noise_update_reduces_the_energy_loss(pipe):
 
 
 def test_missing_pipeline_names_the_option():
-    with pytest.raises(MissingModelError, match="--sd-model"):
+    with pytest.raises(ModelUnavailableError, match="--sd-model"):
         load_inpaint_pipeline(None)
-    with pytest.raises(MissingModelError, match="does not exist.*--sd-model"):
+    with pytest.raises(ModelUnavailableError, match="does not exist.*--sd-model"):
         load_inpaint_pipeline("/nonexistent/sd-inpaint")
 
 

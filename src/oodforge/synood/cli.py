@@ -67,8 +67,8 @@ def label_contexts(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Ask a VLM for the context elements of ID images (all but the main object; SynOOD Eq. 3) into a JSONL file."""
+    from ..hub import ModelUnavailableError
     from ..outliers.store import shard_indices
-    from .clip_model import MissingModelError
     from .contexts import ContextFileError, ContextLabeller
     from .contexts import label_contexts as run
 
@@ -80,7 +80,7 @@ def label_contexts(
     try:
         labeller = ContextLabeller(vlm, device=device, max_new_tokens=max_new_tokens)
         ctx = run(dataset, out, labeller, names, idx, batch_size=batch_size, progress=progress)
-    except (MissingModelError, ContextFileError) as e:
+    except (ModelUnavailableError, ContextFileError) as e:
         _fail(str(e))
     typer.echo(f"{len(ctx)} images labelled in {out}; this run: {time.time() - t0:.1f} s")
 
@@ -127,9 +127,9 @@ def synth_synood(
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
     from ..data.suites import SUITES
+    from ..hub import ModelUnavailableError
     from ..models.checkpoint import weights_hash
     from ..outliers.store import StoreError
-    from .clip_model import MissingModelError
     from .contexts import ContextFileError, read_contexts
     from .energy import LOSS_FORMS, default_m_out, logit_fn
     from .generate import NearBoundaryGenerator, load_inpaint_pipeline, synthesize_synood
@@ -173,6 +173,6 @@ def synth_synood(
                                   seed=seed, commit_every=commit_every, progress=progress,
                                   config_extra={"classifier": f"weights:{weights_hash(model)}",
                                                 "per_class": per_class, "limit": limit})
-    except (MissingModelError, StoreError) as e:
+    except (ModelUnavailableError, StoreError) as e:
         _fail(str(e))
     typer.echo(f"{len(store)} SynOOD outliers in {out}; this run: {time.time() - t0:.1f} s")

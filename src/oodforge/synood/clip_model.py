@@ -20,13 +20,10 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
+from ..hub import ModelUnavailableError, from_pretrained
 
 CLIP_OPTION_HELP = ("a CLIP model: pass --clip-model (or the detector parameter clip_model=...) with a hub id "
                     "such as openai/clip-vit-base-patch16 or a local folder saved with save_pretrained")
-
-
-class MissingModelError(ValueError):
-    """A foundation model the method needs was not given or cannot be loaded."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -164,13 +161,8 @@ class ClipFeatures:
 
 def load_pretrained(cls, ref: str | os.PathLike, what: str, option: str, **kwargs):
     """``cls.from_pretrained`` through :func:`oodforge.hub.from_pretrained` (local folder or cache first,
-    then the hub), raising :class:`MissingModelError` that names ``option`` when the model is unavailable."""
-    from ..hub import ModelUnavailableError, from_pretrained
-
-    try:
-        return from_pretrained(cls, str(ref), what, option, **kwargs)
-    except ModelUnavailableError as e:
-        raise MissingModelError(str(e)) from e
+    then the hub), raising :class:`ModelUnavailableError` that names ``option`` when the model is unavailable."""
+    return from_pretrained(cls, str(ref), what, option, **kwargs)
 
 
 _LOADED: dict[tuple[str, str], ClipFeatures] = {}
@@ -180,11 +172,11 @@ def load_clip(name_or_path: str | os.PathLike | None, device: str | torch.device
               cache_dir: str | os.PathLike | None = None, what: str = "this method") -> ClipFeatures:
     """Load a CLIP model + processor from a hub id or local folder (kept loaded for reuse in this process).
 
-    fp16 is used only on CUDA. Raises :class:`MissingModelError` naming ``--clip-model`` when the model
+    fp16 is used only on CUDA. Raises :class:`ModelUnavailableError` naming ``--clip-model`` when the model
     is not given or cannot be loaded (no weights are downloadable offline).
     """
     if name_or_path is None or str(name_or_path).strip() == "":
-        raise MissingModelError(f"{what} needs {CLIP_OPTION_HELP}")
+        raise ModelUnavailableError(f"{what} needs {CLIP_OPTION_HELP}")
     dev = resolve_device(device)
     key = (str(name_or_path), str(dev))
     if key in _LOADED:
@@ -195,7 +187,7 @@ def load_clip(name_or_path: str | os.PathLike | None, device: str | torch.device
     try:
         from transformers import AutoProcessor, CLIPModel
     except ImportError as e:  # pragma: no cover - transformers is a dependency of the foundation extra
-        raise MissingModelError(f"{what} needs transformers: pip install 'oodforge[foundation]'") from e
+        raise ModelUnavailableError(f"{what} needs transformers: pip install 'oodforge[foundation]'") from e
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     model = load_pretrained(CLIPModel, name_or_path, f"{what}: CLIP model", "--clip-model", dtype=dtype)
     processor = load_pretrained(AutoProcessor, name_or_path, f"{what}: CLIP processor", "--clip-model")
@@ -209,4 +201,4 @@ def clear_loaded() -> None:
     _LOADED.clear()
 
 
-__all__ = ["ClipFeatures", "MissingModelError", "load_clip", "load_pretrained", "clear_loaded", "rgb_uint8_hwc", "CLIP_OPTION_HELP"]
+__all__ = ["ClipFeatures", "load_clip", "load_pretrained", "clear_loaded", "rgb_uint8_hwc", "CLIP_OPTION_HELP"]

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
-from .clip_model import MissingModelError, load_pretrained, resolve_device, rgb_uint8_hwc
+from ..hub import ModelUnavailableError
+from .clip_model import load_pretrained, resolve_device, rgb_uint8_hwc
 
 CONTEXT_PROMPT = ("List the elements in this image other than its main object, the {class_name}. "
                   "Answer with a short comma-separated list of nouns.")
@@ -171,7 +172,7 @@ class ContextLabeller:
     def __init__(self, vlm: str | os.PathLike | None, device: str | torch.device = "cpu",
                  prompt: str = CONTEXT_PROMPT, max_new_tokens: int = 48):
         if vlm is None or str(vlm).strip() == "":
-            raise MissingModelError(f"context labelling needs {VLM_OPTION_HELP}")
+            raise ModelUnavailableError(f"context labelling needs {VLM_OPTION_HELP}")
         self.device = resolve_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         from transformers import AutoModelForImageTextToText, AutoProcessor

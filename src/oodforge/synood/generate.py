@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import ArrayDataset
-from .clip_model import MissingModelError, load_pretrained, resolve_device
+from ..hub import ModelUnavailableError
+from .clip_model import load_pretrained, resolve_device
 from .contexts import context_prompt
 from .energy import adapt_images, energy_loss, energy_score, logit_fn
 
@@ -82,7 +83,7 @@ def select_complex_images(dataset: ArrayDataset, per_class: int, quality: int = 
 def load_inpaint_pipeline(sd_model: str | os.PathLike | None, device: str | torch.device = "cpu"):
     """``StableDiffusionInpaintPipeline.from_pretrained`` (no safety checker; fp16 only on CUDA)."""
     if sd_model is None or str(sd_model).strip() == "":
-        raise MissingModelError(f"SynOOD generation needs {SD_OPTION_HELP}")
+        raise ModelUnavailableError(f"SynOOD generation needs {SD_OPTION_HELP}")
     dev = resolve_device(device)
     from diffusers import StableDiffusionInpaintPipeline
 
