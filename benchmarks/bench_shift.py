@@ -166,7 +166,8 @@ def fresh_throughput(suite, model, k: int, n_sources: int, seed: int, repeats: i
     split between masking (per source) and inpainting (per outlier), measured on the same images."""
     import torch
 
-    from oodforge.synth.shift import forge_shift, make_inpainter, make_masker, outlier_seed
+    from oodforge.outliers.store import outlier_seed
+    from oodforge.synth.shift import forge_shift, make_inpainter, make_masker
 
     runs = []
     for _ in range(max(1, repeats)):

@@ -12,11 +12,10 @@ import torch
 
 from oodforge.data.base import ArrayDataset
 from oodforge.hub import ModelUnavailableError
-from oodforge.outliers.store import OutlierStore, merge_stores
+from oodforge.outliers.store import OutlierStore, merge_stores, outlier_seed
 from oodforge.synood.energy import default_m_out, energy_loss, energy_score, energy_scores, logit_fn
 from oodforge.synood.generate import (
     NearBoundaryGenerator,
-    item_seed,
     jpeg_bytes_per_pixel,
     load_inpaint_pipeline,
     select_complex_images,
@@ -148,7 +147,7 @@ def test_synthesize_is_resumable_and_shardable(pipe, tmp_path):
     assert ref.images.shape == (4, 1, 28, 28) and ref.labels.tolist() == [1, 2, 0, 1]
     assert [r["source_index"] for r in recs] == idx
     assert recs[0]["prompt"] == "A photo only remain grass, fence." and recs[1]["prompt"] == "A photo only remain sky, road."
-    assert recs[0]["seed"] == item_seed(0, 1, 0) and len(recs[0]["loss"]) == 2
+    assert recs[0]["seed"] == outlier_seed(0, 1, 0) and len(recs[0]["loss"]) == 2
     assert full.config["strength"] == 0.6 and full.config["mask"] == "full"
 
     # a run killed after its first batch: one committed shard, plus the debris of the next one

@@ -17,10 +17,10 @@ from synth_tiny import save_tiny_clipseg, save_tiny_sd_inpaint
 
 from oodforge.data.base import ArrayDataset
 from oodforge.hub import ModelUnavailableError
-from oodforge.outliers.store import OutlierStore, StoreError, merge_stores
+from oodforge.outliers.store import OutlierStore, StoreError, merge_stores, outlier_seed
 from oodforge.synth.grid import save_outlier_grid
 from oodforge.synth.inpaint import jitter_mask
-from oodforge.synth.shift import forge_shift, make_inpainter, make_masker, outlier_seed
+from oodforge.synth.shift import forge_shift, make_inpainter, make_masker
 
 NAMES = ["shirt", "bag", "shoe"]
 

@@ -111,6 +111,13 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def outlier_seed(seed: int, source_index: int, k: int) -> int:
+    """The seed of outlier ``k`` of source image ``source_index``, for every forger (31-bit, from NumPy's
+    SeedSequence): independent of batching, sharding, ``--limit`` and resumption."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(source_index), int(k)])
+    return int(ss.generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+
+
 def shard_indices(n: int, spec: str | None = None) -> np.ndarray:
     """The positions ``0..n-1`` that work shard ``spec`` = ``"i/m"`` owns (``i`` is 0-based, ``0 <= i < m``).
 

@@ -95,11 +95,6 @@ def load_inpaint_pipeline(sd_model: str | os.PathLike | None, device: str | torc
     return pipe
 
 
-def item_seed(seed: int, source_index: int, k: int) -> int:
-    """The seed of outlier ``(source_index, k)``: independent of batching, sharding and resumption."""
-    return int(np.random.SeedSequence([int(seed), int(source_index), int(k)]).generate_state(1)[0])
-
-
 class NearBoundaryGenerator:
     """Energy-guided regeneration of ID images (Eqs. 4-10) with a diffusers inpainting pipeline.
 
@@ -270,7 +265,7 @@ def synthesize_synood(
     """
     from tqdm.auto import tqdm
 
-    from ..outliers.store import OutlierStore, shard_indices
+    from ..outliers.store import OutlierStore, outlier_seed, shard_indices
 
     if k < 1 or batch_size < 1 or commit_every < 1:
         raise ValueError(f"k, batch_size and commit_every must be >= 1, got {k}, {batch_size}, {commit_every}")
@@ -309,7 +304,7 @@ def synthesize_synood(
             chunk = todo[b:b + batch_size]
             src = [i for i, _ in chunk]
             prompts = [context_prompt(contexts[i], max_context_chars) for i in src]
-            seeds = [item_seed(seed, i, j) for i, j in chunk]
+            seeds = [outlier_seed(seed, i, j) for i, j in chunk]
             x, info = generator.generate(dataset.images[src].float() / 255.0, prompts, seeds)
             pending_imgs.append(to_store_images(x, shape))
             pending_recs.extend(
@@ -326,4 +321,4 @@ def synthesize_synood(
 
 
 __all__ = ["NearBoundaryGenerator", "synthesize_synood", "select_complex_images", "jpeg_bytes_per_pixel",
-           "load_inpaint_pipeline", "item_seed", "to_store_images", "SD_OPTION_HELP"]
+           "load_inpaint_pipeline", "to_store_images", "SD_OPTION_HELP"]

@@ -20,16 +20,10 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
-from ..outliers.store import OutlierStore, parse_shard_spec, shard_indices
+from ..outliers.store import OutlierStore, outlier_seed, parse_shard_spec, shard_indices
 from ..progress import note_resume, progress_bar
 from .inpaint import Inpainter, make_inpainter
 from .masks import Masker, make_masker, mask_coverage
-
-
-def outlier_seed(seed: int, source_index: int, k: int) -> int:
-    """The seed of outlier ``k`` of source image ``source_index`` (31-bit, from NumPy's SeedSequence)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(source_index), int(k)])
-    return int(ss.generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
 
 
 def shift_config(dataset: ArrayDataset, masker: Masker, inpainter: Inpainter, seed: int, shard: str | None,
@@ -153,4 +147,4 @@ def forge_shift(dataset: ArrayDataset, out_dir: str | Path, masker: Masker, inpa
     return store
 
 
-__all__ = ["forge_shift", "outlier_seed", "shift_config", "make_masker", "make_inpainter"]
+__all__ = ["forge_shift", "shift_config", "make_masker", "make_inpainter"]
