@@ -61,3 +61,17 @@ def from_pretrained(cls, ref: str, what: str, option: str, **kwargs):
         raise ModelUnavailableError(f"{what}: cannot load {resolved!r}: not a local folder, and the hub is unreachable "
                                     f"or has no such model. Set {option} to a local folder written by save_pretrained "
                                     "(or a reachable hub id).") from e
+
+
+def load_sd_inpaint_pipeline(ref: str | os.PathLike, what: str, option: str, dtype=None):
+    """diffusers' ``StableDiffusionInpaintPipeline`` from a hub id or a ``save_pretrained`` folder (through
+    :func:`from_pretrained`): no safety checker, its progress bar off, ``dtype`` (e.g. fp16 on CUDA) when given.
+    The one place SHIFT's inpainter and SynOOD's generator load Stable Diffusion."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+
+    kwargs = {"torch_dtype": dtype} if dtype is not None and dtype != torch.float32 else {}
+    pipe = from_pretrained(StableDiffusionInpaintPipeline, str(ref), what, option, safety_checker=None,
+                           requires_safety_checker=False, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

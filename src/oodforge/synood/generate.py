@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import ArrayDataset
-from ..hub import ModelUnavailableError
-from .clip_model import load_pretrained, resolve_device
+from ..hub import ModelUnavailableError, load_sd_inpaint_pipeline
+from .clip_model import resolve_device
 from .contexts import context_prompt
 from .energy import adapt_images, energy_loss, energy_score, logit_fn
 
@@ -85,14 +85,9 @@ def load_inpaint_pipeline(sd_model: str | os.PathLike | None, device: str | torc
     if sd_model is None or str(sd_model).strip() == "":
         raise ModelUnavailableError(f"SynOOD generation needs {SD_OPTION_HELP}")
     dev = resolve_device(device)
-    from diffusers import StableDiffusionInpaintPipeline
-
-    kwargs = {"torch_dtype": torch.float16} if dev.type == "cuda" else {}
-    pipe = load_pretrained(StableDiffusionInpaintPipeline, sd_model, "SynOOD generation: inpainting pipeline",
-                           "--sd-model", safety_checker=None, requires_safety_checker=False, **kwargs)
-    pipe = pipe.to(dev)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    pipe = load_sd_inpaint_pipeline(sd_model, "SynOOD generation: inpainting pipeline", "--sd-model",
+                                    torch.float16 if dev.type == "cuda" else None)
+    return pipe.to(dev)
 
 
 class NearBoundaryGenerator:

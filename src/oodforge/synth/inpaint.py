@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data.base import luma
-from ..hub import from_pretrained
+from ..hub import load_sd_inpaint_pipeline
 
 SD_DEFAULT = "stabilityai/stable-diffusion-2-inpainting"
 
@@ -209,14 +209,10 @@ class SDInpainter(Inpainter):
     def load(self) -> SDInpainter:
         if self._pipe is None:
             if isinstance(self.model, str):
-                from diffusers import StableDiffusionInpaintPipeline
-
-                kw = {"torch_dtype": self.dtype} if self.dtype != torch.float32 else {}
-                pipe = from_pretrained(StableDiffusionInpaintPipeline, self.model, "Stable-Diffusion inpainter",
-                                       self.option, safety_checker=None, requires_safety_checker=False, **kw)
+                pipe = load_sd_inpaint_pipeline(self.model, "Stable-Diffusion inpainter", self.option, self.dtype)
             else:
                 pipe = self.model
-            pipe.set_progress_bar_config(disable=True)
+                pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
         self._pipe.to(self.device, self.dtype)
         return self
