@@ -313,12 +313,8 @@ def test_synood_variant_is_checked_at_construction(wordnet_dir):
         create("synood", variant="best")
     with pytest.raises(ValueError, match="variant must be one of"):
         SynOOD(variant="Table1")  # the constructor checks, not only create()
-    with pytest.raises(ValueError, match="variant='labels-only' contradicts the deprecated use_projection=False, "
-                                         "finetune_labels=False"):
-        create("synood", variant="labels-only", finetune_labels=False)
-    with pytest.warns(FutureWarning, match="deprecated"):
-        old = create("synood", use_projection=True)
-    assert old.variant == "projected-labels" and old.use_projection is None
+    with pytest.raises(ValueError, match="has no parameter 'use_projection'"):
+        create("synood", use_projection=True)  # the former boolean is gone: variant names the configuration
     # every name survives the CLI / bench method syntax (where a bare "none" would parse as None)
     from oodforge.bench import parse_method
     from oodforge.synood.finetune import VARIANTS

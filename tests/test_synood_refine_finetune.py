@@ -181,16 +181,9 @@ def test_finetune_variants_train_what_they_say():
     assert (res["projected-labels"].neg_feats[sub] - raw).abs().max() > 1e-3
 
 
-def test_finetune_variant_errors_and_deprecated_booleans():
+def test_finetune_variant_is_checked_first():
     id_feats, id_y, out_feats, pos, neg = _toy_features()
     with pytest.raises(ValueError, match="variant must be one of 'table1', 'labels-only'.*got 'table-1'"):
         finetune_synood(id_feats, id_y, out_feats[:0], pos, neg, variant="table-1")  # checked before anything else
-    with pytest.raises(ValueError, match="contradicts the deprecated use_projection=True"):
-        finetune_synood(id_feats, id_y, out_feats, pos, neg, variant="labels-only", use_projection=True)
-    with pytest.warns(FutureWarning, match="variant='projected-labels'"):
-        r = finetune_synood(id_feats, id_y, out_feats, pos, neg, use_projection=True, seed=0, proj_epochs=1,
-                            label_epochs=1)
-    assert r.variant == "projected-labels"
-    with pytest.warns(FutureWarning, match="variant='no-finetune'"):
-        r = finetune_synood(id_feats, id_y, out_feats, pos, neg, finetune_labels=False, variant="no-finetune")
+    r = finetune_synood(id_feats, id_y, out_feats, pos, neg, variant="no-finetune")
     assert r.variant == "no-finetune" and r.projection is None

@@ -58,9 +58,7 @@ class SynOOD(NegLabel):
 
     def __init__(self, clip_model: str | None = None, wordnet_dir: str | None = None, num_neg: int = 10000,
                  percentile: float = 0.95, tau: float = 0.01, ngroup: int = 100, first_lemma_only: bool = True,
-                 per_class: int | None = None, variant: str = DEFAULT_VARIANT,
-                 use_projection: bool | None = None, finetune_labels: bool | None = None,
-                 max_learnable_fraction: float = 0.5, proj_epochs: int = 3, proj_lr: float = 1e-3,
+                 per_class: int | None = None, variant: str = DEFAULT_VARIANT, max_learnable_fraction: float = 0.5, proj_epochs: int = 3, proj_lr: float = 1e-3,
                  label_epochs: int = 5, label_lr: float = 2e-3, batch_size: int = 128, clip_batch_size: int = 64,
                  cache_dir: str | None = None, progress: bool = False):
         self.clip_model = clip_model
@@ -71,10 +69,7 @@ class SynOOD(NegLabel):
         self.ngroup = ngroup
         self.first_lemma_only = first_lemma_only
         self.per_class = per_class
-        # the deprecated booleans are folded into ``variant`` (checked here, before any work) and kept as None
-        self.variant = resolve_variant(variant, use_projection, finetune_labels, self.name)
-        self.use_projection = None
-        self.finetune_labels = None
+        self.variant = resolve_variant(variant, self.name)  # checked here, before any work
         self.max_learnable_fraction = max_learnable_fraction
         self.proj_epochs = proj_epochs
         self.proj_lr = proj_lr

@@ -40,7 +40,6 @@ jointly applied"; Sec. 4.1: "adds less than 1% additional parameters" -- the pro
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,39 +68,13 @@ VARIANTS: dict[str, VariantSpec] = {
     "no-finetune": VariantSpec(False, None, "Table 4 first row (94.21 / 25.40): nothing trained, NegLabel's score"),
 }
 DEFAULT_VARIANT = "table1"
-# the configurations of the former ``use_projection`` / ``finetune_labels`` booleans (defaults False / True)
-_FLAG_VARIANTS = {(False, True): "labels-only", (True, True): "projected-labels",
-                  (True, False): "projection-only", (False, False): "no-finetune"}
 
 
-def resolve_variant(variant: str, use_projection: bool | None = None, finetune_labels: bool | None = None,
-                    owner: str = "synood") -> str:
-    """Check ``variant`` and fold in the deprecated ``use_projection`` / ``finetune_labels`` booleans.
-
-    The booleans (``None`` = not given) select the configurations they selected before ``variant``
-    existed (``use_projection=True`` = ``"projected-labels"``, ``finetune_labels=False`` = ``"no-finetune"``...);
-    they cannot express ``"table1"``. Given with the default ``variant`` they pick that configuration (with
-    a ``FutureWarning``); given with another ``variant`` they must name the same one. Raises ``ValueError``
-    naming the option and its valid values.
-    """
+def resolve_variant(variant: str, owner: str = "synood") -> str:
+    """Check ``variant``; raises ``ValueError`` naming the option and its valid values."""
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"{owner}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-    for key, val in (("use_projection", use_projection), ("finetune_labels", finetune_labels)):
-        if val is not None and not isinstance(val, bool):
-            raise ValueError(f"{owner}: {key} must be true or false (deprecated: use variant=...), got {val!r}")
-    if use_projection is None and finetune_labels is None:
-        return variant
-    flags = (bool(use_projection) if use_projection is not None else False,
-             finetune_labels if finetune_labels is not None else True)
-    implied = _FLAG_VARIANTS[flags]
-    given = f"use_projection={flags[0]}, finetune_labels={flags[1]}"
-    if variant != DEFAULT_VARIANT and variant != implied:
-        raise ValueError(f"{owner}: variant={variant!r} contradicts the deprecated {given} (= variant="
-                         f"{implied!r}); give variant alone, one of {', '.join(map(repr, VARIANTS))}")
-    warnings.warn(f"{owner}: {given} is deprecated; it selects variant={implied!r} ({VARIANTS[implied].paper}). "
-                  f"Use variant=... (default {DEFAULT_VARIANT!r}: {VARIANTS[DEFAULT_VARIANT].paper})",
-                  FutureWarning, stacklevel=3)
-    return implied
+    return variant
 
 
 class Projection(nn.Module):
@@ -230,8 +203,7 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
 
 def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: torch.Tensor,
                     pos_feats: torch.Tensor, neg_feats: torch.Tensor, *, neg_norms: torch.Tensor | None = None,
-                    variant: str = DEFAULT_VARIANT, use_projection: bool | None = None,
-                    finetune_labels: bool | None = None, max_learnable_fraction: float = 0.5, tau: float = 0.01,
+                    variant: str = DEFAULT_VARIANT, max_learnable_fraction: float = 0.5, tau: float = 0.01,
                     proj_epochs: int = 3, proj_lr: float = 1e-3, proj_weight_decay: float = 1e-5,
                     label_epochs: int = 5, label_lr: float = 2e-3, label_momentum: float = 0.9,
                     label_weight_decay: float = 1e-5, batch_size: int = 128, seed: int = 0,
@@ -242,12 +214,11 @@ def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: 
     ``"table1"``, the paper's configuration): trains the projection (Eq. 12) and/or the paired labels'
     features (Eq. 14) -- on the raw features ``out_feats`` for ``"table1"`` / ``"labels-only"``, on the
     projected ones for ``"projected-labels"``. The two stages are independent except in
-    ``"projected-labels"``. ``use_projection`` / ``finetune_labels`` are the deprecated booleans
-    (:func:`resolve_variant`). ``neg_norms`` are the norms of the raw text-encoder outputs: as in the
+    ``"projected-labels"``. ``neg_norms`` are the norms of the raw text-encoder outputs: as in the
     reference code, the learnable parameters are the raw (unnormalised) features, so the effective step of
     lr 2e-3 is the paper's.
     """
-    variant = resolve_variant(variant, use_projection, finetune_labels, "finetune_synood")
+    variant = resolve_variant(variant, "finetune_synood")
     spec = VARIANTS[variant]
     if len(out_feats) == 0:
         raise ValueError("SynOOD fine-tuning needs synthetic outliers (an outlier store with at least one image)")
