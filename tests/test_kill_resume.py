@@ -59,9 +59,16 @@ def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
     assert not (out / "train_state.pt").exists()
 
 
+def _default_sigint() -> None:
+    """Test workers (pytest-xdist) may ignore SIGINT, and a child inherits that: give the run the default a
+    user's terminal gives it, so Python turns Ctrl-C into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(_train_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
     _wait_for(out / "train_state.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
