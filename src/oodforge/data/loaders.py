@@ -216,7 +216,7 @@ def load_image_file(path: str | os.PathLike, in_channels: int, size: tuple[int, 
         img = cv2.resize(np.ascontiguousarray(img), (size[1], size[0]),
                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         img = img[:, :, None] if img.ndim == 2 else img
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _square(img: np.ndarray, size: int) -> np.ndarray:
