@@ -84,6 +84,14 @@ def test_bad_hyperparameters_raise():
                                 ("odin", {"epsilon": -1}, "epsilon")]:
         with pytest.raises(ValueError, match=match):
             create(name, **params).fit(ctx).score(feats)
+    # the declared ranges also hold for detectors constructed directly, checked once in Detector.fit
+    from oodforge.detectors.activation_shaping import ReAct
+    from oodforge.detectors.logit_based import Energy
+
+    for det, match in ((ReAct(percentile=150), r"percentile must be in \(0, 100\], got 150"),
+                       (Energy(temperature=-1.0), r"temperature must be in \(0, inf\)")):
+        with pytest.raises(ValueError, match=match):
+            det.fit(ctx)
     unlabelled = FeatureSet(feats.logits, feats.penultimate, torch.full((len(feats),), -1))
     with pytest.raises(ValueError, match="unlabelled"):
         create("mahalanobis").fit(FitContext(model=model, train=unlabelled))

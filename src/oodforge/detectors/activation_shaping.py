@@ -12,7 +12,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
-from .logit_based import check_temperature, energy_score
+from .logit_based import energy_score
 
 __all__ = ["ReAct", "DICE"]
 
@@ -45,9 +45,6 @@ class ReAct(Detector):
         self.temperature = temperature
 
     def _fit(self, ctx: FitContext) -> None:
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"react: percentile must be in (0, 100], got {self.percentile}")
-        check_temperature(self.temperature, self.name)
         h = ctx.train.penultimate
         self.weight_, self.bias_ = _check_head(ctx, h.shape[1], self.name)
         self.threshold_ = float(np.percentile(h.float().numpy().ravel(), self.percentile))
@@ -80,9 +77,6 @@ class DICE(Detector):
         self.temperature = temperature
 
     def _fit(self, ctx: FitContext) -> None:
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"dice: sparsity must be in [0, 1), got {self.sparsity}")
-        check_temperature(self.temperature, self.name)
         h = ctx.train.penultimate
         w, self.bias_ = _check_head(ctx, h.shape[1], self.name)
         self.mean_activation_ = h.double().mean(dim=0)

@@ -97,14 +97,22 @@ class Detector:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{cls.name}: {key} must be a number, got {value!r}")
                 value = float(value)
-            if key in cls.param_ranges and value is not None:
-                lo, hi, lo_closed, hi_closed = _interval(cls.param_ranges[key])
-                if not ((value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)):
-                    raise ValueError(f"{cls.name}: {key} must be in {cls.param_ranges[key]}, got {value}")
+            cls._check_range(key, value)
             out[key] = value
         return out
 
+    @classmethod
+    def _check_range(cls, key: str, value) -> None:
+        if key in cls.param_ranges and value is not None:
+            lo, hi, lo_closed, hi_closed = _interval(cls.param_ranges[key])
+            v = float(value)
+            if not ((v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)):
+                raise ValueError(f"{cls.name}: {key} must be in {cls.param_ranges[key]}, got {value}")
+
     def fit(self, ctx: FitContext) -> Detector:
+        # the declared ranges hold also for a detector constructed directly rather than through create()
+        for key in self.param_ranges:
+            self._check_range(key, getattr(self, key, None))
         if self.needs_outliers and ctx.outliers is None:
             raise ValueError(f"detector {self.name!r} is trained on synthetic outliers: pass an outlier store "
                              "(CLI: --outliers DIR, made by `oodforge synth ...`)")

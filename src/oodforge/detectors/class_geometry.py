@@ -110,8 +110,6 @@ class NCI(Detector):
         self.alpha = alpha
 
     def _fit(self, ctx: FitContext) -> None:
-        if not float(self.alpha) >= 0:
-            raise ValueError(f"nci: alpha must be >= 0, got {self.alpha}")
         self.weight_, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
         self.train_mean_ = _train_mean(ctx)
 

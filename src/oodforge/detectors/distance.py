@@ -96,8 +96,6 @@ class NNGuide(Detector):
         self.train_fraction = train_fraction
 
     def _fit(self, ctx: FitContext) -> None:
-        if not 0 < self.train_fraction <= 1:
-            raise ValueError(f"nnguide: train_fraction must be in (0, 1], got {self.train_fraction}")
         h, logits = ctx.train.penultimate, ctx.train.logits
         if self.train_fraction < 1:
             rng = np.random.default_rng(ctx.seed)

@@ -21,7 +21,6 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, register
-from .logit_based import check_temperature
 
 __all__ = ["GradNorm", "gradnorm_score"]
 
@@ -49,8 +48,8 @@ class GradNorm(Detector):
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
 
-    def _fit(self, ctx) -> None:
-        check_temperature(self.temperature, self.name)
+    def _fit(self, ctx) -> None:  # closed form on the cached logits and features: nothing to fit
+        pass
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         return gradnorm_score(feats.logits, feats.penultimate, float(self.temperature))

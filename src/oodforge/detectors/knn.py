@@ -62,8 +62,6 @@ class KNN(Detector):
         if self.backend == "faiss" and not faiss_available():
             raise ImportError("knn: backend='faiss' but faiss is not installed; `pip install faiss-cpu` or use "
                               "backend='torch'")
-        if not 0 < self.train_fraction <= 1:
-            raise ValueError(f"knn: train_fraction must be in (0, 1], got {self.train_fraction}")
         z = _normalise(ctx.train.penultimate)
         if self.train_fraction < 1:
             rng = np.random.default_rng(ctx.seed)

@@ -12,14 +12,7 @@ import torch
 from ..models.featureset import FeatureSet
 from .base import Detector, register
 
-__all__ = ["MSP", "MaxLogit", "Energy", "energy_score", "check_temperature"]
-
-
-def check_temperature(temperature: float, what: str) -> float:
-    t = float(temperature)
-    if not t > 0:
-        raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
-    return t
+__all__ = ["MSP", "MaxLogit", "Energy", "energy_score"]
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0,
@@ -51,8 +44,7 @@ class MSP(Detector):
         self.temperature = temperature
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
-        t = check_temperature(self.temperature, self.name)
-        return torch.softmax(feats.logits.double() / t, dim=1).max(dim=1).values
+        return torch.softmax(feats.logits.double() / float(self.temperature), dim=1).max(dim=1).values
 
 
 @register
@@ -86,4 +78,4 @@ class Energy(Detector):
         self.temperature = temperature
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
-        return energy_score(feats.logits, check_temperature(self.temperature, self.name))
+        return energy_score(feats.logits, float(self.temperature))

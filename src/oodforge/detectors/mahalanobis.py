@@ -78,8 +78,6 @@ class Mahalanobis(Detector):
         return float(self.noise) > 0
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.noise < 0:
-            raise ValueError(f"mahalanobis: noise must be >= 0, got {self.noise}")
         means, precision, whitening, classes = class_means_tied_precision(ctx.train.penultimate, ctx.train.labels)
         self.means_ = torch.from_numpy(means)
         self.precision_ = torch.from_numpy(precision)

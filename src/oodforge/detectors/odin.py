@@ -14,7 +14,6 @@ import torch
 from ..models.featureset import FeatureSet
 from ..progress import progress_bar
 from .base import Detector, FitContext, register
-from .logit_based import check_temperature
 
 __all__ = ["ODIN", "iter_image_batches", "prepare_model"]
 
@@ -68,9 +67,6 @@ class ODIN(Detector):
         self.progress = progress
 
     def _fit(self, ctx: FitContext) -> None:
-        check_temperature(self.temperature, self.name)
-        if self.epsilon < 0:
-            raise ValueError(f"odin: epsilon must be >= 0, got {self.epsilon}")
         self.model_ = ctx.model
         self.device_ = ctx.device
 

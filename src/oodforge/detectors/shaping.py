@@ -20,7 +20,7 @@ import torch
 from ..models.featureset import FeatureSet
 from .activation_shaping import _check_head
 from .base import Detector, FitContext, register
-from .logit_based import check_temperature, energy_score
+from .logit_based import energy_score
 
 __all__ = ["ASH", "Scale", "VRA", "require_feature_map", "top_k_prune", "ASH_VARIANTS"]
 
@@ -37,13 +37,6 @@ def require_feature_map(feats: FeatureSet, who: str) -> torch.Tensor:
     if fmap.ndim != 4 or fmap.shape[0] != len(feats):
         raise ValueError(f"{who}: feature_map must be [N, C, H, W] with N = {len(feats)}, got {tuple(fmap.shape)}")
     return fmap
-
-
-def check_percentile(percentile: float, who: str) -> float:
-    p = float(percentile)
-    if not 0 <= p < 100:
-        raise ValueError(f"{who}: percentile must be in [0, 100), got {percentile}")
-    return p
 
 
 def top_k_prune(flat: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +63,6 @@ class _FeatureMapEnergy(Detector):
     needs_train_feature_map = False  # nothing is fitted on the training maps: only scored sets need them
 
     def _fit_head(self, ctx: FitContext) -> None:
-        check_temperature(self.temperature, self.name)
         dim = ctx.train.penultimate.shape[1]
         self.weight_, self.bias_ = _check_head(ctx, dim, self.name)
         if ctx.train.feature_map is not None and ctx.train.feature_map.shape[1] != dim:
@@ -123,7 +115,6 @@ class ASH(_FeatureMapEnergy):
         self.temperature = temperature
 
     def _fit(self, ctx: FitContext) -> None:
-        check_percentile(self.percentile, self.name)
         if self.variant not in ASH_VARIANTS:
             raise ValueError(f"ash: variant must be one of {', '.join(map(repr, ASH_VARIANTS))}, got {self.variant!r}")
         self._fit_head(ctx)
@@ -165,7 +156,6 @@ class Scale(_FeatureMapEnergy):
         self.temperature = temperature
 
     def _fit(self, ctx: FitContext) -> None:
-        check_percentile(self.percentile, self.name)
         self._fit_head(ctx)
 
     def scale_factor(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -197,7 +187,7 @@ class VRA(Detector):
 
     name = "vra"
     paper = "Xu, Lian, Liu, Tao, VRA: Variational Rectified Activation for Out-of-distribution Detection, NeurIPS 2023"
-    param_ranges = {"alpha": "[0, 1)", "beta": "(0, 1]", "gamma": "[0, inf)", "temperature": "(0, inf)"}
+    param_ranges = {"alpha": "[0, 1)", "beta": "(0, 1]", "gamma": "(-inf, inf)", "temperature": "(0, inf)"}
 
     def __init__(self, alpha: float = 0.6, beta: float = 0.9, gamma: float = 0.0, temperature: float = 1.0):
         self.alpha = alpha
@@ -206,13 +196,8 @@ class VRA(Detector):
         self.temperature = temperature
 
     def _fit(self, ctx: FitContext) -> None:
-        if not 0 <= self.alpha < 1:
-            raise ValueError(f"vra: alpha (lower quantile) must be in [0, 1), got {self.alpha}")
-        if not self.alpha < self.beta <= 1:
-            raise ValueError(f"vra: beta (upper quantile) must be in (alpha, 1], got {self.beta}")
-        if not np.isfinite(self.gamma):
-            raise ValueError(f"vra: gamma must be finite, got {self.gamma}")
-        check_temperature(self.temperature, self.name)
+        if not self.alpha < self.beta:
+            raise ValueError(f"vra: beta (upper quantile) must be above alpha ({self.alpha}), got {self.beta}")
         h = ctx.train.penultimate
         self.weight_, self.bias_ = _check_head(ctx, h.shape[1], self.name)
         q = np.quantile(h.double().numpy(), [self.alpha, self.beta], axis=0)

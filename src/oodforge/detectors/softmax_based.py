@@ -60,8 +60,6 @@ class GEN(Detector):
         self.top_m = top_m
 
     def _fit(self, ctx: FitContext) -> None:
-        if not 0 < float(self.gamma) < 1:
-            raise ValueError(f"gen: gamma must be in (0, 1), got {self.gamma}")
         if int(self.top_m) != self.top_m or int(self.top_m) < 1:
             raise ValueError(f"gen: top_m must be an integer >= 1, got {self.top_m}")
 
