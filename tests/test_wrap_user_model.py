@@ -166,3 +166,32 @@ def test_bench_takes_a_users_model_from_the_command_line(tmp_path, monkeypatch, 
     rc = main(["bench", "--suite", "fashion6", "--quick", "--model", "my_user_net:build", "--weights", "w.safetensors",
                "--head", "classifier", "--features", "nope", "--methods", "msp", "--out", "out2"])
     assert rc == 2 and "features='nope'" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_load_user_model_reads_torch_state_dicts_and_refuses_what_does_not_fit(tmp_path, monkeypatch):
+    from oodforge.models.wrap import load_user_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_user_net2.py").write_text(USER_MODULE + "\n\ndef not_a_model():\n    return 3\n")
+    torch.manual_seed(4)
+    import importlib
+
+    ref = importlib.import_module("my_user_net2").build()
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    model = load_user_model("my_user_net2:build", "w.pt", head="classifier", features="features", mean=(0.5,),
+                            std=(0.5,), input_size=(28, 28))
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref((x - 0.5) / 0.5))  # the saved weights, not a fresh init
+    torch.save({"other": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit my_user_net2:build"):
+        load_user_model("my_user_net2:build", "bad.pt", head="classifier", features="features", mean=(0.5,),
+                        std=(0.5,), input_size=(28, 28))
+    torch.save(ref, tmp_path / "pickled_module.pt")  # a whole pickled module: refused, never unpickled
+    with pytest.raises(ValueError, match="cannot be read as a state dict"):
+        load_user_model("my_user_net2:build", "pickled_module.pt", head="classifier", features="features",
+                        mean=(0.5,), std=(0.5,), input_size=(28, 28))
+    with pytest.raises(ValueError, match="returned a int, not a torch.nn.Module"):
+        load_user_model("my_user_net2:not_a_model")
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        load_user_model("my_user_net2:build", "missing.safetensors")

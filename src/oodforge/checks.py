@@ -18,6 +18,11 @@ class InputError(ValueError):
     """Bad input a user can fix: the message names the option or file and the fix."""
 
 
+def one_line(text) -> str:
+    """``text`` (or an exception's message) with every run of whitespace, newlines included, as one space."""
+    return " ".join(str(text).split())
+
+
 # --- options ------------------------------------------------------------------------------------
 
 def check_device(device: str, option: str = "--device") -> str:
@@ -144,7 +149,7 @@ def check_store_fits(store, id_train, class_names, option: str, allow_foreign: b
     return problems
 
 
-__all__ = ["InputError", "check_suite_fits_model", "check_device", "check_out_dir", "check_positive", "check_images_fit", "check_labels",
+__all__ = ["InputError", "one_line", "check_suite_fits_model", "check_device", "check_out_dir", "check_positive", "check_images_fit", "check_labels",
            "check_model_classes", "dataset_family", "store_mismatches", "check_store_fits"]
 
 

@@ -43,19 +43,6 @@ def _check_methods(method_list: list[str], has_outliers: bool) -> None:
                              "--outliers DIR (made by `oodforge synth shift ...`)")
 
 
-def _check_checkpoint_files(path: Path, option: str) -> None:
-    """A checkpoint folder must exist with its two files (read fully later, after the cheap checks)."""
-    from .models.checkpoint import META, WEIGHTS
-
-    folder = path.parent if path.suffix == ".safetensors" else path
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{option} {path}: no such folder (a checkpoint folder from `oodforge train`)")
-    missing = [f for f in (WEIGHTS, META) if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{option} {path}: missing {', '.join(missing)}; a checkpoint folder holds "
-                                f"{WEIGHTS} and {META} (written by `oodforge train`)")
-
-
 def _floats(text: str | None, option: str, n: int) -> tuple[float, ...]:
     if text is None:
         return (0.5,) * n
@@ -126,6 +113,7 @@ def bench(
     method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
                    for m in groups.get(part, [part])]
     from .checks import check_device, check_out_dir, check_positive, check_store_fits, check_suite_fits_model
+    from .models.checkpoint import checkpoint_files
     from .outliers.store import OutlierStore
 
     check_out_dir(out)
@@ -133,7 +121,7 @@ def bench(
     check_positive(epochs, "--epochs")
     _check_methods(method_list, has_outliers=outliers is not None)
     if checkpoint is not None:
-        _check_checkpoint_files(checkpoint, "--checkpoint")
+        checkpoint_files(checkpoint, "--checkpoint")
     if user_model is not None and checkpoint is not None:
         raise typer.BadParameter("give either --checkpoint or --model, not both", param_hint="--model")
     if user_model is None and any(v is not None for v in (weights, mean, std)):
@@ -146,7 +134,7 @@ def bench(
                                      split="val" if opt == "--val-outliers" else "train") for opt, st in stores.items()}
     if user_model is not None:
         model = _user_model(user_model, weights, head, features, mean, std, s)
-        info = {"user_model": user_model, "weights": str(weights) if weights else None, "plan": {"method": "user"}}
+        info = {"user_model": user_model, "weights": str(weights) if weights else None}
         what = f"--model {user_model}"
     else:
         model, info = get_model(s, TrainPlan(epochs=epochs if epochs is not None else 3 if quick else 4, seed=seed),
@@ -155,7 +143,8 @@ def bench(
     check_suite_fits_model(s, model, info, what)
     store = stores["--outliers"].load() if "--outliers" in stores else None
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
-    label = (info.get("plan") or {}).get("method", "user" if checkpoint is not None else "plain")
+    # the model is labelled by what it is: its training method, or "user" when oodforge did not train it
+    label = (info.get("plan") or {}).get("method", "user" if checkpoint or user_model else "plain")
     job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, label="" if label == "plain" else label,
                    info={"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"),
                          **{k: info[k] for k in ("user_model", "weights") if k in info},
@@ -258,7 +247,7 @@ def train(
     """Train a classifier (plain or SSOD) on a suite's ID training set and save a checkpoint."""
     from .checks import check_device, check_out_dir, check_store_fits
     from .demo import stratified_subset
-    from .models.checkpoint import save_checkpoint, weights_hash
+    from .models.checkpoint import checkpoint_files, save_checkpoint, weights_hash
     from .models.train import accuracy
     from .workflows import TrainPlan, train_model
 
@@ -286,10 +275,7 @@ def train(
                      m_out=m_out)
     plan.train_config()  # validate every setting before loading data
     if init_from is not None:
-        _check_checkpoint_files(init_from, "--init-from")
-        from .models.checkpoint import load_checkpoint
-
-        load_checkpoint(init_from)  # corrupt or mismatched weights fail here, before any data is read
+        checkpoint_files(init_from, "--init-from")  # its weights are read once, by train_model
     s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick), max_train, seed)
     if outliers is not None:
         from .outliers.store import OutlierStore
@@ -356,13 +342,10 @@ def _options(no_progress: bool = typer.Option(False, "--no-progress", help="No p
     set_progress(not no_progress)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. A failure the user can fix prints one ``error:`` line and exits 2 (a traceback only with
     ``OODFORGE_DEBUG=1``); Ctrl-C prints what was kept and how to resume, and exits 130."""
+    from .checks import one_line
     from .hub import ModelUnavailableError
     from .outliers.store import StoreError
     from .progress import resume_notes
@@ -382,14 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"oodforge {ctx.command_path.split(' ', 1)[1]} --help" if ctx and " " in ctx.command_path else \
             "oodforge --help"
-        typer.secho(f"error: {_one_line(e.format_message())} (see {where})", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {one_line(e.format_message())} (see {where})", fg=typer.colors.RED, err=True)
         rc = 2
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError, ModelUnavailableError,
             StoreError) as e:  # bad input: one clear line, no traceback
         if debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        typer.secho(f"error: {_one_line(msg)}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {one_line(msg)}", fg=typer.colors.RED, err=True)
         rc = 2
     if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
         notes = resume_notes()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checks import one_line
 from .backbones import build_model
 from .base import Classifier
 
@@ -48,13 +49,22 @@ def save_checkpoint(model: Classifier, path: str | Path, meta: dict | None = Non
     return folder
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
-    """Rebuild the model from ``meta.json`` and load its weights; returns ``(model.eval(), meta)``."""
+def checkpoint_files(path: str | Path, option: str = "checkpoint") -> tuple[Path, Path]:
+    """``(weights file, meta.json)`` of a checkpoint folder (or its ``.safetensors`` file); a missing folder
+    or file raises ``FileNotFoundError`` naming ``option``. Cheap: the CLI calls it before loading any data."""
     folder = _folder(path)
-    wfile, mfile = folder / WEIGHTS, folder / META
-    if not wfile.is_file() or not mfile.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} must contain {WEIGHTS} and {META} "
-                                "(written by `oodforge train` or oodforge.models.checkpoint.save_checkpoint)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {path}: no such folder (a checkpoint folder from `oodforge train`)")
+    missing = [f for f in (WEIGHTS, META) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{option} {path}: missing {', '.join(missing)}; a checkpoint folder holds "
+                                f"{WEIGHTS} and {META} (written by `oodforge train` or save_checkpoint)")
+    return folder / WEIGHTS, folder / META
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", option: str = "checkpoint") -> tuple[Classifier, dict]:
+    """Rebuild the model from ``meta.json`` and load its weights; returns ``(model.eval(), meta)``."""
+    wfile, mfile = checkpoint_files(path, option)
     try:
         meta = json.loads(mfile.read_text())
     except json.JSONDecodeError as e:
@@ -66,12 +76,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Classifier, 
     try:
         state = load_file(str(wfile))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-        raise ValueError(f"{wfile} cannot be read ({_one_line(e)}); the file is truncated or corrupt: "
+        raise ValueError(f"{wfile} cannot be read ({one_line(e)}); the file is truncated or corrupt: "
                          "copy it again or re-run the command that wrote it") from None
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _one_line(e)[:200])
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), one_line(e)[:200])
         raise ValueError(f"{wfile} does not match architecture {meta['arch']!r} with {meta['num_classes']} classes "
                          f"and {meta['in_channels']} channels as {mfile.name} says ({first}); the weights come "
                          "from another model") from None
@@ -79,10 +89,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Classifier, 
         raise ValueError(f"{wfile} does not match architecture {meta['arch']!r}: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     return model.to(device).eval(), meta
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
 
 
 def weights_hash(model: torch.nn.Module) -> str:

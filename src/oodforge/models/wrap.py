@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import one_line
 from .base import Classifier, ForwardOutput
 
 
@@ -156,12 +157,12 @@ def load_user_model(spec: str, weights: str | None = None, head: str = "fc", fea
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated file, or a pickle that is not a plain state dict
-            raise ValueError(f"--weights {path} cannot be read as a state dict ({' '.join(str(e).split())[:200]}); "
+            raise ValueError(f"--weights {path} cannot be read as a state dict ({one_line(e)[:200]}); "
                              "save it with safetensors or torch.save(model.state_dict())") from None
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            first = " ".join(str(e).split())[:300]
+            first = one_line(e)[:300]
             raise ValueError(f"--weights {path} does not fit {spec} ({first})") from None
     return wrap(net.eval(), head=head, features=features, mean=mean, std=std, input_size=input_size)
 
