@@ -149,9 +149,6 @@ def check_store_fits(store, id_train, class_names, option: str, allow_foreign: b
     return problems
 
 
-__all__ = ["InputError", "one_line", "check_suite_fits_model", "check_device", "check_out_dir", "check_positive", "check_images_fit", "check_labels",
-           "check_model_classes", "dataset_family", "store_mismatches", "check_store_fits"]
-
 
 def check_suite_fits_model(suite, model, meta: dict | None = None, what: str = "the classifier") -> None:
     """Every image set of ``suite`` against ``model``: channels, size, labels and class names."""
@@ -166,3 +163,8 @@ def check_suite_fits_model(suite, model, meta: dict | None = None, what: str = "
         check_images_fit(ds, model.in_channels, hw, f"{name} of suite {suite.name!r}")
         if name.startswith("ID"):
             check_labels(ds, model.num_classes, f"{name} of suite {suite.name!r}")
+
+
+__all__ = ["InputError", "one_line", "check_device", "check_out_dir", "check_positive", "check_images_fit",
+           "check_labels", "check_model_classes", "check_suite_fits_model", "dataset_family", "store_mismatches",
+           "check_store_fits"]

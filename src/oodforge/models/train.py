@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.base import ArrayDataset
-from ..progress import progress_bar
+from ..progress import note_resume, progress_bar
 from .base import Classifier
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -263,8 +263,6 @@ def run_training(model: nn.Module, dataset: ArrayDataset, objective: Objective |
                    "n": len(dataset)}
     state_dir = Path(state_dir) if state_dir is not None else None
     if state_dir is not None:
-        from ..progress import note_resume
-
         note_resume(f"the training state after each finished epoch ({state_dir / STATE_FILE})")
     if state_dir is not None and (state := _load_state(state_dir, fingerprint)) is not None:
         model.load_state_dict(state["model"])

@@ -85,12 +85,12 @@ class ClipFeatures:
         hit = self._lookup(key)
         if hit is not None:
             return torch.nn.functional.normalize(hit, dim=-1) if normalize else hit
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         tok = self.processor.tokenizer
         max_len = int(getattr(self.model.config.text_config, "max_position_embeddings", 77))
         feats = []
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        for i in progress_bar(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
             enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
                       return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -120,11 +120,11 @@ class ClipFeatures:
         hit = self._lookup(key)
         if hit is not None:
             return hit
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         feats = []
         n = len(dataset)
-        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
+        for i in progress_bar(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
             feats.append(self.encode_pixels(self.pixel_values(dataset.images[i:i + batch_size])))
         out = torch.cat(feats) if feats else torch.zeros(0, self.dim)
         self._store(key, out)

@@ -229,11 +229,11 @@ def label_contexts(
     if not names:
         raise ValueError("label_contexts needs the class names (dataset.class_names or class_names=...)")
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     with ContextWriter(out) as w:
         todo = [int(i) for i in idx if int(i) not in w.done]
-        bar = tqdm(total=len(todo), desc="contexts", unit="img", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="contexts", unit="img", disable=not progress)
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
             labels = dataset.labels[chunk].tolist()

@@ -137,7 +137,7 @@ def train_projection(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats:
     ``out_targets`` index into ``subset_feats`` (the ``M'`` paired negative labels). The logits of an image
     are ``sim(delta(F(x)), [T_ID; T*^neg]) / tau``. Returns the projection and the mean loss per epoch.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
@@ -148,7 +148,7 @@ def train_projection(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats:
     y = torch.cat([id_labels.long(), out_targets.long() + pos_feats.shape[0]])
     opt = torch.optim.Adam(proj.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
-    for _ in tqdm(range(epochs), desc="SynOOD projection (Eq. 12)", disable=not progress, unit="epoch"):
+    for _ in progress_bar(range(epochs), desc="SynOOD projection (Eq. 12)", disable=not progress, unit="epoch"):
         total, count = 0.0, 0
         for b in _batches(len(x), batch_size, g):
             xb, yb = x[b].to(device), y[b].to(device)
@@ -176,7 +176,7 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
     ``projection`` first (Table 5's "with projection" row: variant ``"projected-labels"``). Returns the
     L2-normalised trained features and the loss per epoch.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(int(seed))
     feats = nn.Parameter(init_feats.float().clone().to(device))
@@ -187,7 +187,7 @@ def train_label_features(out_feats: torch.Tensor, out_targets: torch.Tensor, ini
             projection = projection.to(device)
             x = torch.cat([projection(x[i:i + 4096].to(device)).cpu() for i in range(0, len(x), 4096)])
     history = []
-    for _ in tqdm(range(epochs), desc="SynOOD label features (Eq. 14)", disable=not progress, unit="epoch"):
+    for _ in progress_bar(range(epochs), desc="SynOOD label features (Eq. 14)", disable=not progress, unit="epoch"):
         total, count = 0.0, 0
         for b in _batches(len(x), batch_size, g):
             xb, yb = x[b].to(device), out_targets[b].long().to(device)

@@ -258,9 +258,8 @@ def synthesize_synood(
     Finished outliers are committed to the store every ``commit_every`` outliers (a kill loses at most
     that much work). Returns the :class:`~oodforge.outliers.store.OutlierStore`.
     """
-    from tqdm.auto import tqdm
-
     from ..outliers.store import OutlierStore, outlier_seed, shard_indices
+    from ..progress import progress_bar
 
     if k < 1 or batch_size < 1 or commit_every < 1:
         raise ValueError(f"k, batch_size and commit_every must be >= 1, got {k}, {batch_size}, {commit_every}")
@@ -285,7 +284,7 @@ def synthesize_synood(
     with store.writer():
         done = store.done_keys()
         todo = [(int(i), j) for i in idx for j in range(k) if (int(i), j) not in done]
-        bar = tqdm(total=len(todo), desc="synood", unit="img", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="synood", unit="img", disable=not progress)
         pending_imgs: list[np.ndarray] = []
         pending_recs: list[dict] = []
 

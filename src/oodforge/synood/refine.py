@@ -74,11 +74,11 @@ def refine_outliers(
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     k_max = int(np.floor(eps * 255.0 + 1e-6))  # the largest integer change that stays within eps
     g = torch.Generator().manual_seed(int(seed))
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     out = torch.empty_like(images.images)
     before, after = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="refine outliers", unit="batch", disable=not progress):
+    for i in progress_bar(range(0, len(images), batch_size), desc="refine outliers", unit="batch", disable=not progress):
         x0 = images.float_images(i, i + batch_size).to(device)
         x = x0.clone()
         best, best_gap, s0 = x0.clone(), None, None
