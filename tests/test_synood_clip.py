@@ -262,7 +262,7 @@ def test_synood_every_variant_fits_and_scores(tiny_clip, wordnet_dir):
                      proj_epochs=2, label_epochs=2).fit(ctx)
         s = det.score(_fs(test))
         assert s.shape == (5,) and np.all((s >= 0) & (s <= 1)), variant
-        assert det.variant_ == variant and (det.projection_ is not None) == spec.projection
+        assert det.variant == variant and (det.projection_ is not None) == spec.projection
         assert ("label_loss" in det.history_) == (spec.labels_on is not None)
         if variant == "no-finetune":  # nothing trained: NegLabel's score
             np.testing.assert_allclose(s, base.score(_fs(test)), rtol=1e-6)

@@ -58,7 +58,8 @@ class SynOOD(NegLabel):
 
     def __init__(self, clip_model: str | None = None, wordnet_dir: str | None = None, num_neg: int = 10000,
                  percentile: float = 0.95, tau: float = 0.01, ngroup: int = 100, first_lemma_only: bool = True,
-                 per_class: int | None = None, variant: str = DEFAULT_VARIANT, max_learnable_fraction: float = 0.5, proj_epochs: int = 3, proj_lr: float = 1e-3,
+                 per_class: int | None = None, variant: str = DEFAULT_VARIANT, max_learnable_fraction: float = 0.5,
+                 proj_epochs: int = 3, proj_lr: float = 1e-3,
                  label_epochs: int = 5, label_lr: float = 2e-3, batch_size: int = 128, clip_batch_size: int = 64,
                  cache_dir: str | None = None, progress: bool = False):
         self.clip_model = clip_model
@@ -99,7 +100,6 @@ class SynOOD(NegLabel):
                               proj_epochs=self.proj_epochs, proj_lr=self.proj_lr, label_epochs=self.label_epochs,
                               label_lr=self.label_lr, batch_size=self.batch_size, seed=ctx.seed, device=ctx.device,
                               progress=self.progress)
-        self.variant_ = res.variant
         self.neg_feats_ = res.neg_feats
         self.projection_ = res.projection  # None unless the variant trains one (then it is used at scoring)
         self.learnable_ = res.subset

@@ -227,7 +227,7 @@ def finetune_synood(id_feats: torch.Tensor, id_labels: torch.Tensor, out_feats: 
     sub_feats = neg_feats[subset]
     # outliers paired with a label outside the capped subset are re-paired within it
     targets = assign_negative_labels(out_feats, sub_feats)
-    history: dict = {"variant": variant, "num_learnable": int(len(subset)), "num_neg": int(len(neg_feats))}
+    history: dict = {"num_learnable": int(len(subset)), "num_neg": int(len(neg_feats))}
     proj = None
     if spec.projection:
         proj, history["projection_loss"] = train_projection(
