@@ -85,6 +85,12 @@ class ArrayDataset(Dataset):
         """A slice of the images as float32 in ``[0, 1]``."""
         return self.images[start:stop].float().div_(255.0)
 
+    def batches(self, batch_size: int):
+        """Consecutive float batches in ``[0, 1]``, in order (what feature extraction iterates; a streamed
+        :class:`~oodforge.data.streaming.FileDataset` decodes its batches in DataLoader workers instead)."""
+        for i in range(0, len(self), batch_size):
+            yield self.float_images(i, i + batch_size)
+
     def subset(self, indices: np.ndarray | list[int], identity_suffix: str | None = None) -> ArrayDataset:
         """The items at ``indices``; the identity records which ones, so caches stay correct."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))

@@ -43,6 +43,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "read_idx",
     "load_image_folder",
+    "list_image_folder",
+    "decode_image",
     "load_cifar",
     "load_svhn_mat",
     "load_npz",
@@ -232,21 +234,13 @@ def _square(img: np.ndarray, size: int) -> np.ndarray:
     return img[y : y + size, x : x + size]
 
 
-def load_image_folder(
-    root: str | os.PathLike,
-    size: int | None = None,
-    channels: int | None = None,
-    progress: bool = True,
-) -> ArrayDataset:
-    """Images in ``root/<class name>/**/<image>``; class names are the sorted sub-folder names.
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str] | None]:
+    """The image files of an image folder, their labels and the class names, without reading any image.
 
-    A folder with images but no sub-folders loads as one unlabelled set (labels ``-1``), which is
-    how an OOD test set is usually stored. ``size`` resizes each image (shorter side to ``size``,
-    then a centre crop); without it every image must have the same height and width.
-    ``channels`` (1 or 3) converts; by default it is 1 if every image is grayscale, else 3.
+    ``root/<class name>/**/<image>``: class names are the sorted sub-folder names, labels index them.
+    A folder with images but no sub-folders is one unlabelled set (labels ``-1``, class names ``None``).
+    Shared by :func:`load_image_folder` (reads everything) and :mod:`oodforge.data.streaming` (reads on demand).
     """
-    from ..progress import progress_bar
-
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root}: image folder not found (expected root/<class>/<image files>)")
@@ -256,8 +250,9 @@ def load_image_folder(
         it = d.rglob("*") if recursive else d.iterdir()
         return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
-    files: list[tuple[Path, int]] = []
-    class_names: list[str] | None
+    files: list[Path] = []
+    labels: list[int] = []
+    class_names: list[str] | None = None
     if subdirs:
         class_names = [d.name for d in subdirs]
         for k, d in enumerate(subdirs):
@@ -266,32 +261,58 @@ def load_image_folder(
                 raise DatasetFormatError(f"{d}: class folder with no images (extensions "
                                          f"{', '.join(IMAGE_EXTENSIONS)}); remove it or add its images, since "
                                          "every sub-folder of an image folder is a class")
-            files += [(p, k) for p in found]
+            files += found
+            labels += [k] * len(found)
     else:
-        class_names = None
-        files = [(p, -1) for p in images_in(root, False)]
+        files = images_in(root, False)
+        labels = [-1] * len(files)
     if not files:
         raise DatasetFormatError(
             f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}); expected root/<class>/<image>"
         )
-    arrays = []
-    for p, _ in progress_bar(files, desc=f"reading {root.name}", disable=not progress or len(files) < 500, leave=False):
-        img = _read_image(p)
-        if size is not None:
-            img = _square(img, size)
-        arrays.append(img)
+    return files, np.array(labels, np.int64), class_names
+
+
+def decode_image(path: Path, size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """One image file as uint8 ``[C, H, W]``: shorter side resized to ``size`` then centre-cropped (when
+    given), converted to ``channels`` (1: BT.601 luma, 3: RGB; by default as stored, grey = 1)."""
+    img = _read_image(Path(path))
+    if size is not None:
+        img = _square(img, size)
+    chw = to_uint8_nchw(img[None], str(path))
+    return _to_channels(chw, channels)[0] if channels is not None else chw[0]
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    size: int | None = None,
+    channels: int | None = None,
+    progress: bool = True,
+) -> ArrayDataset:
+    """Images in ``root/<class name>/**/<image>``, read into memory (see :func:`list_image_folder`).
+
+    ``size`` resizes each image (shorter side to ``size``, then a centre crop); without it every
+    image must have the same height and width. ``channels`` (1 or 3) converts; by default it is 1 if
+    every image is grayscale, else 3. For folders too large for memory use
+    :func:`oodforge.data.streaming.stream_image_folder`.
+    """
+    from ..progress import progress_bar
+
+    root = Path(root)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    files, labels, class_names = list_image_folder(root)
+    arrays = [decode_image(p, size) for p in progress_bar(files, desc=f"reading {root.name}",
+                                                          disable=not progress or len(files) < 500, leave=False)]
     if size is None:
-        shapes = {a.shape[:2] for a in arrays}
+        shapes = {a.shape[1:] for a in arrays}
         if len(shapes) > 1:
-            example = {a.shape[:2]: p for a, (p, _) in zip(arrays, files, strict=True)}
+            example = {a.shape[1:]: p for a, p in zip(arrays, files, strict=True)}
             detail = ", ".join(f"{p.name} is {h}x{w}" for (h, w), p in list(example.items())[:3])
             raise DatasetFormatError(f"{root}: images have different sizes ({detail}); pass size=<pixels> to resize")
     if channels is None:
-        channels = 1 if all(a.ndim == 2 for a in arrays) else 3
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    out = np.stack([_to_channels(to_uint8_nchw(a[None]), channels)[0] for a in arrays])
-    labels = np.array([k for _, k in files], np.int64)
+        channels = 1 if all(a.shape[0] == 1 for a in arrays) else 3
+    out = np.stack([_to_channels(a[None], channels)[0] for a in arrays])
     return ArrayDataset(out, labels, class_names, _content_identity(f"imagefolder:{root.name}", out, labels))
 
 

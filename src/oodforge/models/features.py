@@ -1,50 +1,109 @@
-"""One forward pass per (model, dataset), cached on disk.
+"""One forward pass per (model, dataset), cached on disk in memory-mapped arrays.
 
 Every feature-based detector reads the same :class:`FeatureSet`, so a benchmark with ten
 detectors costs one pass over each dataset. The cache key is the hash of the model's weights
-plus the dataset's ``identity``; entries are safetensors files written atomically, so a killed
-run never leaves a half-written entry behind.
+plus the dataset's ``identity``. An entry is a folder of ``.npy`` arrays (logits, penultimate,
+labels, optionally feature_map) that the forward pass fills batch by batch and that is then opened
+memory-mapped (copy-on-write): the features are never held twice in memory, and a dataset larger
+than memory (a streamed :class:`~oodforge.data.streaming.FileDataset`) costs only the pages the
+detectors touch. The folder is written under a temporary name and renamed when complete, so a
+killed run never leaves a half-written entry behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..data.base import ArrayDataset
 from ..progress import progress_bar
 from .checkpoint import weights_hash
 from .featureset import FeatureSet
 
+FIELDS = ("logits", "penultimate", "feature_map")
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")) / "features"
 
 
-def _cache_file(cache_dir: Path, model: torch.nn.Module, dataset: ArrayDataset, feature_map: bool) -> Path:
-    import hashlib
-
+def _cache_entry(cache_dir: Path, model: torch.nn.Module, dataset: ArrayDataset, feature_map: bool) -> Path:
     key = hashlib.sha256(f"{weights_hash(model)}|{dataset.identity}|{int(feature_map)}".encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"{key}.safetensors"
+    return Path(cache_dir) / f"{key}.features"
+
+
+def _batches(dataset, batch_size: int):
+    """The dataset's float batches in order; ``batches`` when it has one (streamed data decodes in workers)."""
+    if hasattr(dataset, "batches"):
+        return dataset.batches(batch_size)
+    return (dataset.float_images(i, i + batch_size) for i in range(0, len(dataset), batch_size))
+
+
+class _Sink:
+    """Where the forward pass writes: arrays allocated from the first batch's shapes, either in memory
+    (``folder=None``) or as ``.npy`` files in ``folder`` (memory-mapped, filled in place)."""
+
+    def __init__(self, n: int, folder: Path | None) -> None:
+        self.n, self.folder, self.arrays = n, folder, {}
+
+    def write(self, name: str, start: int, batch: torch.Tensor) -> None:
+        if name not in self.arrays:
+            shape = (self.n, *batch.shape[1:])
+            if self.folder is None:
+                self.arrays[name] = np.empty(shape, np.float32)
+            else:
+                self.arrays[name] = np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", np.float32, shape)
+        self.arrays[name][start:start + batch.shape[0]] = batch.float().cpu().numpy()
+
+    def finish(self, labels: torch.Tensor) -> FeatureSet:
+        if self.folder is not None:
+            np.save(self.folder / "labels.npy", labels.numpy())
+            for a in self.arrays.values():
+                a.flush()
+        t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
+        return FeatureSet(t["logits"], t["penultimate"], labels.clone(), t.get("feature_map"))
 
 
 @torch.no_grad()
-def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool):
+def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool,
+             folder: Path | None = None) -> FeatureSet:
     model.to(device).eval()
-    logits, pens, fmaps = [], [], []
     n = len(dataset)
-    for i in progress_bar(range(0, n, batch_size), desc=f"features {dataset.identity[:40]}", disable=not progress,
-                  leave=False):
-        out = model.forward_all(dataset.float_images(i, i + batch_size).to(device))
-        logits.append(out.logits.float().cpu())
-        pens.append(out.penultimate.float().cpu())
+    sink = _Sink(n, folder)
+    start = 0
+    for x in progress_bar(_batches(dataset, batch_size), total=-(-n // batch_size),
+                          desc=f"features {dataset.identity[:40]}", disable=not progress, leave=False):
+        out = model.forward_all(x.to(device))
+        sink.write("logits", start, out.logits)
+        sink.write("penultimate", start, out.penultimate)
         if feature_map:
-            fmaps.append(out.feature_map.float().cpu())
-    return FeatureSet(torch.cat(logits), torch.cat(pens), dataset.labels.clone(),
-                      torch.cat(fmaps) if feature_map else None)
+            sink.write("feature_map", start, out.feature_map)
+        start += x.shape[0]
+    if start != n:
+        raise RuntimeError(f"dataset {dataset.identity} gave {start} images for its length {n}")
+    return sink.finish(dataset.labels)
+
+
+def _open_entry(entry: Path, feature_map: bool) -> FeatureSet | None:
+    """A cached entry, memory-mapped copy-on-write (writes stay private to this process); ``None`` when it
+    is missing or unreadable (a corrupt entry is removed and recomputed, never trusted)."""
+    if not entry.is_dir():
+        return None
+    try:
+        t = {k: np.load(entry / f"{k}.npy", mmap_mode="c") for k in ("logits", "penultimate")}
+        if feature_map:
+            t["feature_map"] = np.load(entry / "feature_map.npy", mmap_mode="c")
+        labels = torch.from_numpy(np.load(entry / "labels.npy"))
+        return FeatureSet(torch.from_numpy(t["logits"]), torch.from_numpy(t["penultimate"]), labels,
+                          torch.from_numpy(t["feature_map"]) if feature_map else None)
+    except (OSError, ValueError):
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
 
 def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str = "cpu", batch_size: int = 256,
@@ -52,8 +111,9 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
                      progress: bool = True) -> FeatureSet:
     """Logits, penultimate vectors (and optionally last feature maps) of ``model`` on ``dataset``.
 
-    With ``cache_dir`` set, results are read from / written to disk. A cached entry with feature
-    maps also serves requests without them.
+    ``dataset`` is an ``ArrayDataset`` or a streamed ``FileDataset``. With ``cache_dir`` set, results
+    are read from / written to disk as memory-mapped arrays. A cached entry with feature maps also
+    serves requests without them.
     """
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset.identity} is empty")
@@ -61,22 +121,20 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
         return _forward(model, dataset, device, batch_size, feature_map, progress)
     cache_dir = Path(cache_dir)
     for with_map in ((True,) if feature_map else (False, True)):
-        f = _cache_file(cache_dir, model, dataset, with_map)
-        if f.is_file():
-            try:
-                t = load_file(str(f))
-            except Exception:  # a corrupt entry is recomputed, not trusted
-                f.unlink(missing_ok=True)
-                continue
-            return FeatureSet(t["logits"], t["penultimate"], t["labels"],
-                              t["feature_map"] if feature_map else None)
-    feats = _forward(model, dataset, device, batch_size, feature_map, progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    f = _cache_file(cache_dir, model, dataset, feature_map)
-    tensors = {"logits": feats.logits, "penultimate": feats.penultimate, "labels": feats.labels}
-    if feature_map:
-        tensors["feature_map"] = feats.feature_map.contiguous()
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, f)
-    return feats
+        cached = _open_entry(_cache_entry(cache_dir, model, dataset, with_map), feature_map)
+        if cached is not None:
+            return cached
+    entry = _cache_entry(cache_dir, model, dataset, feature_map)
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _forward(model, dataset, device, batch_size, feature_map, progress, folder=tmp)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first: use theirs
+            if not entry.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_entry(entry, feature_map)
