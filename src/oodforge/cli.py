@@ -19,11 +19,35 @@ DATA_ROOT = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIS
                          "(default: /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).")
 
 
-def _load_suite(suite: str, data_root: Optional[Path], seed: int, quick: bool):
-    from .data.suites import SUITES, load_suite
+SUITE_HELP = "fashion, fashion6, scenes, or your own suite file (*.toml, see docs/datasets.md)."
+ID_TRAIN = typer.Option(None, "--id-train", help="Your ID training data (image folder with one sub-folder per class, "
+                        "CIFAR batches, SVHN .mat, .npz): with --id-test and --ood, a suite without a suite file.")
+ID_TEST = typer.Option(None, "--id-test", help="Your ID test data (same classes as --id-train).")
+OOD = typer.Option(None, "--ood", help="An OOD test set NAME=PATH (repeat the option for more sets).")
+NEAR = typer.Option(None, "--near", help="Comma-separated names of --ood sets that are near OOD (the rest are far).")
+IMAGE_SIZE = typer.Option(None, "--image-size", help="Resize your images to this size (default: the ID training "
+                          "images' size).")
+STREAM = typer.Option(False, "--stream", help="Read image folders from disk on demand instead of into memory "
+                      "(for data larger than memory; docs/datasets.md).")
 
-    if suite not in SUITES:
-        raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}", param_hint="--suite")
+
+def _load_suite(suite: str, data_root: Optional[Path], seed: int, quick: bool, id_train: Optional[Path] = None,
+                id_test: Optional[Path] = None, ood: Optional[list[str]] = None, near: Optional[str] = None,
+                image_size: Optional[int] = None, stream: bool = False):
+    """The suite a command runs on: an embedded one, a suite file, or one given by --id-train/--id-test/--ood."""
+    from .data.suites import SUITES, is_suite, load_suite
+    from .data.user_suite import spec_from_options
+
+    if id_train is not None or id_test is not None or ood:
+        spec = spec_from_options(str(id_train) if id_train else None, str(id_test) if id_test else None, ood, near,
+                                 image_size, stream)
+        return load_suite(spec, data_root=data_root, seed=seed, quick=quick)
+    if near is not None or image_size is not None or stream:
+        raise typer.BadParameter("--near, --image-size and --stream describe a suite given by --id-train, "
+                                 "--id-test and --ood (in a suite file, write them there)", param_hint="--near")
+    if not is_suite(suite):
+        raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
+                                 "(*.toml)", param_hint="--suite")
     return load_suite(suite, data_root=data_root, seed=seed, quick=quick)
 
 
@@ -66,7 +90,13 @@ def _user_model(spec: str, weights, head: str, features: str, mean, std, suite):
 
 @app.command()
 def bench(
-    suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: fashion, fashion6 or scenes."),
+    suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: " + SUITE_HELP),
+    id_train: Optional[Path] = ID_TRAIN,
+    id_test: Optional[Path] = ID_TEST,
+    ood: Optional[list[str]] = OOD,
+    near: Optional[str] = NEAR,
+    image_size: Optional[int] = IMAGE_SIZE,
+    stream: bool = STREAM,
     methods: str = typer.Option(None, "--methods", help="Comma-separated detectors, optionally with parameters "
                                 "(e.g. 'msp,energy,knn:k=10,shift'); groups: 'posthoc' (all 23 post-hoc detectors, the default), "
                                 "'classic' (the first 10)."),
@@ -127,7 +157,7 @@ def bench(
     if user_model is None and any(v is not None for v in (weights, mean, std)):
         raise typer.BadParameter("--weights, --mean and --std describe --model; give --model too",
                                  param_hint="--model")
-    s = _load_suite(suite, data_root, seed, quick)
+    s = _load_suite(suite, data_root, seed, quick, id_train, id_test, ood, near, image_size, stream)
     stores = {opt: OutlierStore(path) for opt, path in (("--outliers", outliers), ("--val-outliers", val_outliers))
               if path is not None}
     foreign = {opt: check_store_fits(st, s.id_train, s.class_names, opt, allow_foreign_outliers,
@@ -161,7 +191,8 @@ def bench(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
-    suites: str = typer.Option("fashion,fashion6,scenes", "--suites", help="Comma-separated suites."),
+    suites: str = typer.Option("fashion,fashion6,scenes", "--suites", help="Comma-separated suites: embedded "
+                               "names or suite files (*.toml)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny subsets and 1-epoch training (a smoke run)."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most this many ID training images "
                                             "(stratified; a subset gets no zoo classifier, so it trains)."),
@@ -176,13 +207,13 @@ def demo(
 ) -> None:
     """Train, forge SHIFT outliers, train SSOD, and benchmark everything on the embedded suites."""
     from .checks import check_device, check_out_dir, check_positive
-    from .data.suites import SUITES
+    from .data.suites import SUITES, is_suite
     from .demo import run_demo
 
     if max_train is not None and max_train < 1:
         raise typer.BadParameter(f"must be >= 1, got {max_train}", param_hint="--max-train")
     names = tuple(s.strip() for s in suites.split(",") if s.strip())
-    unknown = [n for n in names if n not in SUITES]
+    unknown = [n for n in names if not is_suite(n)]
     if unknown or not names:
         raise typer.BadParameter(f"unknown suite(s) {unknown or suites!r}; choose from {', '.join(SUITES)}",
                                  param_hint="--suites")
@@ -199,7 +230,13 @@ def demo(
 def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (also holds the per-epoch state of "
                              "an unfinished run, so the same command resumes it)."),
-    suite: str = typer.Option("fashion", "--suite", help="Suite whose ID training set is used."),
+    suite: str = typer.Option("fashion", "--suite", help="Suite whose ID training set is used: " + SUITE_HELP),
+    id_train: Optional[Path] = ID_TRAIN,
+    id_test: Optional[Path] = ID_TEST,
+    ood: Optional[list[str]] = OOD,
+    near: Optional[str] = NEAR,
+    image_size: Optional[int] = IMAGE_SIZE,
+    stream: bool = STREAM,
     method: str = typer.Option("plain", "--method", help="plain (cross-entropy), ssod (joint OOD head, Eq. 14) or "
                                "oe (outlier exposure on forged outliers; needs --init-from and --outliers)."),
     backbone: str = typer.Option("small_resnet", "--backbone",
@@ -276,7 +313,8 @@ def train(
     plan.train_config()  # validate every setting before loading data
     if init_from is not None:
         checkpoint_files(init_from, "--init-from")  # its weights are read once, by train_model
-    s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick), max_train, seed)
+    s = stratified_subset(_load_suite(suite, data_root, seed if quick else 0, quick, id_train, id_test, ood, near,
+                                      image_size, stream), max_train, seed)
     if outliers is not None:
         from .outliers.store import OutlierStore
 

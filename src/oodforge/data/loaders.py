@@ -44,6 +44,7 @@ __all__ = [
     "read_idx",
     "load_image_folder",
     "list_image_folder",
+    "is_plain_image_folder",
     "decode_image",
     "load_cifar",
     "load_svhn_mat",
@@ -309,7 +310,8 @@ def load_image_folder(
         if len(shapes) > 1:
             example = {a.shape[1:]: p for a, p in zip(arrays, files, strict=True)}
             detail = ", ".join(f"{p.name} is {h}x{w}" for (h, w), p in list(example.items())[:3])
-            raise DatasetFormatError(f"{root}: images have different sizes ({detail}); pass size=<pixels> to resize")
+            raise DatasetFormatError(f"{root}: images have different sizes ({detail}); resize them all (--image-size N on the "
+                                     "command line, size=N in Python)")
     if channels is None:
         channels = 1 if all(a.shape[0] == 1 for a in arrays) else 3
     out = np.stack([_to_channels(a[None], channels)[0] for a in arrays])
@@ -550,6 +552,11 @@ def _looks_like_idx(d: Path) -> bool:
     return any(p.name.startswith(("train-images-idx3", "t10k-images-idx3")) for p in d.iterdir())
 
 
+def is_plain_image_folder(path: Path) -> bool:
+    """A folder that :func:`load_dataset` reads as an image folder (not CIFAR batches, not IDX files)."""
+    return path.is_dir() and not _looks_like_cifar(path) and not _looks_like_idx(path)
+
+
 def load_dataset(
     spec: str | os.PathLike,
     split: str = "test",
@@ -567,7 +574,8 @@ def load_dataset(
     * any other folder -> :func:`load_image_folder`.
 
     ``size`` / ``channels`` then :func:`conform` the result (e.g. to evaluate a 28x28 gray model on
-    your own photos). Extra ``kwargs`` go to the chosen loader.
+    your own photos; image folders are resized by shorter side and centre-cropped while they are read, so
+    their images may have mixed sizes). Extra ``kwargs`` go to the chosen loader.
     """
     from oodforge.data.fashion import load_fashion_mnist
 
@@ -588,8 +596,8 @@ def load_dataset(
             ds = load_cifar(path, split=split, **kwargs)
         elif _looks_like_idx(path):
             ds = load_fashion_mnist(split, data_root=path)
-        else:
-            ds = load_image_folder(path, **kwargs)
+        else:  # shorter side resized to ``size`` and centre-cropped, so folders of mixed sizes load too
+            ds = load_image_folder(path, size=size, channels=channels, **kwargs)
     elif name.endswith(".npz"):
         ds = load_npz(path, **kwargs)
     elif name.endswith(".mat"):

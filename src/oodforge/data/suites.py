@@ -34,8 +34,9 @@ from oodforge.data.base import ArrayDataset, Suite
 from oodforge.data.fashion import FASHION_MNIST_CLASSES, load_fashion_mnist
 from oodforge.data.loaders import stratified_indices
 from oodforge.data.ood_sets import FAR_OOD_SETS, far_ood_sets
+from oodforge.data.user_suite import SuiteSpec, build_suite, is_suite_file, read_suite_file
 
-__all__ = ["SUITES", "FASHION6_CLASSES", "FASHION6_HELD_OUT", "QUICK_ID_SIZES", "QUICK_NEAR_SIZE", "load_source_data", "load_suite"]
+__all__ = ["SUITES", "FASHION6_CLASSES", "FASHION6_HELD_OUT", "QUICK_ID_SIZES", "QUICK_NEAR_SIZE", "is_suite", "load_source_data", "load_suite"]
 
 SUITES: dict[str, str] = {
     "fashion": "Fashion-MNIST (10 classes, 1x28x28) vs far OOD: real handwritten digits, textures, photo crops, noise",
@@ -58,7 +59,7 @@ def with_validation_split(suite: Suite, seed: int, quick: bool) -> Suite:
     different training seeds see the same validation images.
     """
     train = suite.id_train
-    n_val = QUICK_VAL if quick else min(VAL_MAX, int(round(VAL_FRACTION * len(train))))
+    n_val = max(1, min(QUICK_VAL if quick else VAL_MAX, int(round(VAL_FRACTION * len(train)))))
     val_idx = stratified_indices(train.labels.numpy(), n_val, seed + 0x7A1)
     keep = np.setdiff1d(np.arange(len(train)), val_idx)
     suite.id_val = train.subset(val_idx, identity_suffix=f"val:n{n_val}:seed{seed}")
@@ -69,6 +70,26 @@ def with_validation_split(suite: Suite, seed: int, quick: bool) -> Suite:
 def _quick(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
     idx = stratified_indices(ds.labels.numpy(), n, seed)
     return ds.subset(idx, identity_suffix=f"quick:n{n}:seed{seed}")
+
+
+def _quick_suite(suite: Suite, seed: int) -> Suite:
+    """A user suite's quick subsets (same sizes as the embedded suites'), for smoke runs."""
+    def cap(ds, n, labelled=True):
+        if len(ds) <= n:
+            return ds
+        idx = stratified_indices(ds.labels.numpy(), n, seed) if labelled else np.sort(
+            np.random.default_rng(seed).choice(len(ds), n, replace=False))
+        return ds.subset(idx, identity_suffix=f"quick:n{n}:seed{seed}")
+
+    suite.id_train = cap(suite.id_train, QUICK_ID_SIZES["train"])
+    suite.id_test = cap(suite.id_test, QUICK_ID_SIZES["test"])
+    suite.ood = {k: cap(v, QUICK_NEAR_SIZE, labelled=False) for k, v in suite.ood.items()}
+    return suite
+
+
+def is_suite(name) -> bool:
+    """An embedded suite's name or a user's suite file."""
+    return isinstance(name, SuiteSpec) or str(name) in SUITES or is_suite_file(name)
 
 
 def _fashion(data_root, seed: int, quick: bool) -> Suite:
@@ -120,13 +141,14 @@ def _fashion6(data_root, seed: int, quick: bool) -> Suite:
 
 
 def load_suite(
-    name: str,
+    name: str | os.PathLike | SuiteSpec,
     data_root: str | os.PathLike | None = None,
     seed: int = 0,
     quick: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> Suite:
-    """Build benchmark suite ``name`` (a key of :data:`SUITES`).
+    """Build benchmark suite ``name``: a key of :data:`SUITES`, a user's suite file (``*.toml``) or a
+    :class:`~oodforge.data.user_suite.SuiteSpec` (see :mod:`oodforge.data.user_suite`).
 
     ``data_root`` is the folder with the Fashion-MNIST IDX files (default: Debian's
     ``/usr/share/datasets/fashion-mnist``); ``seed`` drives every random choice (quick subsets, OOD
@@ -134,7 +156,12 @@ def load_suite(
     ``cache_dir`` is where ``scenes`` caches its built arrays (default ``$OODFORGE_CACHE/data`` or
     ``~/.cache/oodforge/data``).
     """
-    if name == "fashion":
+    if isinstance(name, SuiteSpec) or is_suite_file(name):
+        spec = name if isinstance(name, SuiteSpec) else read_suite_file(name)
+        suite = build_suite(spec)
+        if quick:
+            suite = _quick_suite(suite, seed)
+    elif name == "fashion":
         suite = _fashion(data_root, seed, quick)
     elif name == "fashion6":
         suite = _fashion6(data_root, seed, quick)
@@ -143,21 +170,22 @@ def load_suite(
 
         suite = build_scenes(data_root, seed=seed, quick=quick, cache_dir=cache_dir).suite
     else:
-        raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
+        raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)} or give a suite file (*.toml)")
     return with_validation_split(suite, seed, quick)
 
 
-def load_source_data(data: str, data_root=None, seed: int = 0, quick: bool = False, split: str = "train"):
-    """The ID images a forger reads (``--data``): a suite name (its ID training set, or with ``split="val"``
+def load_source_data(data: str, data_root=None, seed: int = 0, quick: bool = False, split: str = "train",
+                     image_size: int | None = None):
+    """The ID images a forger reads (``--data``): a suite name or suite file (its ID training set, or with ``split="val"``
     its ID validation set, for held-out forged outliers) or a path/name for
-    :func:`oodforge.data.loaders.load_dataset`."""
+    :func:`oodforge.data.loaders.load_dataset` (resized to ``image_size`` when given)."""
     if split not in ("train", "val"):
         raise ValueError(f"--split must be train or val, got {split!r}")
-    if data in SUITES:
+    if is_suite(data):
         suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
         return suite.id_val if split == "val" else suite.id_train
     if split != "train":
         raise ValueError("--split val needs a suite name as --data (a path has no validation split)")
     from .loaders import load_dataset
 
-    return load_dataset(data, split="train", data_root=data_root)
+    return load_dataset(data, split="train", size=image_size, data_root=data_root)

@@ -45,7 +45,7 @@ def export(
     """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
     from ..bench import parse_method
     from ..checks import check_device, check_out_dir
-    from ..data.suites import SUITES, load_suite
+    from ..data.suites import SUITES, is_suite, load_suite
     from ..detectors import create
     from ..models.features import default_cache_dir
     from ..workflows import TrainPlan, get_model
@@ -55,8 +55,9 @@ def export(
 
     check_out_dir(out)
     check_device(device)
-    if suite not in SUITES:
-        raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}", param_hint="--suite")
+    if not is_suite(suite):
+        raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
+                                 "(*.toml)", param_hint="--suite")
     try:
         name, params = parse_method(method)
         det = create(name, **params)

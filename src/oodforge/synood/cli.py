@@ -26,9 +26,9 @@ def _fail(msg: str) -> None:
 def _load(data: str, data_root: Optional[str], seed: int, quick: bool, size: Optional[int]):
     """``--data``: a suite name (its ID training set) or a path; ``--size`` resizes a folder of images of
     mixed sizes (shorter side, then centre crop), e.g. an ImageNet subset."""
-    from ..data.suites import SUITES, load_source_data
+    from ..data.suites import is_suite, load_source_data
 
-    if size is None or data in SUITES:
+    if size is None or is_suite(data):
         return load_source_data(data, data_root, seed, quick)
     from ..data.loaders import load_dataset
 
@@ -45,8 +45,8 @@ def _selection(dataset, per_class: Optional[int], limit: Optional[int]):
 
 
 def label_contexts(
-    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes) or a "
-                             "path (image folder, .npz, CIFAR batches, ...)."),
+    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes), "
+                             "a suite file (*.toml) or a path (image folder, .npz, CIFAR batches, ...)."),
     out: Path = typer.Option(..., "--out", help="Contexts JSONL file (created, or resumed when it exists)."),
     vlm: Optional[str] = typer.Option(None, "--vlm", help="Vision-language model: hub id (llava-hf/llava-1.5-7b-hf, "
                                       "Qwen/Qwen2-VL-7B-Instruct) or local folder (model + processor)."),
@@ -86,8 +86,8 @@ def label_contexts(
 
 
 def synth_synood(
-    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes) or a "
-                             "path (image folder, .npz, CIFAR batches, ...)."),
+    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes), "
+                             "a suite file (*.toml) or a path (image folder, .npz, CIFAR batches, ...)."),
     contexts: Path = typer.Option(..., "--contexts", help="Contexts JSONL (from `oodforge contexts`, or your own: "
                                   '{"index": i, "contexts": [...]} per line).'),
     out: Path = typer.Option(..., "--out", help="Outlier store folder (created, or resumed when it exists)."),
@@ -126,7 +126,7 @@ def synth_synood(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
-    from ..data.suites import SUITES
+    from ..data.suites import is_suite
     from ..hub import ModelUnavailableError
     from ..models.checkpoint import weights_hash
     from ..outliers.store import StoreError
@@ -145,7 +145,7 @@ def synth_synood(
         from ..models.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(checkpoint, device=device)
-    elif data in SUITES:
+    elif is_suite(data):
         from ..data.suites import load_suite
         from ..workflows import TrainPlan, get_model
 

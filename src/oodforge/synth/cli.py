@@ -18,9 +18,11 @@ def _fail(msg: str) -> None:
 
 
 def synth_shift(
-    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes) or a "
-                             "path (image folder, .npz, CIFAR batches, ...)."),
+    data: str = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes), "
+                             "a suite file (*.toml) or a path (image folder, .npz, CIFAR batches, ...)."),
     out: Path = typer.Option(..., "--out", help="Outlier store folder (created, or resumed when it exists)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="When --data is a path: resize its images "
+                                             "to this size (shorter side, then centre crop); suites keep theirs."),
     masker: str = typer.Option("clipseg", "--masker", help="clipseg (SHIFT) | layercam | gradcam (KIRBY; need "
                                "--checkpoint)."),
     inpainter: str = typer.Option("sd", "--inpainter", help="sd (SHIFT) | telea | ns | zero."),
@@ -87,7 +89,8 @@ def synth_shift(
         _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
     if inpainter not in INPAINTERS:
         _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
-    dataset = load_source_data(data, data_root, seed, quick, split)
+    check_positive(image_size, "--image-size")
+    dataset = load_source_data(data, data_root, seed, quick, split, image_size)
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
     mopts = dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
                  device=device)
