@@ -64,3 +64,17 @@ def test_every_readme_command_runs_in_order(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr()
         assert rc == 0, f"oodforge {' '.join(argv)} exited {rc}: {out.err[-2000:]}"
     assert Path("explain.png").is_file() and Path("runs/guard.oodf/guard.json").is_file()
+    assert Path("runs/mine/results.json").is_file() and Path("runs/my-outliers/store.json").is_file()
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The Python block of "Your own data and model", on the folders ``oodforge suites --example`` writes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OODFORGE_CACHE", str(tmp_path / "cache"))
+    assert main(["suites", "--example", "my-data"]) == 0
+    section = README.read_text().split("## Your own data and model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["scores"].shape == (200,)

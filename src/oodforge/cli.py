@@ -343,10 +343,21 @@ def list_detectors() -> None:
 
 
 @app.command("suites")
-def list_suites() -> None:
-    """List the benchmark suites."""
+def list_suites(example: Optional[Path] = typer.Option(None, "--example", help="Write a small user suite "
+                                                   "(PNG folders + suite.toml) into this folder: the layout to copy "
+                                                   "for your own data."),
+                data_root: Optional[Path] = DATA_ROOT) -> None:
+    """List the benchmark suites, or write an example of a user's own suite."""
     from .data.suites import SUITES
 
+    if example is not None:
+        from .checks import check_out_dir
+        from .data.user_suite import write_example_suite
+
+        check_out_dir(example)
+        path = write_example_suite(example, data_root)
+        typer.echo(f"wrote {path}: benchmark it with  oodforge bench --suite {path} --out runs/example")
+        return
     for name, desc in SUITES.items():
         typer.echo(f"{name:<10} {desc}")
 

@@ -49,7 +49,8 @@ from oodforge.data.loaders import (
     load_image_folder,
 )
 
-__all__ = ["SuiteSpec", "SuiteSpecError", "is_suite_file", "read_suite_file", "spec_from_options", "build_suite"]
+__all__ = ["SuiteSpec", "SuiteSpecError", "is_suite_file", "read_suite_file", "spec_from_options", "build_suite",
+           "write_example_suite"]
 
 _TOP_KEYS = {"name", "image_size", "channels", "stream", "id", "ood", "groups", "description"}
 
@@ -206,3 +207,49 @@ def build_suite(spec: SuiteSpec) -> Suite:
         ood[name] = _unlabelled(ds, "unlabelled")
     return Suite(name=spec.name, id_train=train, id_test=test, ood=ood, groups=spec.groups,
                  class_names=list(train.class_names), description=f"user suite from {spec.source}")
+
+
+#: the example suite of ``oodforge suites --example DIR``: Fashion-MNIST classes as a user's image folders
+EXAMPLE_ID_CLASSES = ("T-shirt/top", "Trouser", "Sneaker", "Bag")
+EXAMPLE_NEAR_CLASSES = ("Coat", "Sandal")
+
+
+def write_example_suite(folder: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                        per_class: tuple[int, int] = (300, 100), n_ood: int = 200, seed: int = 0) -> Path:
+    """Write a small user suite as PNG folders plus its ``suite.toml`` and return the file's path.
+
+    ID: ``per_class`` (train, test) Fashion-MNIST images of each of :data:`EXAMPLE_ID_CLASSES`
+    (``train/<class>/*.png``, ``test/<class>/*.png``); near OOD ``held-out``: test images of
+    :data:`EXAMPLE_NEAR_CLASSES`; far OOD ``noise`` and ``textures`` from :mod:`oodforge.data.ood_sets`.
+    The layout is the one to copy for your own data (docs/datasets.md).
+    """
+    from PIL import Image
+
+    from oodforge.data.fashion import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from oodforge.data.ood_sets import make_ood_set
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+
+    def save(images: np.ndarray, where: Path) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img[0]).save(where / f"{i:04d}.png")
+
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        ds = load_fashion_mnist(split, data_root)
+        labels = ds.labels.numpy()
+        for cls in EXAMPLE_ID_CLASSES:
+            idx = rng.choice(np.flatnonzero(labels == FASHION_MNIST_CLASSES.index(cls)), n, replace=False)
+            save(ds.images.numpy()[np.sort(idx)], folder / split / cls.replace("/", "-"))
+    test = load_fashion_mnist("test", data_root)
+    near = np.flatnonzero(np.isin(test.labels.numpy(), [FASHION_MNIST_CLASSES.index(c) for c in EXAMPLE_NEAR_CLASSES]))
+    save(test.images.numpy()[np.sort(rng.choice(near, n_ood, replace=False))], folder / "ood" / "held-out")
+    for name in ("noise", "textures"):
+        save(make_ood_set(name, n=n_ood, size=28, channels=1, seed=seed).images.numpy(), folder / "ood" / name)
+    path = folder / "suite.toml"
+    path.write_text('# a user suite: paths are relative to this file (format: docs/datasets.md)\n'
+                    'name = "example"\n\n[id]\ntrain = "train"\ntest = "test"\n\n'
+                    '[ood]\nheld-out = "ood/held-out"\nnoise = "ood/noise"\ntextures = "ood/textures"\n\n'
+                    '[groups]\nnear = ["held-out"]\n')
+    return path
