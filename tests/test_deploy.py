@@ -51,6 +51,7 @@ def run(tmp_path_factory):
     from oodforge.data.suites import load_suite
     from oodforge.demo import stratified_subset
     from oodforge.deploy import GuardedClassifier
+    from oodforge.keys import method_key, outlier_source
     from oodforge.models.checkpoint import save_checkpoint
     from oodforge.models.features import default_cache_dir
     from oodforge.workflows import TrainPlan, forge_cpu_outliers, train_model
@@ -70,7 +71,10 @@ def run(tmp_path_factory):
               log=None)
     scores = dict(np.load(root / "bench" / "scores.npz"))
     guards, folders = {}, {}
-    scores = {k.replace(SHIFT, "shift"): v for k, v in scores.items()}
+    # the bench's key names the CPU forger of the outliers (oodforge.keys); the guards are named by detector
+    shift_key = method_key(SHIFT, source=outlier_source(outliers.store_config))
+    assert shift_key == SHIFT + "[layercam+telea]"
+    scores = {k.replace(shift_key, "shift"): v for k, v in scores.items()}
     for m in METHODS[:-1]:  # the Python API ...
         guards[m] = GuardedClassifier.fit(model, suite, m, target=TARGET, cache_dir=cache)
         folders[m] = guards[m].save(root / f"{m}.oodf")

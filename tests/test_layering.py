@@ -16,7 +16,7 @@ LAYERS = [
     {"models"},
     {"detectors", "outliers", "hub"},
     {"synth", "ssod", "oe", "synood"},  # method packages: never each other
-    {"bench", "report", "zoo"},
+    {"bench", "keys", "report", "zoo"},
     {"workflows", "demo", "deploy"},
     {"cli"},  # and every package's own cli.py (the command functions cli.py wires)
 ]

@@ -11,7 +11,9 @@ A run writes into its output folder:
 
 Methods are detector names from the registry, optionally with parameters and a backbone label:
 ``"react"``, ``"knn:k=10"``, ``"shift:input=feature_map"``; a :class:`BenchJob` with a ``label``
-(e.g. the SSOD-trained backbone, label ``"ssod"``) reports its methods as ``"energy@ssod"``.
+(e.g. the SSOD-trained backbone, label ``"ssod"``) reports its methods as ``"energy@ssod"``, and a
+method trained on outliers not forged the paper's way names their forger (``"shift[layercam+telea]"``):
+:mod:`oodforge.keys`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from . import __version__
 from .data.base import ArrayDataset, Suite
 from .detectors import FitContext, create
+from .keys import method_key, outlier_source
 from .metrics import evaluate
 from .models.checkpoint import weights_hash
 from .models.features import extract_features
@@ -79,10 +82,6 @@ class BenchJob:
     #: outliers forged from the ID *validation* images (never trained on): with them every method also
     #: gets a validation AUROC / FPR95 (ID val vs these), the number model selection uses (docs/protocol.md)
     val_outliers: ArrayDataset | None = None
-
-
-def _key(method: str, label: str) -> str:
-    return f"{method}@{label}" if label else method
 
 
 class _FeatureCache:
@@ -166,9 +165,10 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
             model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
         results["models"][job.label or "plain"] = model_info
         for method in job.methods:
-            key = _key(method, job.label)
             name, params = parse_method(method)
             det = create(name, **params)
+            source = outlier_source(getattr(job.outliers, "store_config", None)) if det.needs_outliers else None
+            key = method_key(method, job.label, source)
             fmap = bool(getattr(det, "needs_feature_map", False))
             t1 = time.time()
             train = cache.get(suite.id_train, fmap and getattr(det, "needs_train_feature_map", True))

@@ -3,6 +3,8 @@
 Per suite (``fashion``, ``fashion6``, ``scenes``): train (or reuse) the plain classifier and the
 SSOD model, forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
 benchmark every post-hoc detector, ``shift`` and ``ssod`` side by side from cached features.
+The CPU forger is not SHIFT's (CLIPSeg + Stable Diffusion), so the results report ``shift`` as
+``shift[layercam+telea]`` (:mod:`oodforge.keys`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from .bench import BenchJob, run_bench
 from .data.base import Suite
+from .keys import detector_name, split_key
 from .report import best_method, print_table
 from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
@@ -42,7 +45,13 @@ OE_METHODS = [m for m in CLASSIC if m != "odin"]
 
 def is_forged(method: str) -> bool:
     """Whether a result key belongs to a forged-outlier method (shift, fusion, ssod, anything on the OE backbone)."""
-    return method.endswith("@oe") or method.split(":")[0].split("@")[0] in ("shift", "fusion", "ssod")
+    return split_key(method)[2] == "oe" or detector_name(method) in ("shift", "fusion", "ssod")
+
+
+def plain_key(res: dict, name: str) -> str | None:
+    """The key of detector ``name`` on the plain classifier in ``res`` (``"shift"`` -> ``"shift[layercam+telea]"``
+    when the outliers were forged on the CPU); ``None`` when the run has none."""
+    return next((m for m in res["methods"] if detector_name(m) == name and not split_key(m)[2]), None)
 
 
 def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int, device: str, progress: bool,
@@ -158,12 +167,12 @@ def write_summary(all_results: dict, out: Path) -> Path:
             return "-" if v is None else f"{100 * v[0]:.2f} / {100 * v[1]:.2f}"
 
         pick = protocol_pick(res)
-        fusion = next((m for m in res["methods"] if m.startswith("fusion")), None)
+        shift, fusion = plain_key(res, "shift"), plain_key(res, "fusion")
         for group in [g for g in ("near", "far") if res["groups"].get(g)]:
             plain_posthoc = {m: v for m, v in res["methods"].items() if "@" not in m and not is_forged(m)}
             best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "
-                         f"{cell(best, group)} | {pick}: {cell(pick, group)} | {cell('shift', group)} | "
+                         f"{cell(best, group)} | {pick}: {cell(pick, group)} | {shift or 'shift'}: {cell(shift, group)} | "
                          f"{cell(fusion, group)} | {cell('ssod@ssod', group)} | {cell('energy@oe', group)} |")
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .keys import detector_name, split_key
 from .metrics import roc_curve
 
 
@@ -14,7 +15,7 @@ def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...
     """The method with the highest mean AUROC over a group of OOD sets (all sets when ``group`` is None)."""
     best, best_v = "", -1.0
     for m, res in results["methods"].items():
-        if m.split(":")[0].split("@")[0] in exclude:
+        if detector_name(m) in exclude:
             continue
         sets = results["groups"].get(group, []) if group else list(res)
         vals = [res[s]["auroc"] for s in sets if s in res]
@@ -76,12 +77,12 @@ def export_hint(results: dict) -> list[str]:
     best, auroc = best_method(results)
     if not best:
         return []
-    name, _, label = best.partition("@")
+    name, source, label = split_key(best)  # export takes the method spec; the store says how it was forged
     ckpt = (results.get("models", {}).get(label or "plain") or {}).get("checkpoint")
     parts = [f"oodforge export --suite {results['suite']}", f"--method {name}"]
     if ckpt:
         parts.append(f"--checkpoint {ckpt}")
-    if name.split(":")[0] in ("shift", "fusion") or "shift" in name:
+    if source is not None or name.split(":")[0] in ("shift", "fusion") or "shift" in name:
         store = (results.get("models", {}).get(label or "plain") or {}).get("outlier_store")
         parts.append(f"--outliers {store or 'STORE'}")
     return ["## Ship it", "",
@@ -99,6 +100,7 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
     pictures = []
     for method in results["methods"]:
         safe = method.replace("/", "_").replace(":", "_").replace("=", "-").replace(",", "_").replace("@", "-at-")
+        safe = safe.replace("[", "_").replace("]", "").replace("+", "-")  # the outlier source of oodforge.keys
         _plot_roc(method, scores, results, plots / f"roc_{safe}.png")
         _plot_hist(method, scores, results, plots / f"hist_{safe}.png")
         pictures.append((method, f"plots/roc_{safe}.png", f"plots/hist_{safe}.png"))

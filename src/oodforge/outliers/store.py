@@ -341,7 +341,8 @@ class OutlierStore:
         """All outliers as one :class:`ArrayDataset`, ordered by ``(source_index, k)``.
 
         Labels are the *source* image's class (useful for per-class analysis; the outliers are OOD);
-        the attributes ``source_index`` and ``k`` (int64 arrays) say which ID image each came from.
+        the attributes ``source_index`` and ``k`` (int64 arrays) say which ID image each came from, and
+        ``store_config`` is the store's config (the forger that made them).
         The identity is derived from the manifest checksums, so feature caches follow the content.
         """
         entries = self.entries()
@@ -371,6 +372,9 @@ class OutlierStore:
         # which ID image each outlier came from (e.g. for grids of ID images next to their outliers)
         ds.source_index = np.array([r["source_index"] for r in recs], dtype=np.int64)
         ds.k = np.array([r["k"] for r in recs], dtype=np.int64)
+        # how they were forged (e.g. the masker and inpainter of a SHIFT store): result keys name it
+        # (oodforge.keys.outlier_source)
+        ds.store_config = dict(self.config)
         return (ds, recs) if with_records else ds
 
     # --- writing -------------------------------------------------------------------------------
