@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 WORDNET := /usr/share/wordnet/data.noun
+CLIPART := /usr/share/openclipart/png
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= runs/demo
 
@@ -20,12 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian ships Fashion-MNIST and WordNet; install them when missing and apt is there.
+# Debian ships Fashion-MNIST, WordNet and the openclipart PNGs (suite 'clipart'); install them when missing and
+# apt is there.
 data:
-	@if [ ! -f $(FASHION) ] || [ ! -f $(WORDNET) ]; then \
+	@if [ ! -f $(FASHION) ] || [ ! -f $(WORDNET) ] || [ ! -d $(CLIPART) ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
-	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist wordnet-base >/dev/null; \
-	  else echo "Fashion-MNIST not found at $(FASHION) and no apt-get: pass --data-root DIR with the idx files"; fi; \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq dataset-fashion-mnist wordnet-base openclipart-png >/dev/null; \
+	  else echo "Fashion-MNIST ($(FASHION)) or openclipart ($(CLIPART)) not found and no apt-get: pass --data-root DIR"; fi; \
 	fi
 
 demo: setup

@@ -44,6 +44,8 @@ SUITES: dict[str, str] = {
     "far OOD as in 'fashion'",
     "scenes": "Fashion-MNIST objects on real-photo backgrounds (3x32x32); near OOD = object-free backgrounds and "
     "digits on backgrounds (Ming et al. 2022 / SHIFT sec. 5.7); far OOD = textures, noise",
+    "clipart": "openclipart colour drawings (Debian openclipart-png; 3x64x64): ID = the 7 categories with >= 250 "
+    "images; near OOD = the held-out categories; far OOD = textures, noise (oodforge.data.clipart)",
 }
 FASHION6_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Sneaker", "Bag"]
 FASHION6_HELD_OUT = ["Coat", "Sandal", "Shirt", "Ankle boot"]
@@ -151,9 +153,10 @@ def load_suite(
     :class:`~oodforge.data.user_suite.SuiteSpec` (see :mod:`oodforge.data.user_suite`).
 
     ``data_root`` is the folder with the Fashion-MNIST IDX files (default: Debian's
-    ``/usr/share/datasets/fashion-mnist``); ``seed`` drives every random choice (quick subsets, OOD
+    ``/usr/share/datasets/fashion-mnist``; for ``clipart`` the folder of openclipart category folders, default
+    ``/usr/share/openclipart/png``); ``seed`` drives every random choice (quick subsets, OOD
     crops, compositing); ``quick`` shrinks the suite for smoke tests (sizes in the module docstring);
-    ``cache_dir`` is where ``scenes`` caches its built arrays (default ``$OODFORGE_CACHE/data`` or
+    ``cache_dir`` is where ``scenes`` and ``clipart`` cache their built arrays (default ``$OODFORGE_CACHE/data`` or
     ``~/.cache/oodforge/data``).
     """
     if isinstance(name, SuiteSpec) or is_suite_file(name):
@@ -169,6 +172,10 @@ def load_suite(
         from oodforge.data.scenes import build_scenes
 
         suite = build_scenes(data_root, seed=seed, quick=quick, cache_dir=cache_dir).suite
+    elif name == "clipart":
+        from oodforge.data.clipart import build_clipart
+
+        suite = build_clipart(data_root, seed=seed, quick=quick, cache_dir=cache_dir)
     else:
         raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)} or give a suite file (*.toml)")
     return with_validation_split(suite, seed, quick)
