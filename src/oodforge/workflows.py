@@ -43,7 +43,9 @@ class TrainPlan:
     """How a classifier is trained: architecture, loss (``method``) and recipe.
 
     ``None`` fields take the method's default: plain = SGD (Nesterov) with a one-cycle schedule at
-    lr 0.05; SSOD from scratch = AdamW 1e-3 cosine (``ssod.CPU_DEFAULT``); SSOD from a plain
+    lr 0.05 (a pretrained fine-tune, ``arch`` ``"efficientnet_lite0-finetune"``: lr 0.01, weight decay
+    5e-5; a linear probe, ``"...-probe"``, trains only its head with the plain recipe); SSOD from
+    scratch = AdamW 1e-3 cosine (``ssod.CPU_DEFAULT``); SSOD from a plain
     checkpoint (``init_from``) = AdamW 1e-4 cosine (``ssod.CPU_FINETUNE``, the paper's lr);
     outlier exposure (``oe``, needs ``init_from`` and ``outliers``) = SGD (Nesterov) lr 1e-3
     cosine, the OE paper's fine-tuning recipe (Hendrycks et al. 2019, App. A).
@@ -90,6 +92,9 @@ class TrainPlan:
                 raise ValueError("outlier exposure fine-tunes a trained classifier on forged outliers: give "
                                  "--init-from CHECKPOINT and --outliers STORE")
             defaults = {"optimizer": "sgd", "lr": 1e-3, "schedule": "cosine", "weight_decay": 5e-4}
+        elif self.arch.endswith("-finetune"):
+            # a pretrained network (models.pretrained): a peak lr of 0.05 wipes out what ImageNet taught it
+            defaults = {"optimizer": "sgd", "lr": 0.01, "schedule": "onecycle", "weight_decay": 5e-5}
         else:
             defaults = {"optimizer": "sgd", "lr": 0.05, "schedule": "onecycle", "weight_decay": 5e-4}
         chosen = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}

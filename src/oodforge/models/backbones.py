@@ -9,6 +9,9 @@ feature map (after the final activation), ``head`` is the linear classifier on i
 * ``resnet18`` / ``resnet34``: CIFAR-style ResNets (3x3 stem, no max-pool) as used by SHIFT and SSOD.
 * ``wrn40_2``: WideResNet-40-2 (Zagoruyko & Komodakis 2016), the OE / Energy / SHIFT CIFAR backbone.
 * ``densenet100``: DenseNet-BC-100, growth 12 (Huang et al. 2017), the ODIN / Mahalanobis backbone.
+* ``efficientnet_lite0-probe`` / ``efficientnet_lite0-finetune`` (lite1, lite2): an ImageNet-pretrained
+  EfficientNet-Lite with a new head, trained as a linear probe or fine-tuned (:mod:`.pretrained`, optional
+  extra ``pretrained``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Classifier
+from .pretrained import BACKBONES, build_pretrained, is_pretrained_arch
 
 
 class BasicBlock(nn.Module):
@@ -163,6 +167,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: tuple[float
     if ":" in arch:
         prefix, inner = arch.split(":", 1)
         return model_wrapper(prefix)(build_model(inner, num_classes, in_channels, mean, std))
+    if is_pretrained_arch(arch):
+        # the ImageNet weights fix their own normalisation (0.5 / 0.5); ``mean``/``std`` do not apply
+        return build_pretrained(arch, num_classes, in_channels)
     if arch == "small_resnet":
         return ResNet(num_classes, in_channels, mean, std, [32, 64, 128], [1, 1, 1], [2, 1, 2], arch)
     if arch == "resnet18":
@@ -173,4 +180,5 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: tuple[float
         return WideResNet(num_classes, in_channels, mean, std)
     if arch == "densenet100":
         return DenseNet(num_classes, in_channels, mean, std)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} (or 'ssod:<one of them>')")
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} (or 'ssod:<one of them>'), "
+                     f"or a pretrained {' / '.join(BACKBONES)} as '<backbone>-probe' or '<backbone>-finetune'")
