@@ -162,6 +162,8 @@ MATRIX = [
      "k must be an integer"),
     ("export-out-is-file", ["export", "--suite", "fashion", "--method", "msp", "--quick", "--out", "{d}/a_file"],
      "--out"),
+    ("export-result-key", ["export", "--suite", "fashion", "--method", "shift[layercam+telea]", "--quick", "--out",
+                           "{out}"], "give the method spec 'shift'"),
 ]
 
 

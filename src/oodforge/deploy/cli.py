@@ -43,35 +43,18 @@ def export(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
 ) -> None:
     """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
-    from ..bench import parse_method
     from ..checks import check_device, check_out_dir
     from ..data.suites import SUITES, is_suite, load_suite
-    from ..detectors import create
     from ..models.features import default_cache_dir
     from ..workflows import TrainPlan, get_model
     from .guard import GuardedClassifier
-    from .onnx import check_exportable
-    from .state import SERIALISABLE, serialisable_detectors
 
     check_out_dir(out)
     check_device(device)
     if not is_suite(suite):
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
-    try:
-        name, params = parse_method(method)
-        det = create(name, **params)
-    except (ValueError, KeyError, TypeError) as e:
-        _fail(f"--method {method!r}: {e.args[0] if e.args else e}")
-    if det.name not in SERIALISABLE:
-        _fail(f"detector {det.name!r} cannot be exported; detectors that can: {', '.join(serialisable_detectors())}")
-    if det.needs_outliers and outliers is None:
-        _fail(f"method {method!r} trains on synthetic outliers: give --outliers DIR (made by `oodforge synth shift`)")
-    if onnx:
-        try:
-            check_exportable(det)
-        except ValueError as e:
-            _fail(str(e))
+    _check_export_method(method, outliers, onnx)
     if not 0 < target <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {target}", param_hint="--target")
     s = load_suite(suite, data_root=data_root, seed=seed, quick=quick)
@@ -93,13 +76,48 @@ def export(
         guard.model.cpu()
         guard.device = "cpu"
     guard.save(out, onnx=onnx)
+    _echo_rates(method, guard, target, time.time() - t0)
+    typer.echo(f"wrote {out}" + (" (with guard.onnx)" if onnx else ""))
+
+
+def _check_export_method(method: str, outliers: Optional[Path], onnx: bool) -> None:
+    """``--method``: a method spec (not a result key) of a detector that can be saved (and, with ``--onnx``,
+    exported to ONNX), with ``--outliers`` when it trains on them; checked before any data is loaded."""
+    from ..bench import parse_method
+    from ..detectors import create
+    from ..keys import split_key
+    from .onnx import check_exportable
+    from .state import SERIALISABLE, serialisable_detectors
+
+    spec, source, label = split_key(method)
+    if source is not None or label:  # a key copied from results.json / report.md (oodforge.keys)
+        parts = ([f"[{source}] names the outlier store: give it with --outliers"] if source is not None else []) + \
+                ([f"@{label} names the backbone: give it with --checkpoint"] if label else [])
+        _fail(f"--method {method!r} is a result key; give the method spec {spec!r} ({'; '.join(parts)})")
+    try:
+        name, params = parse_method(method)
+        det = create(name, **params)
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"--method {method!r}: {e.args[0] if e.args else e}")
+    if det.name not in SERIALISABLE:
+        _fail(f"detector {det.name!r} cannot be exported; detectors that can: {', '.join(serialisable_detectors())}")
+    if det.needs_outliers and outliers is None:
+        _fail(f"method {method!r} trains on synthetic outliers: give --outliers DIR (made by `oodforge synth shift`)")
+    if onnx:
+        try:
+            check_exportable(det)
+        except ValueError as e:
+            _fail(str(e))
+
+
+def _echo_rates(method: str, guard, target: float, seconds: float) -> None:
+    """The calibrated threshold and what it accepts: ID validation (the target), ID test, each OOD set."""
     r = guard.rates
     typer.echo(f"{method}: threshold {guard.threshold:.6g} accepts {100 * r['id_val_acceptance']:.1f} % of ID val "
                f"(target {100 * target:.1f} %), {100 * r['id_test_acceptance']:.1f} % of ID test "
-               f"({time.time() - t0:.1f} s)")
+               f"({seconds:.1f} s)")
     for name_, fpr in r["ood_fpr"].items():
         typer.echo(f"  FPR on {name_:<18} {100 * fpr:6.2f} %  (accepted as ID)")
-    typer.echo(f"wrote {out}" + (" (with guard.onnx)" if onnx else ""))
 
 
 def collect_images(paths: list[Path]) -> list[Path]:

@@ -126,7 +126,6 @@ def synth_synood(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate SynOOD near-boundary outliers (energy-guided regeneration from VLM contexts) into an outlier store."""
-    from ..data.suites import is_suite
     from ..hub import ModelUnavailableError
     from ..models.checkpoint import weights_hash
     from ..outliers.store import StoreError
@@ -141,21 +140,7 @@ def synth_synood(
         ctx = read_contexts(contexts)
     except (FileNotFoundError, ContextFileError) as e:
         _fail(str(e))
-    if checkpoint is not None:
-        from ..models.checkpoint import load_checkpoint
-
-        model, _ = load_checkpoint(checkpoint, device=device)
-    elif is_suite(data):
-        from ..data.suites import load_suite
-        from ..workflows import TrainPlan, get_model
-
-        suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
-        model, _ = get_model(suite, TrainPlan(epochs=1 if quick else 4, seed=seed), None, device, log=typer.echo)
-    else:
-        _fail("--checkpoint is required when --data is not a suite: the classifier's energy guides the generation")
-    if model.in_channels != dataset.image_shape[0]:
-        _fail(f"the classifier takes {model.in_channels}-channel images but --data {data} has "
-              f"{dataset.image_shape[0]} channels")
+    model = _guiding_classifier(data, checkpoint, dataset, data_root, seed, quick, device)
     size = tuple(dataset.image_shape[1:])
     fn = logit_fn(model, model.in_channels, size)
     if m_out is None:
@@ -176,3 +161,27 @@ def synth_synood(
     except (ModelUnavailableError, StoreError) as e:
         _fail(str(e))
     typer.echo(f"{len(store)} SynOOD outliers in {out}; this run: {time.time() - t0:.1f} s")
+
+
+def _guiding_classifier(data: str, checkpoint: Optional[Path], dataset, data_root: Optional[str], seed: int,
+                        quick: bool, device: str):
+    """The classifier whose energy guides the generation: ``--checkpoint``, or the suite's default classifier
+    (cached, trained when missing); it must take ``--data``'s channels."""
+    from ..data.suites import is_suite
+
+    if checkpoint is not None:
+        from ..models.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint, device=device)
+    elif is_suite(data):
+        from ..data.suites import load_suite
+        from ..workflows import TrainPlan, get_model
+
+        suite = load_suite(data, data_root=data_root, seed=seed, quick=quick)
+        model, _ = get_model(suite, TrainPlan(epochs=1 if quick else 4, seed=seed), None, device, log=typer.echo)
+    else:
+        _fail("--checkpoint is required when --data is not a suite: the classifier's energy guides the generation")
+    if model.in_channels != dataset.image_shape[0]:
+        _fail(f"the classifier takes {model.in_channels}-channel images but --data {data} has "
+              f"{dataset.image_shape[0]} channels")
+    return model

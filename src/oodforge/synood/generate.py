@@ -258,11 +258,30 @@ def synthesize_synood(
     Finished outliers are committed to the store every ``commit_every`` outliers (a kill loses at most
     that much work). Returns the :class:`~oodforge.outliers.store.OutlierStore`.
     """
-    from ..outliers.store import OutlierStore, outlier_seed, shard_indices
-    from ..progress import progress_bar
+    from ..outliers.store import OutlierStore
 
     if k < 1 or batch_size < 1 or commit_every < 1:
         raise ValueError(f"k, batch_size and commit_every must be >= 1, got {k}, {batch_size}, {commit_every}")
+    idx = _source_indices(dataset, contexts, indices, shard)
+    shape = tuple(output_shape) if output_shape is not None else dataset.image_shape
+    config = {"method": "synood", **generator.config(), "k": k, "seed": seed, "source": dataset.identity,
+              "image_shape": list(shape), "class_names": dataset.class_names, "shard": shard,
+              "prompt": context_prompt("{contexts}", max_context_chars), "max_context_chars": max_context_chars,
+              **(config_extra or {})}
+    store = OutlierStore(out, config)
+    with store.writer():
+        done = store.done_keys()
+        todo = [(int(i), j) for i in idx for j in range(k) if (int(i), j) not in done]
+        _generate_missing(dataset, contexts, generator, store, todo, shape, batch_size, seed, max_context_chars,
+                          commit_every, progress)
+    return store
+
+
+def _source_indices(dataset: ArrayDataset, contexts: dict, indices, shard: str | None) -> np.ndarray:
+    """The selected source images (default: every image with contexts) that this shard does; refuses a
+    selection with images that have no contexts or indices outside the dataset, before any generation."""
+    from ..outliers.store import shard_indices
+
     if indices is None:
         idx = np.array(sorted(i for i in contexts if 0 <= i < len(dataset)), dtype=np.int64)
     else:
@@ -274,44 +293,45 @@ def synthesize_synood(
                          "a contexts JSONL that covers them")
     if len(idx) and (idx.min() < 0 or idx.max() >= len(dataset)):
         raise ValueError(f"source indices must be in [0, {len(dataset)}), got {idx.min()}..{idx.max()}")
-    idx = idx[shard_indices(len(idx), shard)]
-    shape = tuple(output_shape) if output_shape is not None else dataset.image_shape
-    config = {"method": "synood", **generator.config(), "k": k, "seed": seed, "source": dataset.identity,
-              "image_shape": list(shape), "class_names": dataset.class_names, "shard": shard,
-              "prompt": context_prompt("{contexts}", max_context_chars), "max_context_chars": max_context_chars,
-              **(config_extra or {})}
-    store = OutlierStore(out, config)
-    with store.writer():
-        done = store.done_keys()
-        todo = [(int(i), j) for i in idx for j in range(k) if (int(i), j) not in done]
-        bar = progress_bar(total=len(todo), desc="synood", unit="img", disable=not progress)
-        pending_imgs: list[np.ndarray] = []
-        pending_recs: list[dict] = []
+    return idx[shard_indices(len(idx), shard)]
 
-        def commit() -> None:
-            if pending_recs:
-                store.add_shard(np.concatenate(pending_imgs), list(pending_recs))
-                pending_imgs.clear()
-                pending_recs.clear()
 
-        for b in range(0, len(todo), batch_size):
-            chunk = todo[b:b + batch_size]
-            src = [i for i, _ in chunk]
-            prompts = [context_prompt(contexts[i], max_context_chars) for i in src]
-            seeds = [outlier_seed(seed, i, j) for i, j in chunk]
-            x, info = generator.generate(dataset.images[src].float() / 255.0, prompts, seeds)
-            pending_imgs.append(to_store_images(x, shape))
-            pending_recs.extend(
-                {"source_index": i, "k": j, "seed": s, "label": int(dataset.labels[i]), "prompt": p,
-                 "loss": [round(float(v), 6) for v in info["loss"][:, n]],
-                 "score": [round(float(v), 6) for v in info["score"][:, n]]}
-                for n, ((i, j), s, p) in enumerate(zip(chunk, seeds, prompts)))
-            if len(pending_recs) >= commit_every:
-                commit()
-            bar.update(len(chunk))
-        commit()
-        bar.close()
-    return store
+def _generate_missing(dataset: ArrayDataset, contexts: dict, generator: NearBoundaryGenerator, store,
+                      todo: list[tuple[int, int]], shape: tuple[int, ...], batch_size: int, seed: int,
+                      max_context_chars: int, commit_every: int, progress: bool) -> None:
+    """Generate the ``todo`` outliers ``(source, k)`` ``batch_size`` at a time (outlier ``(i, k)`` seeded by
+    ``outlier_seed``), committing a store shard every ``commit_every`` outliers and at the end; each record
+    keeps its prompt and the Eq. 7 loss / energy score after every noise update."""
+    from ..outliers.store import outlier_seed
+    from ..progress import progress_bar
+
+    bar = progress_bar(total=len(todo), desc="synood", unit="img", disable=not progress)
+    pending_imgs: list[np.ndarray] = []
+    pending_recs: list[dict] = []
+
+    def commit() -> None:
+        if pending_recs:
+            store.add_shard(np.concatenate(pending_imgs), list(pending_recs))
+            pending_imgs.clear()
+            pending_recs.clear()
+
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        src = [i for i, _ in chunk]
+        prompts = [context_prompt(contexts[i], max_context_chars) for i in src]
+        seeds = [outlier_seed(seed, i, j) for i, j in chunk]
+        x, info = generator.generate(dataset.images[src].float() / 255.0, prompts, seeds)
+        pending_imgs.append(to_store_images(x, shape))
+        pending_recs.extend(
+            {"source_index": i, "k": j, "seed": s, "label": int(dataset.labels[i]), "prompt": p,
+             "loss": [round(float(v), 6) for v in info["loss"][:, n]],
+             "score": [round(float(v), 6) for v in info["score"][:, n]]}
+            for n, ((i, j), s, p) in enumerate(zip(chunk, seeds, prompts)))
+        if len(pending_recs) >= commit_every:
+            commit()
+        bar.update(len(chunk))
+    commit()
+    bar.close()
 
 
 __all__ = ["NearBoundaryGenerator", "synthesize_synood", "select_complex_images", "jpeg_bytes_per_pixel",

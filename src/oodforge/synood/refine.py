@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data.base import ArrayDataset
+from ..progress import progress_bar
 from .energy import default_m_out, energy_loss, energy_score
 
 
@@ -60,64 +61,22 @@ def refine_outliers(
     Returns the refined outliers (same labels, class names; a new identity) and, with
     ``return_info=True``, ``{"m_out", "score_before", "score_after", "max_abs_change"}``.
     """
-    if not isinstance(images, ArrayDataset):
-        raise TypeError(f"refine_outliers expects an ArrayDataset of outliers, got {type(images).__name__}")
-    if eps < 0 or steps < 0:
-        raise ValueError(f"eps and steps must be >= 0, got eps={eps}, steps={steps}")
+    _check_refine_args(images, eps, steps)
     if isinstance(classifier, torch.nn.Module):
         classifier.eval()
-    if m_out is None:
-        if id_dataset is None:
-            raise ValueError("refine_outliers: give m_out (the energy-score boundary) or id_dataset (the ID "
-                             "training set) to set it at a percentile of the ID scores")
-        m_out = default_m_out(classifier, id_dataset, m_out_percentile, temperature, batch_size, device)
+    m_out = _boundary(classifier, m_out, id_dataset, m_out_percentile, temperature, batch_size, device)
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     k_max = int(np.floor(eps * 255.0 + 1e-6))  # the largest integer change that stays within eps
-    g = torch.Generator().manual_seed(int(seed))
-    from ..progress import progress_bar
+    g = torch.Generator().manual_seed(int(seed))  # one stream for every batch's random start
 
     out = torch.empty_like(images.images)
     before, after = [], []
     for i in progress_bar(range(0, len(images), batch_size), desc="refine outliers", unit="batch", disable=not progress):
         x0 = images.float_images(i, i + batch_size).to(device)
-        x = x0.clone()
-        best, best_gap, s0 = x0.clone(), None, None
-        if random_start and eps > 0:
-            with torch.no_grad():
-                s0 = energy_score(classifier(x0).float(), temperature)
-            best_gap = (m_out - s0).abs()
-            x = (x0 + (torch.rand(x0.shape, generator=g) * 2 - 1).to(device) * eps).clamp(0, 1)
-        for step in range(steps + 1):  # one forward per iterate; its logits also give the gradient step
-            last = step == steps
-            if last and not keep_closest:
-                break
-            x.requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                logits = classifier(x).float()
-            with torch.no_grad():
-                s = energy_score(logits.detach(), temperature)
-                if s0 is None:
-                    s0 = s
-                gap = (m_out - s).abs()
-                if best_gap is None:
-                    best_gap = gap
-                elif keep_closest:
-                    better = gap < best_gap
-                    best[better] = x.detach()[better]
-                    best_gap = torch.where(better, gap, best_gap)
-            if last:
-                break
-            loss = energy_loss(logits, m_out, temperature, loss_form, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                x = x - alpha * grad.sign()
-                x = torch.min(torch.max(x, x0 - eps), x0 + eps).clamp(0, 1)
-        if not keep_closest:
-            best = x.detach()
+        best, s0 = _refine_batch(classifier, x0, m_out, eps, steps, alpha, temperature, loss_form, random_start,
+                                 keep_closest, g, device)
         with torch.no_grad():
-            base = images.images[i:i + batch_size].to(device).to(torch.int16)
-            delta = (best * 255.0).round().to(torch.int16) - base
-            q = (base + delta.clamp(-k_max, k_max)).clamp(0, 255).to(torch.uint8)
+            q = _quantise(best, images.images[i:i + batch_size].to(device), k_max)
             out[i:i + batch_size] = q.cpu()
             if return_info:
                 if s0 is None:
@@ -129,12 +88,86 @@ def refine_outliers(
     refined = ArrayDataset(out, images.labels.clone(), images.class_names, f"{images.identity}|{tag}")
     if not return_info:
         return refined
-    info = {"m_out": float(m_out), "step_size": float(alpha),
+    return refined, _refine_info(images, out, m_out, alpha, before, after)
+
+
+def _check_refine_args(images, eps: float, steps: int) -> None:
+    """Refuse what is not a set of outliers or not a ball / number of steps, before any forward pass."""
+    if not isinstance(images, ArrayDataset):
+        raise TypeError(f"refine_outliers expects an ArrayDataset of outliers, got {type(images).__name__}")
+    if eps < 0 or steps < 0:
+        raise ValueError(f"eps and steps must be >= 0, got eps={eps}, steps={steps}")
+
+
+def _boundary(classifier, m_out: float | None, id_dataset: ArrayDataset | None, m_out_percentile: float,
+              temperature: float, batch_size: int, device) -> float:
+    """``m_out`` as given, or the ``m_out_percentile``-th percentile of the ID-training energy scores."""
+    if m_out is not None:
+        return m_out
+    if id_dataset is None:
+        raise ValueError("refine_outliers: give m_out (the energy-score boundary) or id_dataset (the ID "
+                         "training set) to set it at a percentile of the ID scores")
+    return default_m_out(classifier, id_dataset, m_out_percentile, temperature, batch_size, device)
+
+
+def _refine_batch(classifier, x0: torch.Tensor, m_out: float, eps: float, steps: int, alpha: float,
+                  temperature: float, loss_form: str, random_start: bool, keep_closest: bool, g: torch.Generator,
+                  device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signed-gradient steps on the Eq. 7 loss from ``x0`` (or from a uniform point of the ball, drawn from
+    ``g``), each projected back onto the ``eps``-ball around ``x0`` and [0, 1].
+
+    Returns the iterate to keep -- with ``keep_closest`` the one (start included) whose energy score is
+    closest to ``m_out``, else the last -- and the start's energy scores (``None`` when never computed).
+    """
+    x = x0.clone()
+    best, best_gap, s0 = x0.clone(), None, None
+    if random_start and eps > 0:
+        with torch.no_grad():
+            s0 = energy_score(classifier(x0).float(), temperature)
+        best_gap = (m_out - s0).abs()
+        x = (x0 + (torch.rand(x0.shape, generator=g) * 2 - 1).to(device) * eps).clamp(0, 1)
+    for step in range(steps + 1):  # one forward per iterate; its logits also give the gradient step
+        last = step == steps
+        if last and not keep_closest:
+            break
+        x.requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            logits = classifier(x).float()
+        with torch.no_grad():
+            s = energy_score(logits.detach(), temperature)
+            if s0 is None:
+                s0 = s
+            gap = (m_out - s).abs()
+            if best_gap is None:
+                best_gap = gap
+            elif keep_closest:
+                better = gap < best_gap
+                best[better] = x.detach()[better]
+                best_gap = torch.where(better, gap, best_gap)
+        if last:
+            break
+        loss = energy_loss(logits, m_out, temperature, loss_form, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x = x - alpha * grad.sign()
+            x = torch.min(torch.max(x, x0 - eps), x0 + eps).clamp(0, 1)
+    return (best if keep_closest else x.detach()), s0
+
+
+def _quantise(best: torch.Tensor, base_uint8: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Back to uint8 without leaving the ball: the change of each pixel is clamped to ``k_max`` levels."""
+    base = base_uint8.to(torch.int16)
+    delta = (best * 255.0).round().to(torch.int16) - base
+    return (base + delta.clamp(-k_max, k_max)).clamp(0, 255).to(torch.uint8)
+
+
+def _refine_info(images: ArrayDataset, out: torch.Tensor, m_out: float, alpha: float, before: list, after: list) -> dict:
+    """``return_info``'s dict: the boundary, the step size, energy scores before / after, the largest change."""
+    return {"m_out": float(m_out), "step_size": float(alpha),
             "score_before": torch.cat(before).numpy() if before else np.zeros(0),
             "score_after": torch.cat(after).numpy() if after else np.zeros(0),
             "max_abs_change": int((out.to(torch.int16) - images.images.to(torch.int16)).abs().max()) if len(images)
             else 0}
-    return refined, info
 
 
 __all__ = ["refine_outliers"]

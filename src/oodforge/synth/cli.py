@@ -63,59 +63,20 @@ def synth_shift(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Forge SHIFT outliers (mask the ID object, inpaint the background) into a resumable outlier store."""
-    from ..checks import (
-        check_device,
-        check_images_fit,
-        check_labels,
-        check_model_classes,
-        check_out_dir,
-        check_positive,
-    )
+    from ..checks import check_positive
     from ..data.suites import load_source_data
     from ..hub import ModelUnavailableError
-    from ..outliers.store import StoreError, parse_shard_spec
-    from .inpaint import INPAINTERS, make_inpainter
-    from .masks import MASKERS, make_masker
+    from ..outliers.store import StoreError
     from .shift import forge_shift
 
-    check_out_dir(out)
-    check_device(device)
-    for value, option in ((k, "--k"), (limit, "--limit"), (batch_size, "--batch-size"), (shard_size, "--shard-size"),
-                          (steps, "--steps"), (size, "--size")):
-        check_positive(value, option)
-    if shard is not None:
-        parse_shard_spec(shard)
-    if masker not in MASKERS:
-        _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
-    if inpainter not in INPAINTERS:
-        _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
+    _check_shift_options(out, device, k, limit, batch_size, shard_size, steps, size, shard, masker, inpainter)
     check_positive(image_size, "--image-size")
     dataset = load_source_data(data, data_root, seed, quick, split, image_size)
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
-    mopts = dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
-                 device=device)
-    if masker == "clipseg":
-        m = make_masker("clipseg", model=clipseg_model, **mopts)
-    else:
-        if checkpoint is None:
-            _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR")
-        from ..models.checkpoint import load_checkpoint, weights_hash
-
-        model, meta = load_checkpoint(checkpoint, device=device)
-        hw = tuple(meta["input_shape"][1:]) if meta.get("input_shape") else None
-        # CAM masks explain the classifier's logit of each image's label: it must be this data's classifier
-        check_images_fit(dataset, model.in_channels, hw, f"--data {data}")
-        check_model_classes(meta.get("class_names"), model.num_classes, dataset.class_names, f"--data {data}",
-                            f"--checkpoint {checkpoint}")
-        check_labels(dataset, model.num_classes, f"--data {data}")
-        m = make_masker(masker, model=model, model_id=f"checkpoint:{weights_hash(model)}", **mopts)
-    if inpainter == "sd":
-        inp = make_inpainter("sd", model=inpaint_model, steps=steps, guidance_scale=guidance, size=size,
-                             batch_size=sd_batch_size, device=device)
-    elif inpainter in ("telea", "ns"):
-        inp = make_inpainter(inpainter, radius=radius)
-    else:
-        inp = make_inpainter(inpainter)
+    m = _masker(masker, dataset, data, checkpoint, clipseg_model, device,
+                dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
+                     device=device))
+    inp = _inpainter(inpainter, inpaint_model, steps, guidance, size, sd_batch_size, radius, device)
     t0 = time.time()
     try:
         store = forge_shift(dataset, out, m, inp, k=k, seed=seed, limit=limit, shard=shard, device=device,
@@ -129,6 +90,62 @@ def synth_shift(
         from .grid import save_outlier_grid
 
         typer.echo(f"grid: {save_outlier_grid(dataset, store.load(), grid)}")
+
+
+def _check_shift_options(out: Path, device: str, k: int, limit: Optional[int], batch_size: int, shard_size: int,
+                         steps: int, size: int, shard: Optional[str], masker: str, inpainter: str) -> None:
+    """The options that need no data or model, checked before anything is loaded (bad input fails first)."""
+    from ..checks import check_device, check_out_dir, check_positive
+    from ..outliers.store import parse_shard_spec
+    from .inpaint import INPAINTERS
+    from .masks import MASKERS
+
+    check_out_dir(out)
+    check_device(device)
+    for value, option in ((k, "--k"), (limit, "--limit"), (batch_size, "--batch-size"), (shard_size, "--shard-size"),
+                          (steps, "--steps"), (size, "--size")):
+        check_positive(value, option)
+    if shard is not None:
+        parse_shard_spec(shard)
+    if masker not in MASKERS:
+        _fail(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
+    if inpainter not in INPAINTERS:
+        _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
+
+
+def _masker(masker: str, dataset, data: str, checkpoint: Optional[Path], clipseg_model: str, device: str,
+            mopts: dict):
+    """``--masker``: CLIPSeg from ``--clipseg-model``, or a CAM masker of the ``--checkpoint`` classifier, which
+    must be this data's classifier (CAM masks explain its logit of each image's label)."""
+    from .masks import make_masker
+
+    if masker == "clipseg":
+        return make_masker("clipseg", model=clipseg_model, **mopts)
+    if checkpoint is None:
+        _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR")
+    from ..checks import check_images_fit, check_labels, check_model_classes
+    from ..models.checkpoint import load_checkpoint, weights_hash
+
+    model, meta = load_checkpoint(checkpoint, device=device)
+    hw = tuple(meta["input_shape"][1:]) if meta.get("input_shape") else None
+    check_images_fit(dataset, model.in_channels, hw, f"--data {data}")
+    check_model_classes(meta.get("class_names"), model.num_classes, dataset.class_names, f"--data {data}",
+                        f"--checkpoint {checkpoint}")
+    check_labels(dataset, model.num_classes, f"--data {data}")
+    return make_masker(masker, model=model, model_id=f"checkpoint:{weights_hash(model)}", **mopts)
+
+
+def _inpainter(inpainter: str, inpaint_model: str, steps: int, guidance: float, size: int, sd_batch_size: int,
+               radius: int, device: str):
+    """``--inpainter``: Stable Diffusion with its options, Telea / Navier-Stokes with ``--radius``, or zero fill."""
+    from .inpaint import make_inpainter
+
+    if inpainter == "sd":
+        return make_inpainter("sd", model=inpaint_model, steps=steps, guidance_scale=guidance, size=size,
+                              batch_size=sd_batch_size, device=device)
+    if inpainter in ("telea", "ns"):
+        return make_inpainter(inpainter, radius=radius)
+    return make_inpainter(inpainter)
 
 
 def synth_merge(
