@@ -208,7 +208,7 @@ def test_streamed_folder_matches_the_in_memory_one_and_stays_lazy(user_data):
     assert len(sub) == 2 and sub.identity.endswith("[two]")
     torch.testing.assert_close(sub.float_images(), mem.float_images()[3:5])
     # touching a file changes the identity (the feature-cache key) without reading pixels
-    f = st.images.files[0]
+    f = st.images.path(0)
     before = st.identity
     f.touch()
     import os

@@ -44,6 +44,7 @@ __all__ = [
     "read_idx",
     "load_image_folder",
     "list_image_folder",
+    "image_path",
     "is_plain_image_folder",
     "decode_image",
     "load_cifar",
@@ -235,43 +236,61 @@ def _square(img: np.ndarray, size: int) -> np.ndarray:
     return img[y : y + size, x : x + size]
 
 
-def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str] | None]:
+def _images_under(d: str, recursive: bool) -> np.ndarray:
+    """Image files under folder ``d`` as paths relative to it, in ``Path`` order (by path components), as a
+    numpy bytes array: 600 k paths cost about 10 MB this way, against about 235 MB as ``Path`` objects."""
+    found: list[str] = []
+    for top, _dirs, names in os.walk(d):
+        rel = os.path.relpath(top, d)
+        found += [n if rel == "." else os.path.join(rel, n) for n in names  # os.walk: names are not folders
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+        if not recursive:
+            break
+    found.sort(key=lambda r: r.split(os.sep))
+    return np.array([f.encode() for f in found], dtype=bytes) if found else np.empty(0, "S1")
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """The image files of an image folder, their labels and the class names, without reading any image.
 
     ``root/<class name>/**/<image>``: class names are the sorted sub-folder names, labels index them.
     A folder with images but no sub-folders is one unlabelled set (labels ``-1``, class names ``None``).
-    Shared by :func:`load_image_folder` (reads everything) and :mod:`oodforge.data.streaming` (reads on demand).
+    Files are returned relative to ``root`` as a numpy bytes array (see :func:`image_path`), so listing a
+    folder of millions of images stays small. Shared by :func:`load_image_folder` (reads everything) and
+    :mod:`oodforge.data.streaming` (reads on demand).
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root}: image folder not found (expected root/<class>/<image files>)")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-    def images_in(d: Path, recursive: bool) -> list[Path]:
-        it = d.rglob("*") if recursive else d.iterdir()
-        return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-    files: list[Path] = []
-    labels: list[int] = []
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    parts: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
     class_names: list[str] | None = None
     if subdirs:
-        class_names = [d.name for d in subdirs]
-        for k, d in enumerate(subdirs):
-            found = images_in(d, True)
-            if not found:
-                raise DatasetFormatError(f"{d}: class folder with no images (extensions "
+        class_names = subdirs
+        for k, name in enumerate(subdirs):
+            found = _images_under(str(root / name), True)
+            if not len(found):
+                raise DatasetFormatError(f"{root / name}: class folder with no images (extensions "
                                          f"{', '.join(IMAGE_EXTENSIONS)}); remove it or add its images, since "
                                          "every sub-folder of an image folder is a class")
-            files += found
-            labels += [k] * len(found)
+            parts.append(np.char.add(f"{name}/".encode(), found))
+            labels.append(np.full(len(found), k, np.int64))
     else:
-        files = images_in(root, False)
-        labels = [-1] * len(files)
-    if not files:
+        found = _images_under(str(root), False)
+        parts.append(found)
+        labels.append(np.full(len(found), -1, np.int64))
+    files = np.concatenate(parts)
+    if not len(files):
         raise DatasetFormatError(
             f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}); expected root/<class>/<image>"
         )
-    return files, np.array(labels, np.int64), class_names
+    return files, np.concatenate(labels), class_names
+
+
+def image_path(root: Path, rel: bytes) -> Path:
+    """The file of entry ``rel`` of :func:`list_image_folder`."""
+    return root / rel.decode()
 
 
 def decode_image(path: Path, size: int | None = None, channels: int | None = None) -> np.ndarray:
@@ -302,7 +321,8 @@ def load_image_folder(
     root = Path(root)
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    files, labels, class_names = list_image_folder(root)
+    rel, labels, class_names = list_image_folder(root)
+    files = [image_path(root, r) for r in rel]
     arrays = [decode_image(p, size) for p in progress_bar(files, desc=f"reading {root.name}",
                                                           disable=not progress or len(files) < 500, leave=False)]
     if size is None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from oodforge.data.loaders import DatasetFormatError, decode_image, list_image_folder
+from oodforge.data.loaders import DatasetFormatError, decode_image, image_path, list_image_folder
 
 __all__ = ["FileDataset", "LazyImages", "stream_image_folder", "default_workers"]
 
@@ -49,8 +49,9 @@ class LazyImages:
 
     dtype = torch.uint8
 
-    def __init__(self, files: list[Path], shape: tuple[int, int, int], size: int | None) -> None:
-        self.files = files
+    def __init__(self, root: Path, files: np.ndarray, shape: tuple[int, int, int], size: int | None) -> None:
+        self.root = Path(root)
+        self.files = files  # paths relative to root, a numpy bytes array (compact; shared by forked workers)
         self._shape = shape
         self._size = size
 
@@ -61,10 +62,14 @@ class LazyImages:
     def __len__(self) -> int:
         return len(self.files)
 
+    def path(self, i: int) -> Path:
+        """The file of image ``i``."""
+        return image_path(self.root, self.files[i])
+
     def decode(self, i: int) -> np.ndarray:
-        img = decode_image(self.files[i], self._size, self._shape[0])
+        img = decode_image(self.path(i), self._size, self._shape[0])
         if img.shape != self._shape:
-            raise DatasetFormatError(f"{self.files[i]}: image is {img.shape[1]}x{img.shape[2]} but the dataset's "
+            raise DatasetFormatError(f"{self.path(i)}: image is {img.shape[1]}x{img.shape[2]} but the dataset's "
                                      f"images are {self._shape[1]}x{self._shape[2]}; give a size to resize them all")
         return img
 
@@ -98,10 +103,10 @@ class _Batches(Dataset):
 class FileDataset(Dataset):
     """Images listed by file and read on demand; the drop-in for ``ArrayDataset`` on data too large for memory."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, class_names: list[str] | None,
+    def __init__(self, root: Path, files: np.ndarray, labels: np.ndarray, class_names: list[str] | None,
                  shape: tuple[int, int, int], size: int | None, identity: str,
                  num_workers: int | None = None) -> None:
-        self.images = LazyImages(list(files), shape, size)
+        self.images = LazyImages(root, np.asarray(files, dtype=bytes), shape, size)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.labels.shape != (len(files),):
             raise ValueError(f"labels must have shape ({len(files)},), got {tuple(self.labels.shape)}")
@@ -133,7 +138,7 @@ class FileDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if identity_suffix is None:
             identity_suffix = "idx:" + hashlib.sha256(idx.tobytes()).hexdigest()[:12]
-        return FileDataset([self.images.files[i] for i in idx], self.labels.numpy()[idx], self.class_names,
+        return FileDataset(self.images.root, self.images.files[idx], self.labels.numpy()[idx], self.class_names,
                            self.image_shape, self.images._size, f"{self.identity}[{identity_suffix}]",
                            self.num_workers)
 
@@ -141,11 +146,12 @@ class FileDataset(Dataset):
         return f"FileDataset({self.identity!r}, n={len(self)}, shape={self.image_shape}, streamed)"
 
 
-def _file_identity(root: Path, files: list[Path], labels: np.ndarray, size, channels: int) -> str:
+def _file_identity(root: Path, files: np.ndarray, labels: np.ndarray, size, channels: int) -> str:
     h = hashlib.sha256(f"{size}|{channels}".encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    top = str(root)
+    for rel in files:
+        st = os.stat(os.path.join(top, rel.decode()))
+        h.update(rel + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(np.ascontiguousarray(labels).tobytes())
     return f"stream:{root.name}:{h.hexdigest()[:16]}"
 
@@ -163,9 +169,9 @@ def stream_image_folder(root: str | os.PathLike, size: int | None = None, channe
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     files, labels, class_names = list_image_folder(root)
-    peek = [decode_image(p, size) for p in files[:CHANNEL_PEEK]]
+    peek = [decode_image(image_path(root, r), size) for r in files[:CHANNEL_PEEK]]
     if channels is None:
         channels = 1 if all(a.shape[0] == 1 for a in peek) else 3
     shape = (channels, *peek[0].shape[1:])
-    return FileDataset(files, labels, class_names, shape, size, _file_identity(root, files, labels, size, channels),
-                       num_workers)
+    return FileDataset(root, files, labels, class_names, shape, size,
+                       _file_identity(root, files, labels, size, channels), num_workers)
