@@ -17,6 +17,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
+from .moments import class_means, second_moment
 from .odin import iter_image_batches, prepare_model
 
 __all__ = ["Mahalanobis", "class_means_tied_precision"]
@@ -33,15 +34,13 @@ def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
     not fail. Returns ``(means [C, D], precision [D, D], whitening [D, r], classes)`` with
     ``precision = whitening @ whitening.T``; all float64.
     """
-    x = features.double().cpu().numpy()
     y = labels.cpu().numpy()
     if (y < 0).any():
         raise ValueError("mahalanobis: the ID training FeatureSet has unlabelled images (label -1); "
                          "class-conditional Gaussians need the class labels of the training set")
     classes = np.unique(y)
-    means = np.stack([x[y == c].mean(axis=0) for c in classes])
-    centred = x - means[np.searchsorted(classes, y)]
-    cov = centred.T @ centred / x.shape[0]
+    means = class_means(features, y, classes)  # in float64 row chunks: no full-size copy of the features
+    cov = second_moment(features, means, np.searchsorted(classes, y))
     vals, vecs = np.linalg.eigh(cov)
     keep = vals > max(vals.max(), 0.0) * cov.shape[0] * np.finfo(np.float64).eps
     if not keep.any():

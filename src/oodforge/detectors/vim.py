@@ -11,6 +11,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
+from .moments import chunked_map, second_moment
 
 __all__ = ["ViM", "default_principal_dim"]
 
@@ -51,7 +52,7 @@ class ViM(Detector):
         self.principal_dim = principal_dim
 
     def _fit(self, ctx: FitContext) -> None:
-        h = ctx.train.penultimate.double().numpy()
+        h = ctx.train.penultimate
         dim = h.shape[1]
         d = default_principal_dim(dim) if self.principal_dim is None else int(self.principal_dim)
         if not 0 < d < dim:
@@ -60,18 +61,17 @@ class ViM(Detector):
         if w.shape[1] != dim:
             raise ValueError(f"vim: the classifier head takes {w.shape[1]} inputs but the features have {dim} dims")
         origin = -np.linalg.pinv(w) @ b
-        x = h - origin
-        cov = x.T @ x / x.shape[0]  # EmpiricalCovariance(assume_centered=True)
+        cov = second_moment(h, origin)  # EmpiricalCovariance(assume_centered=True) of h - origin, in row chunks
         eig_vals, eig_vecs = np.linalg.eigh(cov)
         order = np.argsort(-eig_vals, kind="stable")
         self.principal_dim_ = d
         self.origin_ = torch.from_numpy(origin)
         self.null_space_ = torch.from_numpy(np.ascontiguousarray(eig_vecs[:, order[d:]]))
-        max_logit = ctx.train.logits.double().max(dim=1).values.mean().item()
+        max_logit = chunked_map(lambda z: z.double().max(dim=1).values, ctx.train.logits).mean().item()
         self.alpha_ = float(max_logit / self._residual_norm(ctx.train.penultimate).mean().item())
 
     def _residual_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return ((h.double() - self.origin_) @ self.null_space_).norm(dim=1)
+        return chunked_map(lambda z: ((z.double() - self.origin_) @ self.null_space_).norm(dim=1), h)
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         energy = torch.logsumexp(feats.logits.double(), dim=1)
