@@ -150,7 +150,7 @@ def _file_identity(root: Path, files: np.ndarray, labels: np.ndarray, size, chan
     h = hashlib.sha256(f"{size}|{channels}".encode())
     top = str(root)
     for rel in files:
-        st = os.stat(os.path.join(top, rel.decode()))
+        st = os.stat(os.path.join(top, os.fsdecode(rel)))
         h.update(rel + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(np.ascontiguousarray(labels).tobytes())
     return f"stream:{root.name}:{h.hexdigest()[:16]}"
