@@ -475,7 +475,7 @@ def test_fashion6_full_sizes_on_real_data():
 
 
 def test_unknown_suite():
-    assert set(SUITES) == {"fashion", "fashion6", "scenes"}
+    assert set(SUITES) == {"fashion", "fashion6", "scenes", "clipart"}
     with pytest.raises(KeyError, match="choose from"):
         load_suite("cifar10")
 

@@ -11,7 +11,12 @@ fashion6   Fashion-MNIST T-shirt/top, Trouser, Pullover, Dress,   held-out-class
                                                                   quick 300)
 scenes     Fashion-MNIST objects on real-photo crops, 3x32x32     backgrounds,                textures, noise
            (20,000 / 4,000; quick 2,000 / 500)                    digits-on-scenes
+clipart    Debian openclipart-png colour drawings, 7 categories   the 13 held-out             textures, noise
+           with >= 250 images, 3x64x64 (docs/datasets.md)         categories
 =========  =====================================================  ==========================  =====================
+
+A user's own suite is a suite file (``*.toml``) or a :class:`~oodforge.data.user_suite.SuiteSpec`
+(:mod:`oodforge.data.user_suite`); it gets the same validation split and quick subsets.
 
 Every suite also holds out an **ID validation split** ``id_val`` from its training images: a
 stratified 10 % (at most 5,000; quick: 300), drawn with the data seed and removed from
