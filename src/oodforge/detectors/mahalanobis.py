@@ -40,7 +40,7 @@ def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
                          "class-conditional Gaussians need the class labels of the training set")
     classes = np.unique(y)
     means = class_means(features, y, classes)  # in float64 row chunks: no full-size copy of the features
-    cov = second_moment(features, means, np.searchsorted(classes, y))
+    cov = second_moment(features, means, y, classes)
     vals, vecs = np.linalg.eigh(cov)
     keep = vals > max(vals.max(), 0.0) * cov.shape[0] * np.finfo(np.float64).eps
     if not keep.any():

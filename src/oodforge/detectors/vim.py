@@ -11,7 +11,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
-from .moments import chunked_map, second_moment
+from .moments import chunked_map, chunked_mean, second_moment
 
 __all__ = ["ViM", "default_principal_dim"]
 
@@ -67,8 +67,8 @@ class ViM(Detector):
         self.principal_dim_ = d
         self.origin_ = torch.from_numpy(origin)
         self.null_space_ = torch.from_numpy(np.ascontiguousarray(eig_vecs[:, order[d:]]))
-        max_logit = chunked_map(lambda z: z.double().max(dim=1).values, ctx.train.logits).mean().item()
-        self.alpha_ = float(max_logit / self._residual_norm(ctx.train.penultimate).mean().item())
+        max_logit = chunked_mean(lambda z: z.double().max(dim=1).values, ctx.train.logits)
+        self.alpha_ = float(max_logit / chunked_mean(self._residual_norm, ctx.train.penultimate))
 
     def _residual_norm(self, h: torch.Tensor) -> torch.Tensor:
         return chunked_map(lambda z: ((z.double() - self.origin_) @ self.null_space_).norm(dim=1), h)
