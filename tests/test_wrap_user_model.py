@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oodforge.bench import parse_method
 from oodforge.data.base import ArrayDataset
 from oodforge.detectors import FitContext, create
 from oodforge.models.features import extract_features
@@ -90,10 +91,11 @@ def test_detectors_score_the_wrapped_model(user_model, tmp_path):
     feats = {k: extract_features(model, d, feature_map=True, cache_dir=tmp_path) for k, d in
              (("train", train), ("test", test), ("ood", ood))}
     ctx = FitContext(model=model, train=feats["train"])
-    for name in ("msp", "energy", "react", "vim", "knn", "ash", "scale", "mahalanobis"):
-        det = create(name).fit(ctx)
+    for spec in ("msp", "energy", "react", "vim", "knn:k=3", "ash", "scale", "mahalanobis"):
+        name, params = parse_method(spec)  # k=3: 64 images over 7 classes (knn warns at its default k=50)
+        det = create(name, **params).fit(ctx)
         s = det.score(feats["test"])
-        assert s.shape == (32,) and np.isfinite(s).all(), name
+        assert s.shape == (32,) and np.isfinite(s).all(), spec
     msp = create("msp").fit(ctx).score(feats["test"])
     with torch.no_grad():
         expected = torch.softmax(model(test.float_images(0, 32)), 1).max(1).values.double().numpy()
