@@ -66,7 +66,10 @@ def with_validation_split(suite: Suite, seed: int, quick: bool) -> Suite:
     different training seeds see the same validation images.
     """
     train = suite.id_train
-    n_val = max(1, min(QUICK_VAL if quick else VAL_MAX, int(round(VAL_FRACTION * len(train)))))
+    n_val = min(VAL_MAX, int(round(VAL_FRACTION * len(train))))
+    if quick and len(train) >= 3 * QUICK_VAL:  # the embedded suites' quick subsets: always 300
+        n_val = QUICK_VAL
+    n_val = max(1, n_val)  # tiny user suites: 10 %
     val_idx = stratified_indices(train.labels.numpy(), n_val, seed + 0x7A1)
     keep = np.setdiff1d(np.arange(len(train)), val_idx)
     suite.id_val = train.subset(val_idx, identity_suffix=f"val:n{n_val}:seed{seed}")
