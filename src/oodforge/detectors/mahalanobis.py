@@ -17,7 +17,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
-from .moments import class_means, second_moment
+from .moments import class_means, distinct_values, second_moment
 from .odin import iter_image_batches, prepare_model
 
 __all__ = ["Mahalanobis", "class_means_tied_precision"]
@@ -35,10 +35,10 @@ def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
     ``precision = whitening @ whitening.T``; all float64.
     """
     y = labels.cpu().numpy()
-    if (y < 0).any():
+    if len(y) and y.min() < 0:
         raise ValueError("mahalanobis: the ID training FeatureSet has unlabelled images (label -1); "
                          "class-conditional Gaussians need the class labels of the training set")
-    classes = np.unique(y)
+    classes = distinct_values(y)
     means = class_means(features, y, classes)  # in float64 row chunks: no full-size copy of the features
     cov = second_moment(features, means, y, classes)
     vals, vecs = np.linalg.eigh(cov)

@@ -71,8 +71,9 @@ class ViM(Detector):
         self.alpha_ = float(max_logit / chunked_mean(self._residual_norm, ctx.train.penultimate))
 
     def _residual_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return chunked_map(lambda z: ((z.double() - self.origin_) @ self.null_space_).norm(dim=1), h)
+        """``||(h - o)^P_perp||`` of each row of one chunk ``h`` (callers chunk: no full-size float64 temporary)."""
+        return ((h.double() - self.origin_) @ self.null_space_).norm(dim=1)
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         energy = torch.logsumexp(feats.logits.double(), dim=1)
-        return energy - self.alpha_ * self._residual_norm(feats.penultimate)
+        return energy - self.alpha_ * chunked_map(self._residual_norm, feats.penultimate)

@@ -61,12 +61,15 @@ class _Sink:
         self.arrays[name][start:start + batch.shape[0]] = batch.float().cpu().numpy()
 
     def finish(self, labels: torch.Tensor) -> FeatureSet:
-        if self.folder is not None:
+        if self.folder is None:
+            labels = labels.clone()
+        else:  # the saved labels, memory-mapped like the features: no second in-memory copy per image
             np.save(self.folder / "labels.npy", labels.numpy())
+            labels = torch.from_numpy(np.load(self.folder / "labels.npy", mmap_mode="c"))
             for a in self.arrays.values():
                 a.flush()
         t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
-        return FeatureSet(t["logits"], t["penultimate"], labels.clone(), t.get("feature_map"))
+        return FeatureSet(t["logits"], t["penultimate"], labels, t.get("feature_map"))
 
 
 @torch.no_grad()
@@ -98,7 +101,7 @@ def _open_entry(entry: Path, feature_map: bool) -> FeatureSet | None:
         t = {k: np.load(entry / f"{k}.npy", mmap_mode="c") for k in ("logits", "penultimate")}
         if feature_map:
             t["feature_map"] = np.load(entry / "feature_map.npy", mmap_mode="c")
-        labels = torch.from_numpy(np.load(entry / "labels.npy"))
+        labels = torch.from_numpy(np.load(entry / "labels.npy", mmap_mode="c"))
         return FeatureSet(torch.from_numpy(t["logits"]), torch.from_numpy(t["penultimate"]), labels,
                           torch.from_numpy(t["feature_map"]) if feature_map else None)
     except (OSError, ValueError):
