@@ -168,6 +168,54 @@ def test_train_forge_and_bench_on_a_suite_file(user_data, tmp_path, monkeypatch,
     assert rc == 0, cap.err[-3000:]
 
 
+def test_users_model_makes_cam_masks_and_ships_as_a_guard(user_data, tmp_path, monkeypatch, capsys):
+    """--model in synth shift (Layer-CAM masks of the user's network) and in export: the guard saves the user's
+    weights with how to build the module again, and predict restores it and gives the same decisions."""
+    monkeypatch.chdir(user_data)
+    monkeypatch.setenv("OODFORGE_CACHE", str(tmp_path / "cache"))
+    store, guard = tmp_path / "store", tmp_path / "guard.oodf"
+    rc, cap = _run(["synth", "shift", "--data", "suite.toml", "--masker", "layercam", "--inpainter", "telea",
+                    *USER_MODEL, "--limit", "20", "--out", str(store), "--no-progress"], capsys)
+    assert rc == 0, cap.err[-3000:]
+    assert "user:usernet:build" in (store / "store.json").read_text()  # the masks' model is in the config
+    from oodforge.outliers.store import OutlierStore
+
+    forged = OutlierStore(store).load()
+    assert len(forged) == 20 and forged.images.shape[1:] == (3, 32, 32)
+    rc, cap = _run(["export", "--suite", "suite.toml", "--method", "vim", *USER_MODEL, "--onnx", "--out", str(guard)],
+                   capsys)
+    assert rc == 0, cap.err[-3000:]
+    doc = json.loads((guard / "guard.json").read_text())
+    assert doc["model"]["user_model"]["factory"] == "usernet:build"
+    assert doc["provenance"]["user_model"] == "usernet:build"
+    from oodforge.data.loaders import load_image_folder
+    from oodforge.deploy.guard import GuardedClassifier
+    from oodforge.models.wrap import load_user_model
+
+    g = GuardedClassifier.load(guard)
+    test = load_image_folder(user_data / "test", size=32)
+    own = load_user_model("usernet:build", "w.safetensors", "classifier", "features", (0.5,) * 3, (0.25,) * 3,
+                          (32, 32))
+    with torch.no_grad():
+        np.testing.assert_allclose(g.model(test.float_images()).numpy(), own(test.float_images()).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    rc, cap = _run(["predict", str(guard), "test", "noise", "--json"], capsys)
+    assert rc == 0, cap.err[-3000:]
+    rows = [json.loads(ln) for ln in cap.out.splitlines() if ln.startswith("{")]
+    images, summary = rows[:-1], rows[-1]["summary"]
+    assert len(images) == summary["images"] == 36 + 30
+    # at the 95 % target, the user's trained net accepts most of its ID test images and abstains on most noise
+    accepted = {"test": 0, "noise": 0}
+    for r in images:
+        accepted[r["file"].split("/")[0]] += r["accepted"]
+    assert accepted["test"] >= 30 and accepted["noise"] <= 10, accepted
+    # --checkpoint and --model together, or --weights alone, fail before anything is loaded
+    rc, cap = _run(["synth", "shift", "--data", "suite.toml", "--masker", "layercam", "--inpainter", "telea",
+                    "--weights", "w.safetensors", "--out", str(tmp_path / "never")], capsys)
+    assert rc == 2 and "give --model too" in cap.err, cap.err
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--id-train", "train", "--id-test", "test"], "no OOD sets"),
     (["--id-train", "train", "--id-test", "test", "--ood", "noise"], "write NAME=PATH"),

@@ -10,6 +10,17 @@ from typing import Optional
 
 import typer
 
+from .models.cli import (
+    FEATURES,
+    HEAD,
+    MEAN,
+    MODEL,
+    STD,
+    WEIGHTS,
+    check_model_options,
+    user_model_from_options,
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="oodforge: OOD detection for image classifiers without real outlier data.")
 synth_app = typer.Typer(no_args_is_help=True, help="Forge synthetic outliers into an outlier store.")
@@ -67,27 +78,6 @@ def _check_methods(method_list: list[str], has_outliers: bool) -> None:
                              "--outliers DIR (made by `oodforge synth shift ...`)")
 
 
-def _floats(text: str | None, option: str, n: int) -> tuple[float, ...]:
-    if text is None:
-        return (0.5,) * n
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
-    if len(values) != n:
-        raise typer.BadParameter(f"expected {n} values (one per channel), got {len(values)}", param_hint=option)
-    return values
-
-
-def _user_model(spec: str, weights, head: str, features: str, mean, std, suite):
-    """``--model``: the user's classifier, wrapped for the detectors (oodforge.models.wrap)."""
-    from .models.wrap import load_user_model
-
-    c, h, w = suite.image_shape
-    return load_user_model(spec, str(weights) if weights else None, head, features, _floats(mean, "--mean", c),
-                           _floats(std, "--std", c), (h, w))
-
-
 @app.command()
 def bench(
     suite: str = typer.Option("fashion", "--suite", help="Benchmark suite: " + SUITE_HELP),
@@ -122,16 +112,12 @@ def bench(
                                                "(default: Debian's wordnet-base, /usr/share/wordnet)."),
     allow_foreign_outliers: bool = typer.Option(False, "--allow-foreign-outliers", help="Use an outlier store "
                                                 "forged from other data than this suite (recorded in results.json)."),
-    user_model: Optional[str] = typer.Option(None, "--model", help="Your own classifier: package.module:factory "
-                                             "(a function returning the nn.Module; see oodforge.models.wrap)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="--model's weights: .safetensors, or a "
-                                           "torch.save'd state dict (read with weights_only=True)."),
-    head: str = typer.Option("fc", "--head", help="--model: name of its final nn.Linear."),
-    features: str = typer.Option("layer4", "--features", help="--model: name of the module that outputs its last "
-                                 "feature map."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="--model: per-channel normalisation mean, e.g. "
-                                       "'0.485,0.456,0.406' (default 0.5 per channel)."),
-    std: Optional[str] = typer.Option(None, "--std", help="--model: per-channel normalisation std (default 0.5)."),
+    user_model: Optional[str] = MODEL,
+    weights: Optional[Path] = WEIGHTS,
+    head: str = HEAD,
+    features: str = FEATURES,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
 ) -> None:
     """Benchmark detectors on a suite and write results.json, scores.npz, report.md and plots."""
     from .bench import BenchJob, run_bench, split_methods
@@ -152,19 +138,15 @@ def bench(
     _check_methods(method_list, has_outliers=outliers is not None)
     if checkpoint is not None:
         checkpoint_files(checkpoint, "--checkpoint")
-    if user_model is not None and checkpoint is not None:
-        raise typer.BadParameter("give either --checkpoint or --model, not both", param_hint="--model")
-    if user_model is None and any(v is not None for v in (weights, mean, std)):
-        raise typer.BadParameter("--weights, --mean and --std describe --model; give --model too",
-                                 param_hint="--model")
+    check_model_options(user_model, checkpoint, weights, mean, std)
     s = _load_suite(suite, data_root, seed, quick, id_train, id_test, ood, near, image_size, stream)
     stores = {opt: OutlierStore(path) for opt, path in (("--outliers", outliers), ("--val-outliers", val_outliers))
               if path is not None}
     foreign = {opt: check_store_fits(st, s.id_train, s.class_names, opt, allow_foreign_outliers,
                                      split="val" if opt == "--val-outliers" else "train") for opt, st in stores.items()}
     if user_model is not None:
-        model = _user_model(user_model, weights, head, features, mean, std, s)
-        info = {"user_model": user_model, "weights": str(weights) if weights else None}
+        model, info = user_model_from_options(user_model, weights, head, features, mean, std,
+                                              s.id_train.image_shape)
         what = f"--model {user_model}"
     else:
         model, info = get_model(s, TrainPlan(epochs=epochs if epochs is not None else 3 if quick else 4, seed=seed),

@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..models.cli import FEATURES, HEAD, MEAN, MODEL, STD, WEIGHTS, check_model_options
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -22,7 +24,7 @@ def _fail(msg: str) -> None:
 
 
 def export(
-    suite: str = typer.Option(..., "--suite", help="Suite the classifier was trained on: fashion, fashion6 or scenes "
+    suite: str = typer.Option(..., "--suite", help="Suite the classifier was trained on: fashion, fashion6, scenes or a suite file (*.toml) "
                               "(its ID train split fits the detector, its ID validation split calibrates the threshold)."),
     method: str = typer.Option(..., "--method", help="One detector, with parameters as in `oodforge bench` "
                                "(e.g. 'knn:k=10', 'shift')."),
@@ -41,6 +43,12 @@ def export(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ... (ONNX export needs cpu)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    user_model: Optional[str] = MODEL,
+    weights: Optional[Path] = WEIGHTS,
+    head: str = HEAD,
+    features: str = FEATURES,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
 ) -> None:
     """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
     from ..checks import check_device, check_out_dir
@@ -55,10 +63,18 @@ def export(
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
     _check_export_method(method, outliers, onnx)
+    check_model_options(user_model, checkpoint, weights, mean, std)
     if not 0 < target <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {target}", param_hint="--target")
     s = load_suite(suite, data_root=data_root, seed=seed, quick=quick)
-    model, info = get_model(s, TrainPlan(epochs=3 if quick else 4, seed=seed), checkpoint, device, log=typer.echo)
+    if user_model is not None:
+        from ..checks import check_suite_fits_model
+        from ..models.cli import user_model_from_options
+
+        model, info = user_model_from_options(user_model, weights, head, features, mean, std, s.id_train.image_shape)
+        check_suite_fits_model(s, model, info, f"--model {user_model}")
+    else:
+        model, info = get_model(s, TrainPlan(epochs=3 if quick else 4, seed=seed), checkpoint, device, log=typer.echo)
     store = None
     if outliers is not None:
         from ..outliers.store import OutlierStore
@@ -69,6 +85,7 @@ def export(
                                   batch_size=batch_size, cache_dir=None if no_cache else default_cache_dir(),
                                   seed=seed, progress=sys.stderr.isatty())
     guard.provenance.update({"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"), "quick": quick,
+                             **{k: info[k] for k in ("user_model", "weights") if k in info},
                              "outlier_store": str(outliers) if outliers else None,
                              "command": "oodforge export " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["export"]
                                                                       else sys.argv[1:])})

@@ -86,8 +86,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in guard.model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE))
+        save_file(_model_state(guard.model), str(tmp / MODEL_FILE))
         save_file(det_tensors, str(tmp / DETECTOR_FILE), metadata={"format": FORMAT})
         files = [MODEL_FILE, DETECTOR_FILE]
         onnx_info = None
@@ -108,7 +107,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
             "threshold": guard.threshold, "target_acceptance": guard.target,
             "accept_rule": "id_score >= threshold",
             "rates": guard.rates,
-            "model": model_meta(guard.model),
+            "model": {**model_meta(guard.model), **_user_model_meta(guard.model)},
             "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
                               "range": [0.0, 1.0], "normalisation": "inside the model (model.mean / model.std)",
                               "resize": "area when shrinking, linear when enlarging (oodforge.data.loaders.load_image_file)",
@@ -134,6 +133,29 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _model_state(model) -> dict:
+    """The weights to save: a user's wrapped model saves its own module's state dict (the names its
+    ``load_state_dict`` expects; the wrapper's view would hold the head twice)."""
+    module = model.module if hasattr(model, "rebuild_spec") else model
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _user_model_meta(model) -> dict:
+    """For a user's model (``oodforge export --model``): how to build it again before loading the weights."""
+    return {"user_model": model.rebuild_spec()} if hasattr(model, "rebuild_spec") else {}
+
+
+def _build_user_model(spec: dict, state: dict):
+    """Import the user's factory named in the manifest (their code must be importable where the guard is
+    loaded), build the module, load the saved weights and wrap it as at export time."""
+    from ..models.wrap import load_user_model
+
+    model = load_user_model(spec["factory"], None, spec["head"], spec["features"], tuple(spec["mean"]),
+                            tuple(spec["std"]), tuple(spec["input_size"]))
+    model.module.load_state_dict(state, strict=True)
+    return model
 
 
 def _usual_permissions(folder: Path) -> None:
@@ -197,11 +219,15 @@ def read_guard(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
         folder = folder.parent
     meta = doc["model"]
     try:
-        model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta.get("mean"), meta.get("std"))
-        result = model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=False)
+        if "user_model" in meta:
+            model, result = _build_user_model(meta["user_model"], load_file(str(folder / MODEL_FILE))), None
+        else:
+            model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta.get("mean"),
+                                meta.get("std"))
+            result = model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=False)
     except Exception as e:  # any failure here: the file does not fit the manifest
         raise GuardFileError(f"{folder / MODEL_FILE} cannot be loaded as a {meta.get('arch')!r} model: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
+    if result is not None and (result.missing_keys or result.unexpected_keys):
         raise GuardFileError(f"{folder / MODEL_FILE} does not match architecture {meta['arch']!r}: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     model = model.to(device).eval()

@@ -59,6 +59,17 @@ class WrappedClassifier(Classifier):
             head_module.register_forward_pre_hook(self._keep_penultimate),
         ]
         self.gap_head = self._check_gap_head()
+        self.factory: str | None = None  # "package.module:factory" when built by load_user_model
+
+    def rebuild_spec(self) -> dict:
+        """What :func:`load_user_model` needs to build this classifier again (before loading its weights): saved
+        with an exported guard (``oodforge export --model``) so that ``predict`` can restore it."""
+        if self.factory is None:
+            raise ValueError(f"{self.arch} was wrapped in Python, so no file can say how to build it again; to export "
+                             "it, give the model as --model package.module:factory (or set .factory to that spec)")
+        return {"factory": self.factory, "head": self.head_name, "features": self.features_name,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "input_size": list(self.input_size)}
 
     # -- hooks ---------------------------------------------------------------------------------
     def _keep_features(self, _module, _inputs, output) -> None:
@@ -164,7 +175,9 @@ def load_user_model(spec: str, weights: str | None = None, head: str = "fc", fea
         except RuntimeError as e:
             first = one_line(e)[:300]
             raise ValueError(f"--weights {path} does not fit {spec} ({first})") from None
-    return wrap(net.eval(), head=head, features=features, mean=mean, std=std, input_size=input_size)
+    model = wrap(net.eval(), head=head, features=features, mean=mean, std=std, input_size=input_size)
+    model.factory = spec
+    return model
 
 
 __all__ = ["WrappedClassifier", "load_user_model", "wrap"]

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from ..models.cli import FEATURES, HEAD, MEAN, MODEL, STD, WEIGHTS, check_model_options
+
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -24,7 +26,7 @@ def synth_shift(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="When --data is a path: resize its images "
                                              "to this size (shorter side, then centre crop); suites keep theirs."),
     masker: str = typer.Option("clipseg", "--masker", help="clipseg (SHIFT) | layercam | gradcam (KIRBY; need "
-                               "--checkpoint)."),
+                               "--checkpoint or --model)."),
     inpainter: str = typer.Option("sd", "--inpainter", help="sd (SHIFT) | telea | ns | zero."),
     k: int = typer.Option(1, "--k", help="Outliers per ID image (K; the paper uses 1 and 8)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N ID images."),
@@ -61,6 +63,12 @@ def synth_shift(
     quick: bool = typer.Option(False, "--quick", help="Use the suite's small quick split."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of ID images and outliers."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    user_model: Optional[str] = MODEL,
+    weights: Optional[Path] = WEIGHTS,
+    head: str = HEAD,
+    features: str = FEATURES,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
 ) -> None:
     """Forge SHIFT outliers (mask the ID object, inpaint the background) into a resumable outlier store."""
     from ..checks import check_positive
@@ -71,9 +79,15 @@ def synth_shift(
 
     _check_shift_options(out, device, k, limit, batch_size, shard_size, steps, size, shard, masker, inpainter)
     check_positive(image_size, "--image-size")
+    check_model_options(user_model, checkpoint, weights, mean, std)
+    if masker != "clipseg" and checkpoint is None and user_model is None:
+        _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR, or "
+              "your own with --model package.module:factory")
     dataset = load_source_data(data, data_root, seed, quick, split, image_size)
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
-    m = _masker(masker, dataset, data, checkpoint, clipseg_model, device,
+    classifier = _classifier(dataset, data, checkpoint, (user_model, weights, head, features, mean, std), device) \
+        if masker != "clipseg" else None
+    m = _masker(masker, classifier, checkpoint, user_model, clipseg_model,
                 dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
                      device=device))
     inp = _inpainter(inpainter, inpaint_model, steps, guidance, size, sd_batch_size, radius, device)
@@ -113,26 +127,46 @@ def _check_shift_options(out: Path, device: str, k: int, limit: Optional[int], b
         _fail(f"--inpainter must be one of {', '.join(INPAINTERS)}, got {inpainter!r}")
 
 
-def _masker(masker: str, dataset, data: str, checkpoint: Optional[Path], clipseg_model: str, device: str,
+def _classifier(dataset, data: str, checkpoint: Optional[Path], user: tuple, device: str):
+    """The classifier whose class activation maps make the masks: ``--checkpoint`` or the user's ``--model``
+    (with ``--weights/--head/--features/--mean/--std``); it must be this data's classifier, since a CAM mask
+    explains its logit of each image's label. ``None`` when neither is given."""
+    from ..checks import check_images_fit, check_labels, check_model_classes
+    from ..models.checkpoint import load_checkpoint
+
+    user_model, weights, head, features, mean, std = user
+    if user_model is not None:
+        from ..models.cli import user_model_from_options
+
+        try:
+            model, _ = user_model_from_options(user_model, weights, head, features, mean, std, dataset.image_shape)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        meta, what = {}, f"--model {user_model}"
+    elif checkpoint is not None:
+        model, meta = load_checkpoint(checkpoint, device=device)
+        what = f"--checkpoint {checkpoint}"
+    else:
+        return None
+    model.to(device)
+    hw = tuple(meta["input_shape"][1:]) if meta.get("input_shape") else None
+    check_images_fit(dataset, model.in_channels, hw, f"--data {data}")
+    check_model_classes(meta.get("class_names"), model.num_classes, dataset.class_names, f"--data {data}", what)
+    check_labels(dataset, model.num_classes, f"--data {data}")
+    return model
+
+
+def _masker(masker: str, classifier, checkpoint: Optional[Path], user_model: Optional[str], clipseg_model: str,
             mopts: dict):
-    """``--masker``: CLIPSeg from ``--clipseg-model``, or a CAM masker of the ``--checkpoint`` classifier, which
-    must be this data's classifier (CAM masks explain its logit of each image's label)."""
+    """``--masker``: CLIPSeg from ``--clipseg-model``, or a CAM masker of the classifier (see :func:`_classifier`)."""
     from .masks import make_masker
 
     if masker == "clipseg":
         return make_masker("clipseg", model=clipseg_model, **mopts)
-    if checkpoint is None:
-        _fail(f"--masker {masker} computes class activation maps of your classifier: pass --checkpoint DIR")
-    from ..checks import check_images_fit, check_labels, check_model_classes
-    from ..models.checkpoint import load_checkpoint, weights_hash
+    from ..models.checkpoint import weights_hash
 
-    model, meta = load_checkpoint(checkpoint, device=device)
-    hw = tuple(meta["input_shape"][1:]) if meta.get("input_shape") else None
-    check_images_fit(dataset, model.in_channels, hw, f"--data {data}")
-    check_model_classes(meta.get("class_names"), model.num_classes, dataset.class_names, f"--data {data}",
-                        f"--checkpoint {checkpoint}")
-    check_labels(dataset, model.num_classes, f"--data {data}")
-    return make_masker(masker, model=model, model_id=f"checkpoint:{weights_hash(model)}", **mopts)
+    source = f"user:{user_model}" if user_model is not None else "checkpoint"
+    return make_masker(masker, model=classifier, model_id=f"{source}:{weights_hash(classifier)}", **mopts)
 
 
 def _inpainter(inpainter: str, inpaint_model: str, steps: int, guidance: float, size: int, sd_batch_size: int,
