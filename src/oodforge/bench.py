@@ -82,6 +82,9 @@ class BenchJob:
     #: outliers forged from the ID *validation* images (never trained on): with them every method also
     #: gets a validation AUROC / FPR95 (ID val vs these), the number model selection uses (docs/protocol.md)
     val_outliers: ArrayDataset | None = None
+    #: outliers of *held-out* forgers (:mod:`oodforge.outliers.heldout`, made from ID validation images by
+    #: procedures no method trains on): every method also gets ``validation_heldout`` AUROC / FPR95
+    val_heldout: ArrayDataset | None = None
 
 
 class _FeatureCache:
@@ -183,12 +186,8 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
                              device=device, seed=seed, extra={"class_names": suite.class_names, **(extra or {})})
             check_fit_inputs(ctx, suite)
             det.fit(ctx)
-            if job.val_outliers is not None and val is not None:
-                s_val = det.score(val)
-                s_vo = det.score(_with_images(cache.get(job.val_outliers, fmap), job.val_outliers))
-                scores[f"{key}/val"], scores[f"{key}/val-outliers"] = s_val, s_vo
-                results.setdefault("validation", {})[key] = {
-                    k: v for k, v in evaluate(s_val, s_vo).items() if k in ("auroc", "fpr95")}
+            if val is not None:
+                _validate(det, key, val, job, cache, fmap, scores, results)
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}
             for set_name, ds in sets.items():
@@ -209,6 +208,22 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         write_artifacts(results, scores, Path(out), suite)
         write_report(results, scores, Path(out))
     return {**results, "_scores": scores}
+
+
+def _validate(det, key: str, val: FeatureSet, job: BenchJob, cache: _FeatureCache, fmap: bool, scores: dict,
+              results: dict) -> None:
+    """The protocol's numbers for one fitted method: ID val against each validation outlier set of the job
+    (``results["validation"]``: same-forger outliers; ``results["validation_heldout"]``: held-out forgers)."""
+    s_val = None
+    for entry, name, ds in (("validation", "val-outliers", job.val_outliers),
+                            ("validation_heldout", "val-heldout", job.val_heldout)):
+        if ds is None:
+            continue
+        if s_val is None:
+            s_val = scores[f"{key}/val"] = det.score(val)
+        s_out = scores[f"{key}/{name}"] = det.score(_with_images(cache.get(ds, fmap), ds))
+        results.setdefault(entry, {})[key] = {k: v for k, v in evaluate(s_val, s_out).items()
+                                              if k in ("auroc", "fpr95")}
 
 
 def run_environment(seed: int, device: str) -> dict:

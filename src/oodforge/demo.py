@@ -18,6 +18,7 @@ import numpy as np
 from .bench import BenchJob, run_bench
 from .data.base import Suite
 from .keys import detector_name, split_key
+from .outliers.heldout import heldout_outliers
 from .report import best_method, print_table
 from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
@@ -102,8 +103,11 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
 
-        def job(model, methods, label, info, outliers=outliers, val_outliers=val_outliers, **extra):
+        heldout = heldout_outliers(suite.id_val, seed=seed) if suite.id_val is not None else None
+
+        def job(model, methods, label, info, outliers=outliers, val_outliers=val_outliers, heldout=heldout, **extra):
             return BenchJob(model, methods, label=label, outliers=outliers, val_outliers=val_outliers,
+                            val_heldout=heldout,
                             info={"checkpoint": info["checkpoint"], "zoo": info.get("zoo"),
                                   "train_seconds": info.get("train_seconds"), **extra})
 
@@ -133,13 +137,19 @@ def group_mean(res: dict, method: str, group: str | None) -> tuple[float, float]
     return float(np.mean([r[s]["auroc"] for s in sets])), float(np.mean([r[s]["fpr95"] for s in sets]))
 
 
+def validation_numbers(res: dict) -> dict:
+    """The validation numbers the protocol reads: ID val vs the held-out forgers' outliers
+    (``validation_heldout``) when the run has them, else ID val vs outliers of the training forger."""
+    return res.get("validation_heldout") or res.get("validation", {})
+
+
 def protocol_pick(res: dict) -> str | None:
-    """The forged-outlier method with the best *validation* AUROC (ID val vs outliers forged from ID val).
+    """The forged-outlier method with the best *validation* AUROC (:func:`validation_numbers`).
 
     This is the protocol's choice (docs/protocol.md): it never reads an OOD test set. Ties go to
     the lower validation FPR95.
     """
-    val = res.get("validation", {})
+    val = validation_numbers(res)
     cands = [(v["auroc"], -v["fpr95"], m) for m, v in val.items() if is_forged(m)]
     return max(cands)[2] if cands else None
 
@@ -151,8 +161,8 @@ def write_summary(all_results: dict, out: Path) -> Path:
     lines = ["# oodforge demo summary", "",
              "Mean AUROC / FPR95 (%) over each group of OOD sets. 'best post-hoc' is the best post-hoc detector on "
              "the plain classifier *chosen on the test sets* (the strongest baseline); 'protocol pick' is the "
-             "forged-outlier method with the best validation AUROC (ID val vs outliers forged from ID val), chosen "
-             "without reading any OOD test set (docs/protocol.md).", "",
+             "forged-outlier method with the best validation AUROC (ID val vs the outliers of held-out forgers, "
+             "jigsaw and class mix, made from ID val; docs/protocol.md), chosen without reading any OOD test set.", "",
              "| suite | group | ID acc plain / SSOD / OE | best post-hoc | protocol pick | shift | fusion | "
              "ssod@ssod | energy@oe |",
              "|---|---|---|---|---|---|---|---|---|"]
