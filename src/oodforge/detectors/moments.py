@@ -3,7 +3,7 @@
 Fitting a detector must not need several float64 copies of the ID training features: for 1.28 M
 ImageNet features of 2,048 floats one copy is 21 GB. These helpers read ``features`` (often memory-mapped
 from the feature cache, :mod:`oodforge.models.features`) one chunk of rows at a time, a chunk being
-about ``CHUNK_BYTES`` of float64 whatever the feature width (16,384 rows of 64-d features, 1,024 of
+about ``CHUNK_BYTES`` of float64 whatever the feature width (8,192 rows of 64-d features, 256 of
 2,048-d), and each chunk is released before the next is read; so the extra memory is a few chunks
 whatever ``N`` is (``benchmarks/bench_streaming_memory.py`` measures it). The sums are exact up to
 float64 rounding in another order than a one-shot ``x.T @ x``.
@@ -17,7 +17,7 @@ import torch
 __all__ = ["CHUNK_BYTES", "chunk_rows", "row_chunks", "class_means", "second_moment", "chunked_map",
            "chunked_mean", "distinct_values"]
 
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 4 * 2**20
 
 
 def chunk_rows(x: torch.Tensor | np.ndarray) -> int:
@@ -44,10 +44,9 @@ def class_means(x: torch.Tensor, labels: np.ndarray, classes: np.ndarray, chunk:
     counts = np.zeros(len(classes))
     for s, block in row_chunks(x, chunk):
         rows = np.searchsorted(classes, labels[s:s + len(block)])
-        xc = _f64(block)
-        np.add.at(sums, rows, xc)
+        sums_t = torch.from_numpy(sums)  # shares memory: index_add_ is the fast np.add.at
+        sums_t.index_add_(0, torch.from_numpy(rows), block.double())
         counts += np.bincount(rows, minlength=len(classes))
-        del xc
     return sums / counts[:, None]
 
 
@@ -74,7 +73,7 @@ def chunked_mean(fn, x: torch.Tensor, chunk: int | None = None) -> float:
     return sum(float(fn(block).double().sum()) for _, block in row_chunks(x, chunk)) / x.shape[0]
 
 
-def distinct_values(labels: np.ndarray, chunk: int = 2**20) -> np.ndarray:
+def distinct_values(labels: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """``np.unique(labels)`` without sorting a full-size copy: the distinct values of each chunk, merged."""
     parts = [np.unique(labels[s:s + chunk]) for s in range(0, len(labels), chunk)]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, labels.dtype)
