@@ -127,10 +127,10 @@ def test_shift_cam_masks_and_synood_energy_refinement_run_on_the_imagenet_backbo
     centre of the photo and little of its border,
     and refinement moves the outliers' energy towards the boundary m_out within the L-inf ball."""
     skdata = pytest.importorskip("skimage.data")
+    from sklearn.datasets import load_sample_image
+
     from oodforge.synood.refine import refine_outliers
     from oodforge.synth.masks import make_masker
-
-    from sklearn.datasets import load_sample_image
 
     model = imagenet_classifier("efficientnet_lite0")
     cup, flower = _photo(skdata.coffee()), _photo(load_sample_image("flower.jpg"))  # objects in the centre
