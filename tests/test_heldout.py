@@ -70,3 +70,14 @@ def test_bench_reports_heldout_validation_for_every_method(tmp_path):
     assert res["validation_heldout"]["energy"]["auroc"] == evaluate(s["energy/val"], s["energy/val-heldout"])["auroc"]
     # class mixes of well-separated blobs sit between the classes: the classifier is unsure of them
     assert res["validation_heldout"]["msp"]["auroc"] > 0.8
+
+
+def test_protocol_pick_reads_the_heldout_forgers_when_the_run_has_them():
+    from oodforge.demo import protocol_pick
+
+    res = {"validation": {"shift": {"auroc": 0.999, "fpr95": 0.0}, "knn@oe": {"auroc": 0.98, "fpr95": 0.1},
+                          "knn": {"auroc": 1.0, "fpr95": 0.0}},
+           "validation_heldout": {"shift": {"auroc": 0.60, "fpr95": 0.9}, "knn@oe": {"auroc": 0.90, "fpr95": 0.4},
+                                  "knn": {"auroc": 0.99, "fpr95": 0.0}}}
+    assert protocol_pick(res) == "knn@oe"  # knn on the plain classifier is post-hoc: never the forged pick
+    assert protocol_pick({"validation": res["validation"]}) == "shift"  # older runs: the training forger's number
