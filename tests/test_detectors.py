@@ -219,7 +219,8 @@ def test_knn_backends_agree_and_train_fraction(toy):
     for fs in (toy.test, toy.far):
         np.testing.assert_allclose(auto.score(fs), torch_.score(fs), atol=2e-5)
     sub = create("knn", k=5, train_fraction=0.25, progress=False).fit(toy.ctx(seed=3))
-    assert sub.train_.shape[0] == 200
+    assert sub.bank_size == 200
+    assert (auto.train_ is None) == (auto.index_ is not None)  # one copy of the bank, not two
     again = create("knn", k=5, train_fraction=0.25, progress=False).fit(toy.ctx(seed=3))
     np.testing.assert_array_equal(sub.score(toy.test), again.score(toy.test))
 
@@ -343,3 +344,30 @@ def test_detectors_are_not_msp_in_disguise(toy_results):
     for name in POSTHOC:
         if name != "msp":
             assert not np.allclose(toy_results[name][0], msp), name
+
+
+def test_knn_faiss_state_restores_without_faiss(toy, monkeypatch):
+    """A knn fitted with faiss keeps its bank once (in the index); restored where faiss is missing, the index's
+    vectors become the torch backend's bank and the scores agree."""
+    import builtins
+    import sys
+
+    pytest.importorskip("faiss")
+    from oodforge.deploy.state import detector_state, restore_detector
+
+    det = create("knn", k=5, progress=False).fit(toy.ctx())
+    assert det.backend_ == "faiss" and det.train_ is None
+    manifest, tensors = detector_state(det, toy.model)
+    real_import = builtins.__import__
+
+    def no_faiss(name, *a, **kw):
+        if name == "faiss":
+            raise ImportError("no faiss here")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.delitem(sys.modules, "faiss")
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.warns(UserWarning, match="torch backend"):
+        restored = restore_detector(manifest, tensors, toy.model, "cpu")
+    assert restored.backend_ == "torch" and restored.bank_size == det.bank_size
+    np.testing.assert_allclose(restored.score(toy.far), det.score(toy.far), atol=2e-5)

@@ -236,6 +236,7 @@ def _faiss_index(det: Detector, vectors: torch.Tensor):
             warnings.warn("knn was fitted with faiss, which is not installed here: scoring with the torch backend "
                           "(same neighbours, scores may differ in the last float32 digits)", stacklevel=3)
             det.backend_ = "torch"
+            det.train_ = vectors.float()  # the index's vectors become the torch backend's bank
             return None
         raise ImportError(f"detector {det.name!r} holds a faiss index: `pip install faiss-cpu`") from None
     index = faiss.IndexFlatL2(int(vectors.shape[1]))

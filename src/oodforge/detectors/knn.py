@@ -88,14 +88,23 @@ class KNN(Detector):
                              "lower k or raise train_fraction")
         _warn_if_k_exceeds_classes(int(self.k), ctx.train.labels, z.shape[0] / len(ctx.train))
         self.backend_ = ("faiss" if faiss_available() else "torch") if self.backend == "auto" else self.backend
-        self.train_ = z.contiguous()
         self.device_ = ctx.device
+        # the normalised training vectors: in the faiss index, or here (torch backend); train_ is set first so
+        # that a saved guard restores it before index_ (whose faiss-less fallback fills train_)
+        self.train_ = None
         self.index_ = None
         if self.backend_ == "faiss":
             import faiss
 
             self.index_ = faiss.IndexFlatL2(z.shape[1])
-            self.index_.add(np.ascontiguousarray(z.numpy(), dtype=np.float32))
+            self.index_.add(np.ascontiguousarray(z.numpy(), dtype=np.float32))  # faiss keeps its own copy
+        else:
+            self.train_ = z.contiguous()
+
+    @property
+    def bank_size(self) -> int:
+        """Number of ID training vectors the neighbours are searched among."""
+        return int(self.index_.ntotal) if self.index_ is not None else int(self.train_.shape[0])
 
     def kth_distance(self, h: torch.Tensor) -> torch.Tensor:
         """Euclidean distance of each normalised row of ``h`` to its k-th nearest ID-train vector."""
