@@ -16,6 +16,7 @@ import torch
 from ..models.featureset import FeatureSet
 from ..progress import progress_bar
 from .base import Detector, FitContext, register
+from .moments import row_chunks
 
 __all__ = ["KNN", "faiss_available"]
 
@@ -31,6 +32,27 @@ def faiss_available() -> bool:
 def _normalise(h: torch.Tensor) -> torch.Tensor:
     h = h.float()
     return h / h.norm(dim=1, keepdim=True).clamp_min(1e-10)
+
+
+def _flat_index(faiss, h: torch.Tensor):
+    """A faiss ``IndexFlatL2`` of the L2-normalised rows of ``h``, filled in place chunk by chunk.
+
+    ``index.add`` appends to a growing vector, which briefly holds two copies of the bank when it
+    reallocates (on 600 k x 64 features the peak was twice the index); sizing the index's storage once
+    and writing the normalised rows into it keeps one copy. Falls back to ``add`` on a faiss whose flat
+    index does not expose its storage this way; the tests check both give the same neighbours."""
+    n, d = h.shape
+    index = faiss.IndexFlatL2(d)
+    codes = getattr(index, "codes", None)
+    if codes is None or not all(hasattr(codes, a) for a in ("resize", "data")) or not hasattr(faiss, "rev_swig_ptr"):
+        index.add(np.ascontiguousarray(_normalise(h).numpy(), dtype=np.float32))
+        return index
+    codes.resize(n * d * 4)
+    bank = faiss.rev_swig_ptr(codes.data(), n * d * 4).view(np.float32).reshape(n, d)
+    for s, block in row_chunks(h):
+        bank[s:s + len(block)] = _normalise(block).numpy()
+    index.ntotal = n
+    return index
 
 
 def _warn_if_k_exceeds_classes(k: int, labels: torch.Tensor, fraction: float) -> None:
@@ -78,15 +100,15 @@ class KNN(Detector):
         if self.backend == "faiss" and not faiss_available():
             raise ImportError("knn: backend='faiss' but faiss is not installed; `pip install faiss-cpu` or use "
                               "backend='torch'")
-        z = _normalise(ctx.train.penultimate)
+        h = ctx.train.penultimate
         if self.train_fraction < 1:
             rng = np.random.default_rng(ctx.seed)
-            n_keep = max(1, int(round(self.train_fraction * z.shape[0])))
-            z = z[torch.from_numpy(np.sort(rng.choice(z.shape[0], n_keep, replace=False)))]
-        if not 1 <= int(self.k) <= z.shape[0]:
-            raise ValueError(f"knn: k={self.k} but only {z.shape[0]} ID training vectors are used; "
+            n_keep = max(1, int(round(self.train_fraction * h.shape[0])))
+            h = h[torch.from_numpy(np.sort(rng.choice(h.shape[0], n_keep, replace=False)))]
+        if not 1 <= int(self.k) <= h.shape[0]:
+            raise ValueError(f"knn: k={self.k} but only {h.shape[0]} ID training vectors are used; "
                              "lower k or raise train_fraction")
-        _warn_if_k_exceeds_classes(int(self.k), ctx.train.labels, z.shape[0] / len(ctx.train))
+        _warn_if_k_exceeds_classes(int(self.k), ctx.train.labels, h.shape[0] / len(ctx.train))
         self.backend_ = ("faiss" if faiss_available() else "torch") if self.backend == "auto" else self.backend
         self.device_ = ctx.device
         # the normalised training vectors: in the faiss index, or here (torch backend); train_ is set first so
@@ -96,10 +118,11 @@ class KNN(Detector):
         if self.backend_ == "faiss":
             import faiss
 
-            self.index_ = faiss.IndexFlatL2(z.shape[1])
-            self.index_.add(np.ascontiguousarray(z.numpy(), dtype=np.float32))  # faiss keeps its own copy
+            # normalised and added chunk by chunk: the index holds the only full-size copy (the features
+            # themselves are often memory-mapped from the feature cache)
+            self.index_ = _flat_index(faiss, h)
         else:
-            self.train_ = z.contiguous()
+            self.train_ = _normalise(h).contiguous()
 
     @property
     def bank_size(self) -> int:
