@@ -190,6 +190,22 @@ def summarise(all_res: dict, out: Path) -> str:
     return text
 
 
+def upgrade_keys(res: dict) -> dict:
+    """Rename the result keys of runs made before the outlier source was part of the key (oodforge.keys,
+    issue 13): ``shift@x`` -> ``shift[layercam+telea]@x``. Every run of this script forged with Layer-CAM +
+    Telea, so the source is known; without this, seeds run before and after the rename would not merge."""
+    def new(key: str) -> str:
+        spec, _, label = key.partition("@")
+        if "[" in spec or not (spec == "shift" or spec.startswith("fusion:a=shift")):
+            return key
+        return f"{spec}[layercam+telea]" + (f"@{label}" if label else "")
+
+    for entry in ("methods", "validation", "validation_heldout", "timings"):
+        if entry in res:
+            res[entry] = {new(k): v for k, v in res[entry].items()}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="fashion,fashion6,scenes")
@@ -205,7 +221,7 @@ def main() -> None:
     if args.summarise:
         found: dict = {}
         for f in sorted(out.glob("*/seed*/results.json")):
-            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = json.loads(f.read_text())
+            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = upgrade_keys(json.loads(f.read_text()))
         print(summarise(found, out))
         return
     variants = DEFAULT_VARIANTS if args.variants == "default" else list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
