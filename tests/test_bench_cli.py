@@ -66,11 +66,18 @@ def test_bench_quick_writes_reproducible_artifacts(tmp_path):
         assert np.mean([res["methods"][method][s]["auroc"] for s in res["groups"]["far"]]) > 0.8
 
     # the second run reuses the cached classifier and features: same numbers
-    proc2 = run_cli("bench", "--suite", "fashion6", "--methods", "msp,energy", "--out", str(tmp_path / "b"), "--quick")
+    proc2 = run_cli("bench", "--suite", "fashion6", "--methods", "msp,energy", "--out", str(tmp_path / "b"), "--quick",
+                    "--heldout-val")
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "reusing" in proc2.stdout
     res2 = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res2["methods"]["msp"] == res["methods"]["msp"]
+    # --heldout-val: ID val vs jigsaws and class mixes of ID val, computed from the saved scores
+    scores2 = np.load(tmp_path / "b" / "scores.npz")
+    assert set(res2["validation_heldout"]) == {"msp", "energy"}
+    assert scores2["msp/val-heldout"].shape == (2 * scores2["msp/val"].shape[0],)
+    assert res2["validation_heldout"]["msp"]["auroc"] == pytest.approx(
+        evaluate(scores2["msp/val"], scores2["msp/val-heldout"])["auroc"], abs=1e-12)
 
 
 def test_bench_rejects_bad_input_with_clear_errors(tmp_path):

@@ -98,6 +98,9 @@ def bench(
     val_outliers: Optional[Path] = typer.Option(None, "--val-outliers", help="Outlier store forged from the "
                                                 "suite's ID validation images (`synth shift --split val`): every "
                                                 "method also gets a validation AUROC/FPR95 (docs/protocol.md)."),
+    heldout_val: bool = typer.Option(False, "--heldout-val", help="Also score every method on ID validation images "
+                                     "vs outliers of held-out forgers (jigsaws, class mixes; oodforge.outliers.heldout): "
+                                     "results.json 'validation_heldout', the number the protocol picks on."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the classifier anew instead of using the zoo's."),
     quick: bool = typer.Option(False, "--quick", help="Small subsets and a short training: a run in well under a minute."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs when the default classifier is trained "
@@ -157,7 +160,15 @@ def bench(
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
     # the model is labelled by what it is: its training method, or "user" when oodforge did not train it
     label = (info.get("plan") or {}).get("method", "user" if checkpoint or user_model else "plain")
-    job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, label="" if label == "plain" else label,
+    if heldout_val and s.id_val is None:
+        raise typer.BadParameter(f"suite {s.name!r} has no ID validation split", param_hint="--heldout-val")
+    heldout = None
+    if heldout_val:
+        from .outliers.heldout import heldout_outliers
+
+        heldout = heldout_outliers(s.id_val, seed=seed)
+    job = BenchJob(model, method_list, outliers=store, val_outliers=val_store, val_heldout=heldout,
+                   label="" if label == "plain" else label,
                    info={"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"),
                          **{k: info[k] for k in ("user_model", "weights") if k in info},
                          "outlier_store": str(outliers) if outliers else None,
