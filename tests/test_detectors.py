@@ -371,3 +371,19 @@ def test_knn_faiss_state_restores_without_faiss(toy, monkeypatch):
         restored = restore_detector(manifest, tensors, toy.model, "cpu")
     assert restored.backend_ == "torch" and restored.bank_size == det.bank_size
     np.testing.assert_allclose(restored.score(toy.far), det.score(toy.far), atol=2e-5)
+
+
+def test_knn_faiss_index_filled_in_place_equals_faiss_add(toy, monkeypatch):
+    """``_flat_index`` writes the normalised rows into the index's storage; on a faiss build that does not expose
+    it, it falls back to ``add``: both give the same index, hence the same scores."""
+    faiss = pytest.importorskip("faiss")
+    from oodforge.detectors.knn import _flat_index
+
+    h = toy.ctx().train.penultimate
+    filled = _flat_index(faiss, h)
+    monkeypatch.delattr(faiss, "rev_swig_ptr")
+    added = _flat_index(faiss, h)
+    assert filled.ntotal == added.ntotal == len(h)
+    np.testing.assert_array_equal(filled.reconstruct_n(0, len(h)), added.reconstruct_n(0, len(h)))
+    q = np.ascontiguousarray(toy.far.penultimate[:20].numpy(), dtype=np.float32)
+    np.testing.assert_array_equal(filled.search(q, 5)[0], added.search(q, 5)[0])

@@ -141,7 +141,7 @@ def test_shift_cam_masks_and_synood_energy_refinement_run_on_the_imagenet_backbo
     cat = _photo(skdata.chelsea())
     photos = ArrayDataset((torch.cat([cat, _photo(skdata.coffee())]) * 255).round().to(torch.uint8), None, None,
                           "pretrained-test/photos")
-    out, info = refine_outliers(model, photos, eps=8 / 255, steps=3, m_out=float(info_m_out(model, photos)) + 2.0,
+    out, info = refine_outliers(model, photos, eps=8 / 255, steps=3, m_out=float(_mean_energy(model, photos)) + 2.0,
                                 progress=False, return_info=True, batch_size=2)
     assert info["max_abs_change"] <= 8
     gap_before = np.abs(info["score_before"] - info["m_out"])
@@ -149,7 +149,7 @@ def test_shift_cam_masks_and_synood_energy_refinement_run_on_the_imagenet_backbo
     assert (gap_after < gap_before).all(), (info["score_before"], info["score_after"], info["m_out"])
 
 
-def info_m_out(model, photos: ArrayDataset) -> float:
+def _mean_energy(model, photos: ArrayDataset) -> float:
     """The photos' mean energy score ``logsumexp(f(x))`` (the refinement test puts the boundary above it: outliers approach it from the OOD side)."""
     with torch.no_grad():
         return float(torch.logsumexp(model(photos.images.float() / 255), dim=1).mean())

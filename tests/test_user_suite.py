@@ -214,6 +214,10 @@ def test_users_model_makes_cam_masks_and_ships_as_a_guard(user_data, tmp_path, m
                     "--weights", "w.safetensors", "--out", str(tmp_path / "never")], capsys)
     assert rc == 2 and "give --model too" in cap.err, cap.err
     assert not (tmp_path / "never").exists()
+    rc, cap = _run(["synth", "shift", "--data", "suite.toml", "--masker", "layercam", "--inpainter", "telea",
+                    "--model", "no_such_module:build", "--out", str(tmp_path / "never")], capsys)
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "cannot import 'no_such_module'" in lines[0], cap.err
 
 
 @pytest.mark.parametrize("argv, fragment", [

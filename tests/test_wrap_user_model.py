@@ -197,3 +197,22 @@ def test_load_user_model_reads_torch_state_dicts_and_refuses_what_does_not_fit(t
         load_user_model("my_user_net2:not_a_model")
     with pytest.raises(FileNotFoundError, match="--weights"):
         load_user_model("my_user_net2:build", "missing.safetensors")
+
+
+def test_a_model_wrapped_in_python_cannot_be_exported_without_its_factory(user_model, tmp_path):
+    """The guard of a user's model stores how to rebuild it; a model wrapped in Python has no factory to name,
+    so saving it fails with the way out, before any file is written."""
+    from oodforge.deploy.fileformat import save_guard
+
+    _, model = user_model
+    with pytest.raises(ValueError, match="--model package.module:factory"):
+        model.rebuild_spec()
+
+    class Guard:  # the attributes save_guard reads before it writes anything
+        detector = create("msp")
+        model = None
+
+    Guard.model = model
+    with pytest.raises(ValueError, match="wrapped in Python"):
+        save_guard(Guard(), tmp_path / "guard.oodf")
+    assert not (tmp_path / "guard.oodf").exists()

@@ -160,10 +160,8 @@ def bench(
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
     # the model is labelled by what it is: its training method, or "user" when oodforge did not train it
     label = (info.get("plan") or {}).get("method", "user" if checkpoint or user_model else "plain")
-    if heldout_val and s.id_val is None:
-        raise typer.BadParameter(f"suite {s.name!r} has no ID validation split", param_hint="--heldout-val")
     heldout = None
-    if heldout_val:
+    if heldout_val:  # every loaded suite has its ID validation split (data.suites.with_validation_split)
         from .outliers.heldout import heldout_outliers
 
         heldout = heldout_outliers(s.id_val, seed=seed)

@@ -103,7 +103,7 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
 
-        heldout = heldout_outliers(suite.id_val, seed=seed) if suite.id_val is not None else None
+        heldout = heldout_outliers(suite.id_val, seed=seed)
 
         def job(model, methods, label, info, outliers=outliers, val_outliers=val_outliers, heldout=heldout, **extra):
             return BenchJob(model, methods, label=label, outliers=outliers, val_outliers=val_outliers,

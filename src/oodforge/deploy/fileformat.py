@@ -79,6 +79,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
 
     out = Path(path)
     det_manifest, det_tensors = detector_state(guard.detector, guard.model)  # raises early when unsupported
+    model_doc = {**model_meta(guard.model), **_user_model_meta(guard.model)}  # likewise, a model it cannot rebuild
     if onnx:
         from .onnx import check_exportable
 
@@ -107,7 +108,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
             "threshold": guard.threshold, "target_acceptance": guard.target,
             "accept_rule": "id_score >= threshold",
             "rates": guard.rates,
-            "model": {**model_meta(guard.model), **_user_model_meta(guard.model)},
+            "model": model_doc,
             "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
                               "range": [0.0, 1.0], "normalisation": "inside the model (model.mean / model.std)",
                               "resize": "area when shrinking, linear when enlarging (oodforge.data.loaders.load_image_file)",
@@ -138,13 +139,17 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
 def _model_state(model) -> dict:
     """The weights to save: a user's wrapped model saves its own module's state dict (the names its
     ``load_state_dict`` expects; the wrapper's view would hold the head twice)."""
-    module = model.module if hasattr(model, "rebuild_spec") else model
+    from ..models.wrap import WrappedClassifier
+
+    module = model.module if isinstance(model, WrappedClassifier) else model
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def _user_model_meta(model) -> dict:
     """For a user's model (``oodforge export --model``): how to build it again before loading the weights."""
-    return {"user_model": model.rebuild_spec()} if hasattr(model, "rebuild_spec") else {}
+    from ..models.wrap import WrappedClassifier
+
+    return {"user_model": model.rebuild_spec()} if isinstance(model, WrappedClassifier) else {}
 
 
 def _build_user_model(spec: dict, state: dict):

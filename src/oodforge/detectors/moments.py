@@ -40,14 +40,13 @@ def _f64(block: torch.Tensor) -> np.ndarray:
 
 def class_means(x: torch.Tensor, labels: np.ndarray, classes: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Mean feature of each class in ``classes`` (sorted), ``[C, D]`` float64; ``labels`` index the rows."""
-    sums = np.zeros((len(classes), x.shape[1]))
+    sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64)
     counts = np.zeros(len(classes))
     for s, block in row_chunks(x, chunk):
         rows = np.searchsorted(classes, labels[s:s + len(block)])
-        sums_t = torch.from_numpy(sums)  # shares memory: index_add_ is the fast np.add.at
-        sums_t.index_add_(0, torch.from_numpy(rows), block.double())
+        sums.index_add_(0, torch.from_numpy(rows), block.double())  # np.add.at, 20x faster
         counts += np.bincount(rows, minlength=len(classes))
-    return sums / counts[:, None]
+    return sums.numpy() / counts[:, None]
 
 
 def second_moment(x: torch.Tensor, centres: np.ndarray, labels: np.ndarray | None = None,

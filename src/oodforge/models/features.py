@@ -61,15 +61,12 @@ class _Sink:
         self.arrays[name][start:start + batch.shape[0]] = batch.float().cpu().numpy()
 
     def finish(self, labels: torch.Tensor) -> FeatureSet:
-        if self.folder is None:
-            labels = labels.clone()
-        else:  # the saved labels, memory-mapped like the features: no second in-memory copy per image
+        if self.folder is not None:
             np.save(self.folder / "labels.npy", labels.numpy())
-            labels = torch.from_numpy(np.load(self.folder / "labels.npy", mmap_mode="c"))
             for a in self.arrays.values():
                 a.flush()
         t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
-        return FeatureSet(t["logits"], t["penultimate"], labels, t.get("feature_map"))
+        return FeatureSet(t["logits"], t["penultimate"], labels.clone(), t.get("feature_map"))
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def synth_shift(
     names = [s.strip() for s in class_names.split(",")] if class_names else dataset.class_names
     classifier = _classifier(dataset, data, checkpoint, (user_model, weights, head, features, mean, std), device) \
         if masker != "clipseg" else None
-    m = _masker(masker, classifier, checkpoint, user_model, clipseg_model,
+    m = _masker(masker, classifier, user_model, clipseg_model,
                 dict(threshold=threshold, dilate=dilate, min_coverage=min_coverage, max_coverage=max_coverage,
                      device=device))
     inp = _inpainter(inpainter, inpaint_model, steps, guidance, size, sd_batch_size, radius, device)
@@ -138,10 +138,7 @@ def _classifier(dataset, data: str, checkpoint: Optional[Path], user: tuple, dev
     if user_model is not None:
         from ..models.cli import user_model_from_options
 
-        try:
-            model, _ = user_model_from_options(user_model, weights, head, features, mean, std, dataset.image_shape)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+        model, _ = user_model_from_options(user_model, weights, head, features, mean, std, dataset.image_shape)
         meta, what = {}, f"--model {user_model}"
     elif checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, device=device)
@@ -156,8 +153,7 @@ def _classifier(dataset, data: str, checkpoint: Optional[Path], user: tuple, dev
     return model
 
 
-def _masker(masker: str, classifier, checkpoint: Optional[Path], user_model: Optional[str], clipseg_model: str,
-            mopts: dict):
+def _masker(masker: str, classifier, user_model: Optional[str], clipseg_model: str, mopts: dict):
     """``--masker``: CLIPSeg from ``--clipseg-model``, or a CAM masker of the classifier (see :func:`_classifier`)."""
     from .masks import make_masker
 
