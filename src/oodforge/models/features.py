@@ -60,18 +60,21 @@ class _Sink:
                 self.arrays[name] = np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", np.float32, shape)
         self.arrays[name][start:start + batch.shape[0]] = batch.float().cpu().numpy()
 
-    def finish(self, labels: torch.Tensor) -> FeatureSet:
-        if self.folder is not None:
-            np.save(self.folder / "labels.npy", labels.numpy())
-            for a in self.arrays.values():
-                a.flush()
-        t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
-        return FeatureSet(t["logits"], t["penultimate"], labels.clone(), t.get("feature_map"))
+    def finish(self, labels: torch.Tensor) -> FeatureSet | None:
+        """The in-memory FeatureSet; with a ``folder``, save the labels next to the arrays and return None (the
+        caller opens the completed cache entry, memory-mapped)."""
+        if self.folder is None:
+            t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
+            return FeatureSet(t["logits"], t["penultimate"], labels.clone(), t.get("feature_map"))
+        np.save(self.folder / "labels.npy", labels.numpy())
+        for a in self.arrays.values():
+            a.flush()
+        return None
 
 
 @torch.no_grad()
 def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool,
-             folder: Path | None = None) -> FeatureSet:
+             folder: Path | None = None) -> FeatureSet | None:
     model.to(device).eval()
     n = len(dataset)
     sink = _Sink(n, folder)
