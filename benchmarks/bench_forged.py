@@ -17,11 +17,14 @@ Per suite, on the zoo's plain classifier (``src/oodforge/zoo``):
 **Validation** (the only numbers any choice reads): ID validation images vs (a) the union of the
 outliers forged from ID validation images by both mask rules (never trained on; "same forger"), and
 (b) the outliers of the held-out forgers (jigsaw + class mix, :mod:`oodforge.outliers.heldout`, that
-no method trains on), plus ID validation accuracy. The protocol's pick per suite is the
-forged-outlier method with the highest held-out validation AUROC (mean over the seeds run) whose
-backbone keeps ID validation accuracy within 0.5 points of the zoo classifier; the pick by the
-same-forger number (the rule before) is listed too. The OOD test sets are read only to print the final table, which lists every variant
-with its validation and test numbers.
+no method trains on), plus ID validation accuracy. The protocol's pick per suite and group is the
+forged-outlier method with the highest validation AUROC against the held-out forger that stands for
+the group (class mixes: near; jigsaws: far; mean over the seeds run) whose backbone keeps ID
+validation accuracy within 0.5 points of the zoo classifier. The picks of the earlier rules (one pick
+per suite on both held-out forgers; the same-forger number) are listed too. The OOD test sets are read
+only to print the final table, which lists every variant with its validation and test numbers.
+Runs saved before ``bench`` recorded per-forger numbers get them from their ``scores.npz``
+(:func:`backfill_by_forger`).
 
 With ``--seeds 0,1,2`` the forged-outlier side is re-run per seed (forging seed, OE fine-tune seed,
 rejection-network seed); the classifier under it is the zoo's (seed 0) in every run, so the
@@ -42,9 +45,9 @@ import torch
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
-from oodforge.demo import group_mean, is_forged
+from oodforge.demo import forged_candidates, group_mean, is_forged
 from oodforge.models.features import default_cache_dir
-from oodforge.outliers.heldout import heldout_outliers
+from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
@@ -56,6 +59,9 @@ VARIANTS = {
     "oe-paper-lr1e-3": ("oe", "paper", 1e-3),
 }
 DEFAULT_VARIANTS = ["oe-paper-lr1e-2", "energy-paper-lr1e-2", "oe-paper-lr1e-3"]
+#: backbones trained with forged outliers (or SSOD's background samples): every detector on them is a
+#: forged-outlier method
+FORGED_BACKBONES = (*VARIANTS, "maxcov", "ssod")
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
 
@@ -104,25 +110,10 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
-def forged_candidates(res: dict, base_val_acc: float, entry: str = "validation_heldout"
-                      ) -> list[tuple[float, float, str]]:
-    """(val AUROC, -val FPR95, key) of every forged-outlier method whose backbone keeps ID val accuracy, from
-    ``res[entry]``: the held-out forgers (the protocol's rule) or ``"validation"`` (the training forger's)."""
-    out = []
-    for m, v in res.get(entry, {}).items():
-        label = m.split("@")[1] if "@" in m else ""
-        if not (is_forged(m) or label in VARIANTS or label in ("maxcov", "ssod")):
-            continue
-        acc = res["models"].get(label or "plain", {}).get("id_val_accuracy", base_val_acc)
-        if acc < base_val_acc - 0.005:
-            continue
-        out.append((v["auroc"], -v["fpr95"], m))
-    return sorted(out, reverse=True)
-
-
-def _val_cell(by_seed: dict, entry: str, m: str) -> tuple[str, float | None]:
-    """Mean validation AUROC / FPR95 of ``m`` over the seeds that have it (cell text, mean AUROC)."""
-    vals = [r[entry][m] for r in by_seed.values() if m in r.get(entry, {})]
+def _val_cell(by_seed: dict, numbers, m: str) -> tuple[str, float | None]:
+    """Mean validation AUROC / FPR95 of ``m`` over the seeds that have it (cell text, mean AUROC);
+    ``numbers(res)`` gives a run's ``{method: {"auroc", "fpr95"}}``."""
+    vals = [numbers(r)[m] for r in by_seed.values() if m in numbers(r)]
     if not vals:
         return "-", None
     a, f = np.mean([v["auroc"] for v in vals]), np.mean([v["fpr95"] for v in vals])
@@ -138,16 +129,17 @@ def _test_cell(by_seed: dict, m: str, group: str) -> str:
     return f"{a.mean():.2f} / {f.mean():.2f}" + (f" (± {a.std():.2f} / {f.std():.2f})" if len(per) > 1 else "")
 
 
-def pick(by_seed: dict, base_val_acc: float, entry: str, forged: bool = True) -> str | None:
-    """The method with the best validation AUROC in ``entry`` (mean over seeds): among forged-outlier methods
-    whose backbone keeps ID val accuracy (``forged``), or among the post-hoc detectors on the plain classifier."""
+def pick(by_seed: dict, numbers, forged: bool = True) -> str | None:
+    """The method with the best validation AUROC in ``numbers(res)`` (mean over seeds): among forged-outlier
+    methods whose backbone keeps ID val accuracy (``forged``; :func:`oodforge.demo.forged_candidates`), or among
+    the post-hoc detectors on the plain classifier."""
     merged: dict[str, list] = {}
     for r in by_seed.values():
         if forged:
-            for auroc, neg_fpr, m in forged_candidates(r, base_val_acc, entry):
+            for auroc, neg_fpr, m in forged_candidates(r, numbers(r), FORGED_BACKBONES):
                 merged.setdefault(m, []).append((auroc, neg_fpr))
         else:
-            for m, v in r.get(entry, {}).items():
+            for m, v in numbers(r).items():
                 if "@" not in m and not is_forged(m):
                     merged.setdefault(m, []).append((v["auroc"], -v["fpr95"]))
     if not merged:
@@ -155,39 +147,84 @@ def pick(by_seed: dict, base_val_acc: float, entry: str, forged: bool = True) ->
     return max((tuple(np.mean(v, axis=0)), m) for m, v in merged.items())[1]
 
 
+#: the validation numbers each pick reads, per group: res -> {method: {"auroc", "fpr95"}}
+def same_forger(res: dict) -> dict:
+    return res.get("validation", {})
+
+
+def heldout_all(res: dict) -> dict:
+    return res.get("validation_heldout", {})
+
+
+def heldout_for(group: str):
+    """The held-out forger that stands for ``group`` (class mixes: near; jigsaws: far); no fallback."""
+    forger = FORGER_FOR_GROUP[group]
+    return lambda res: {m: v[forger] for m, v in res.get("validation_heldout_by_forger", {}).items() if forger in v}
+
+
 def summarise(all_res: dict, out: Path) -> str:
     lines = ["# Forged outliers vs post-hoc detection (benchmarks/bench_forged.py)", "",
              "Validation: ID val vs outliers forged from ID val by the training forger (both mask rules; 'val same "
-             "forger') and vs the held-out forgers' outliers (jigsaw + class mix, oodforge.outliers.heldout; 'val "
-             "held-out'); mean over seeds. Test = mean over the group's OOD sets. AUROC / FPR95 in %. Seeds: mean ± "
-             "std over the forged-outlier side's seeds.", ""]
+             "forger') and vs the held-out forgers' outliers (oodforge.outliers.heldout): both together ('val "
+             "held-out'), class mixes alone ('val mix', stands for near) and jigsaws alone ('val jigsaw', stands "
+             "for far); mean over the seeds that have them. Test = mean over the group's OOD sets. AUROC / FPR95 "
+             "in %. Seeds: mean ± std over the forged-outlier side's seeds.", ""]
     summary = {}
+    columns = {"val same forger": same_forger, "val held-out": heldout_all, "val mix (near)": heldout_for("near"),
+               "val jigsaw (far)": heldout_for("far")}
     for name, by_seed in all_res.items():
         seeds = sorted(by_seed)
         r0 = by_seed[seeds[0]]
-        base_val = r0["models"]["plain"]["id_val_accuracy"]
         lines += [f"## {name} (seeds {', '.join(map(str, seeds))})", "",
-                  "| method | ID val acc | val same forger | val held-out | near (test) | far (test) |",
-                  "|---|---|---|---|---|---|"]
+                  f"| method | ID val acc | {' | '.join(columns)} | near (test) | far (test) |",
+                  "|---|---|" + "---|" * len(columns) + "---|---|"]
         for m in r0["methods"]:
             label = m.split("@")[1] if "@" in m else "plain"
             vacc = r0["models"].get(label if label in r0["models"] else "plain", {}).get("id_val_accuracy")
-            cells = [_val_cell(by_seed, e, m)[0] for e in ("validation", "validation_heldout")]
-            lines.append(f"| {m} | {100 * vacc:.2f} | {cells[0]} | {cells[1]} | {_test_cell(by_seed, m, 'near')} | "
+            cells = [_val_cell(by_seed, f, m)[0] for f in columns.values()]
+            lines.append(f"| {m} | {100 * vacc:.2f} | {' | '.join(cells)} | {_test_cell(by_seed, m, 'near')} | "
                          f"{_test_cell(by_seed, m, 'far')} |")
-        picks = {"protocol (held-out forgers)": pick(by_seed, base_val, "validation_heldout"),
-                 "same-forger rule (before)": pick(by_seed, base_val, "validation"),
-                 "post-hoc by held-out validation": pick(by_seed, base_val, "validation_heldout", forged=False)}
+        groups = [g for g in ("near", "far") if r0["groups"].get(g)]
+        picks = {f"protocol, per group (held-out forger of the group) [{g}]": pick(by_seed, heldout_for(g))
+                 for g in groups}
+        picks.update({"one pick per suite (both held-out forgers)": pick(by_seed, heldout_all),
+                      "same-forger rule (the first protocol)": pick(by_seed, same_forger)})
+        picks.update({f"post-hoc by the held-out forger of the group [{g}]": pick(by_seed, heldout_for(g), forged=False)
+                      for g in groups})
         summary[name] = {"picks": picks, "seeds": seeds}
+        base_val = r0["models"]["plain"]["id_val_accuracy"]
         lines += ["", "Picks (validation only, ID val accuracy within 0.5 points of "
                       f"{100 * base_val:.2f} % for forged-outlier backbones):", ""]
-        lines += [f"* {k}: **{v}**: near {_test_cell(by_seed, v, 'near') if v else '-'}, far "
-                  f"{_test_cell(by_seed, v, 'far') if v else '-'}" for k, v in picks.items()]
+        for k, v in picks.items():
+            shown = [g for g in groups if k.endswith(f"[{g}]")] or groups
+            lines.append(f"* {k}: **{v}**: " + ", ".join(
+                f"{g} {_test_cell(by_seed, v, g) if v else '-'}" for g in shown))
         lines.append("")
     (out / "summary.json").write_text(json.dumps({"picks": summary, "results": all_res}, indent=1))
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+def backfill_by_forger(res: dict, scores_file: Path) -> dict:
+    """Per-forger held-out validation numbers for runs made before ``bench`` recorded them, from the saved
+    scores: ``heldout_outliers`` puts one jigsaw per ID val image, then one class mix per image, so the
+    ``val-heldout`` scores split into two halves of the ``val`` scores' length."""
+    if "validation_heldout_by_forger" in res or "validation_heldout" not in res or not scores_file.exists():
+        return res
+    from oodforge.metrics import evaluate
+
+    scores = np.load(scores_file)
+    by = {}
+    for m in res["validation_heldout"]:
+        s_val, s_out = scores[f"{m}/val"], scores[f"{m}/val-heldout"]
+        n = len(s_val)
+        if len(s_out) != 2 * n:
+            raise SystemExit(f"{scores_file}: {m}/val-heldout has {len(s_out)} scores, expected 2 x {n}")
+        by[m] = {forger: {k: v for k, v in evaluate(s_val, s_out[rows]).items() if k in ("auroc", "fpr95")}
+                 for forger, rows in (("jigsaw", slice(0, n)), ("mix", slice(n, 2 * n)))}
+    res["validation_heldout_by_forger"] = by
+    return res
 
 
 def upgrade_keys(res: dict) -> dict:
@@ -200,7 +237,7 @@ def upgrade_keys(res: dict) -> dict:
             return key
         return f"{spec}[layercam+telea]" + (f"@{label}" if label else "")
 
-    for entry in ("methods", "validation", "validation_heldout", "timings"):
+    for entry in ("methods", "validation", "validation_heldout", "validation_heldout_by_forger", "timings"):
         if entry in res:
             res[entry] = {new(k): v for k, v in res[entry].items()}
     return res
@@ -221,7 +258,8 @@ def main() -> None:
     if args.summarise:
         found: dict = {}
         for f in sorted(out.glob("*/seed*/results.json")):
-            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = upgrade_keys(json.loads(f.read_text()))
+            res = backfill_by_forger(json.loads(f.read_text()), f.parent / "scores.npz")
+            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = upgrade_keys(res)
         print(summarise(found, out))
         return
     variants = DEFAULT_VARIANTS if args.variants == "default" else list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]

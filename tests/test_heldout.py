@@ -47,6 +47,8 @@ def test_heldout_outliers_are_unlabelled_and_one_per_image_per_forger():
     out = heldout_outliers(ds, seed=3)
     assert len(out) == 24 and (out.labels == -1).all() and "toy/val" in out.identity
     assert torch.equal(out.images[:12], jigsaw(ds.images, 4, 3))
+    assert out.parts == {"jigsaw": slice(0, 12), "mix": slice(12, 24)}
+    assert torch.equal(out.images[out.parts["mix"]], class_mix(ds.images, ds.labels, seed=4))
     with pytest.raises(ValueError, match="unknown held-out forgers"):
         heldout_outliers(ds, kinds=("rotate",))
 
@@ -81,3 +83,82 @@ def test_protocol_pick_reads_the_heldout_forgers_when_the_run_has_them():
                                   "knn": {"auroc": 0.99, "fpr95": 0.0}}}
     assert protocol_pick(res) == "knn@oe"  # knn on the plain classifier is post-hoc: never the forged pick
     assert protocol_pick({"validation": res["validation"]}) == "shift"  # older runs: the training forger's number
+
+
+def _toy_suite_with_heldout():
+    """The toy problem with an ID val split and held-out outliers in the layout of ``heldout_outliers``:
+    toy images are 1x1 pixels (no jigsaw), so uniform noise stands in for the jigsaw rows."""
+    from toy_problems import make_toy_problem
+
+    from oodforge.data.base import Suite
+    from oodforge.outliers.heldout import HeldoutOutliers
+
+    p = make_toy_problem()
+    val = p.id_test.subset(np.arange(0, 400, 4), "val-standin")
+    suite = Suite("toy", p.id_train, p.id_test, {"near": p.ood_near, "far": p.ood_far},
+                  {"near": ["near"], "far": ["far"]}, ["c0", "c1", "c2", "c3"], id_val=val)
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, tuple(val.images.shape), dtype=np.uint8))
+    n = len(val)
+    held = HeldoutOutliers(torch.cat([noise, class_mix(val.images, val.labels, seed=0)]),
+                           {"jigsaw": slice(0, n), "mix": slice(n, 2 * n)}, "toy-heldout")
+    return p, suite, held
+
+
+def test_bench_reports_heldout_validation_per_forger(tmp_path):
+    from oodforge.bench import BenchJob, run_bench
+    from oodforge.metrics import evaluate
+
+    p, suite, held = _toy_suite_with_heldout()
+    res = run_bench(suite, [BenchJob(p.model, ["msp", "energy"], val_heldout=held)], progress=False, log=None)
+    s, by = res["_scores"], res["validation_heldout_by_forger"]
+    assert set(by) == {"msp", "energy"} and all(set(v) == {"jigsaw", "mix"} for v in by.values())
+    for m in ("msp", "energy"):
+        for forger, rows in held.parts.items():
+            assert by[m][forger]["auroc"] == evaluate(s[f"{m}/val"], s[f"{m}/val-heldout"][rows])["auroc"]
+            assert by[m][forger]["fpr95"] == evaluate(s[f"{m}/val"], s[f"{m}/val-heldout"][rows])["fpr95"]
+    # the two forgers are told apart: the classifier is unsure of mixes, and the numbers differ
+    assert by["msp"]["mix"]["auroc"] > 0.8 and by["msp"]["mix"] != by["msp"]["jigsaw"]
+
+
+def test_protocol_picks_per_group_on_the_groups_forger_and_keeps_id_accuracy():
+    from oodforge.demo import forged_candidates, protocol_pick
+
+    def v(a):
+        return {"auroc": a, "fpr95": 1 - a}
+
+    res = {"models": {"plain": {"id_val_accuracy": 0.90}, "oe": {"id_val_accuracy": 0.897},
+                      "bad": {"id_val_accuracy": 0.89}},
+           "validation_heldout": {"react@oe": v(0.91), "knn@oe": v(0.90), "knn": v(0.99), "shift": v(0.80)},
+           "validation_heldout_by_forger": {"react@oe": {"mix": v(0.95), "jigsaw": v(0.87)},
+                                            "knn@oe": {"mix": v(0.85), "jigsaw": v(0.95)},
+                                            "knn": {"mix": v(0.99), "jigsaw": v(0.99)},
+                                            "shift": {"mix": v(0.70), "jigsaw": v(0.90)},
+                                            "knn@bad": {"mix": v(0.99), "jigsaw": v(0.99)}}}
+    assert protocol_pick(res, "near") == "react@oe"  # class mixes stand for near
+    assert protocol_pick(res, "far") == "knn@oe"  # jigsaws stand for far
+    assert protocol_pick(res) == "react@oe"  # one pick per suite: both forgers together
+    # a backbone named as forged but 1 point below the plain classifier's ID val accuracy is never picked
+    assert [m for _, _, m in forged_candidates(res, {"knn@bad": v(0.99), "knn@oe": v(0.5)}, ("oe", "bad"))] == ["knn@oe"]
+    # a run without per-forger numbers falls back to the combined held-out number
+    old = {k: res[k] for k in ("models", "validation_heldout")}
+    assert protocol_pick(old, "far") == protocol_pick(old) == "react@oe"
+
+
+def test_bench_forged_backfills_per_forger_numbers_of_older_runs_from_their_scores(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from oodforge.bench import BenchJob, run_bench, write_artifacts
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_forged.py"
+    spec = importlib.util.spec_from_file_location("bench_forged", path)
+    bench_forged = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_forged)
+
+    p, suite, held = _toy_suite_with_heldout()
+    res = run_bench(suite, [BenchJob(p.model, ["msp", "energy"], val_heldout=held)], progress=False, log=None)
+    write_artifacts(res, res["_scores"], tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    expected = saved.pop("validation_heldout_by_forger")  # as a run made before bench recorded them
+    assert bench_forged.backfill_by_forger(saved, tmp_path / "scores.npz")["validation_heldout_by_forger"] == expected

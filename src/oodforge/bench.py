@@ -213,7 +213,8 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
 def _validate(det, key: str, val: FeatureSet, job: BenchJob, cache: _FeatureCache, fmap: bool, scores: dict,
               results: dict) -> None:
     """The protocol's numbers for one fitted method: ID val against each validation outlier set of the job
-    (``results["validation"]``: same-forger outliers; ``results["validation_heldout"]``: held-out forgers)."""
+    (``results["validation"]``: same-forger outliers; ``results["validation_heldout"]``: held-out forgers, and
+    ``results["validation_heldout_by_forger"][key][forger]`` per forger when the set has ``parts``)."""
     s_val = None
     for entry, name, ds in (("validation", "val-outliers", job.val_outliers),
                             ("validation_heldout", "val-heldout", job.val_heldout)):
@@ -222,8 +223,13 @@ def _validate(det, key: str, val: FeatureSet, job: BenchJob, cache: _FeatureCach
         if s_val is None:
             s_val = scores[f"{key}/val"] = det.score(val)
         s_out = scores[f"{key}/{name}"] = det.score(_with_images(cache.get(ds, fmap), ds))
-        results.setdefault(entry, {})[key] = {k: v for k, v in evaluate(s_val, s_out).items()
-                                              if k in ("auroc", "fpr95")}
+        results.setdefault(entry, {})[key] = _auroc_fpr(s_val, s_out)
+        for forger, rows in getattr(ds, "parts", {}).items():  # held-out forgers: also one number per forger
+            results.setdefault(f"{entry}_by_forger", {}).setdefault(key, {})[forger] = _auroc_fpr(s_val, s_out[rows])
+
+
+def _auroc_fpr(s_id: np.ndarray, s_out: np.ndarray) -> dict:
+    return {k: v for k, v in evaluate(s_id, s_out).items() if k in ("auroc", "fpr95")}
 
 
 def run_environment(seed: int, device: str) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from .bench import BenchJob, run_bench
 from .data.base import Suite
 from .keys import detector_name, split_key
-from .outliers.heldout import heldout_outliers
+from .outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from .report import best_method, print_table
 from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
@@ -137,21 +137,52 @@ def group_mean(res: dict, method: str, group: str | None) -> tuple[float, float]
     return float(np.mean([r[s]["auroc"] for s in sets])), float(np.mean([r[s]["fpr95"] for s in sets]))
 
 
-def validation_numbers(res: dict) -> dict:
-    """The validation numbers the protocol reads: ID val vs the held-out forgers' outliers
-    (``validation_heldout``) when the run has them, else ID val vs outliers of the training forger."""
+def validation_numbers(res: dict, group: str | None = None) -> dict:
+    """The validation numbers the protocol reads, ``{method: {"auroc", "fpr95"}}``.
+
+    ``group`` ``None``: ID val vs all the held-out forgers' outliers (``validation_heldout``); ``"near"`` /
+    ``"far"``: ID val vs the outliers of the one held-out forger that stands for that group
+    (:data:`~oodforge.outliers.heldout.FORGER_FOR_GROUP`: class mixes for near, jigsaws for far), when the run
+    has per-forger numbers. Older runs fall back to the combined held-out number, then to ID val vs outliers
+    of the training forger (``validation``)."""
+    by_forger = res.get("validation_heldout_by_forger")
+    if group is not None and by_forger:
+        forger = FORGER_FOR_GROUP[group]
+        return {m: v[forger] for m, v in by_forger.items() if forger in v}
     return res.get("validation_heldout") or res.get("validation", {})
 
 
-def protocol_pick(res: dict) -> str | None:
-    """The forged-outlier method with the best *validation* AUROC (:func:`validation_numbers`).
+def forged_candidates(res: dict, numbers: dict, forged_backbones: tuple[str, ...] = ("oe",),
+                      max_accuracy_drop: float = 0.005) -> list[tuple[float, float, str]]:
+    """``(validation AUROC, -validation FPR95, key)`` of every forged-outlier method in ``numbers`` whose backbone
+    keeps ID validation accuracy within ``max_accuracy_drop`` of the plain classifier's, best first.
+
+    Forged-outlier methods: :func:`is_forged`, plus any detector on a backbone in ``forged_backbones`` (trained
+    with forged outliers; ``benchmarks/bench_forged.py`` names one per OE variant). A method's backbone is the
+    result key's label (``knn@oe`` -> ``res["models"]["oe"]``; no label: the plain classifier). Runs without ID
+    validation accuracies skip the accuracy rule."""
+    models = res.get("models", {})
+    base = models.get("plain", {}).get("id_val_accuracy")
+    out = []
+    for m, v in numbers.items():
+        if not (is_forged(m) or split_key(m)[2] in forged_backbones):
+            continue
+        acc = models.get(split_key(m)[2] or "plain", {}).get("id_val_accuracy")
+        if base is not None and acc is not None and acc < base - max_accuracy_drop:
+            continue
+        out.append((v["auroc"], -v["fpr95"], m))
+    return sorted(out, reverse=True)
+
+
+def protocol_pick(res: dict, group: str | None = None) -> str | None:
+    """The forged-outlier method with the best *validation* AUROC (:func:`validation_numbers` for ``group``)
+    among those whose backbone keeps ID validation accuracy (:func:`forged_candidates`).
 
     This is the protocol's choice (docs/protocol.md): it never reads an OOD test set. Ties go to
     the lower validation FPR95.
     """
-    val = validation_numbers(res)
-    cands = [(v["auroc"], -v["fpr95"], m) for m, v in val.items() if is_forged(m)]
-    return max(cands)[2] if cands else None
+    cands = forged_candidates(res, validation_numbers(res, group))
+    return cands[0][2] if cands else None
 
 
 def write_summary(all_results: dict, out: Path) -> Path:
@@ -161,8 +192,9 @@ def write_summary(all_results: dict, out: Path) -> Path:
     lines = ["# oodforge demo summary", "",
              "Mean AUROC / FPR95 (%) over each group of OOD sets. 'best post-hoc' is the best post-hoc detector on "
              "the plain classifier *chosen on the test sets* (the strongest baseline); 'protocol pick' is the "
-             "forged-outlier method with the best validation AUROC (ID val vs the outliers of held-out forgers, "
-             "jigsaw and class mix, made from ID val; docs/protocol.md), chosen without reading any OOD test set.", "",
+             "forged-outlier method with the best validation AUROC for the group (ID val vs the outliers of the "
+             "held-out forger that stands for it, made from ID val: class mixes for near, jigsaws for far; "
+             "docs/protocol.md), chosen without reading any OOD test set.", "",
              "| suite | group | ID acc plain / SSOD / OE | best post-hoc | protocol pick | shift | fusion | "
              "ssod@ssod | energy@oe |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -176,9 +208,9 @@ def write_summary(all_results: dict, out: Path) -> Path:
             v = group_mean(res, m, group) if m else None
             return "-" if v is None else f"{100 * v[0]:.2f} / {100 * v[1]:.2f}"
 
-        pick = protocol_pick(res)
         shift, fusion = plain_key(res, "shift"), plain_key(res, "fusion")
         for group in [g for g in ("near", "far") if res["groups"].get(g)]:
+            pick = protocol_pick(res, group)
             plain_posthoc = {m: v for m, v in res["methods"].items() if "@" not in m and not is_forged(m)}
             best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "

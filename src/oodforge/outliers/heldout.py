@@ -16,6 +16,11 @@ general. Two directions, both standard synthetic outliers in the literature, and
 
 They were added after the first protocol runs showed the same-forger number saturating; no parameter of
 them was chosen by reading an OOD test set (grid 4 and lambda 0.5 are the papers' usual values).
+
+Each forger stands for one group of OOD test sets (:data:`FORGER_FOR_GROUP`): a class mix is an image
+close to ID data that belongs to no class (near-OOD); a jigsaw keeps ID data's low-level statistics and
+loses every shape (far-OOD). :class:`HeldoutOutliers` remembers which rows each forger made, so ``bench``
+reports the validation numbers per forger too and the protocol can pick per group.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from ..data.base import ArrayDataset
 
-__all__ = ["HELDOUT_FORGERS", "jigsaw", "class_mix", "heldout_outliers"]
+__all__ = ["HELDOUT_FORGERS", "FORGER_FOR_GROUP", "HeldoutOutliers", "jigsaw", "class_mix", "heldout_outliers"]
 
 
 def jigsaw(images: torch.Tensor, grid: int = 4, seed: int = 0) -> torch.Tensor:
@@ -72,18 +77,30 @@ def class_mix(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torc
 
 
 HELDOUT_FORGERS = {"jigsaw": "tiles of a 4x4 grid shuffled", "mix": "average of two images of different classes"}
+#: which held-out forger's outliers stand for which group of OOD test sets (docs/protocol.md)
+FORGER_FOR_GROUP = {"near": "mix", "far": "jigsaw"}
+
+
+class HeldoutOutliers(ArrayDataset):
+    """The held-out forgers' outliers in one dataset, with ``parts``: forger name -> the ``slice`` of its rows."""
+
+    def __init__(self, images: torch.Tensor, parts: dict[str, slice], identity: str):
+        super().__init__(images, None, None, identity)
+        self.parts = dict(parts)
 
 
 def heldout_outliers(dataset: ArrayDataset, kinds: tuple[str, ...] = ("jigsaw", "mix"), seed: int = 0
-                     ) -> ArrayDataset:
-    """One outlier per image of ``dataset`` (the ID validation split) per forger in ``kinds``, unlabelled."""
+                     ) -> HeldoutOutliers:
+    """One outlier per image of ``dataset`` (the ID validation split) per forger in ``kinds``, unlabelled, in
+    the order of ``kinds`` (``parts`` records the rows of each)."""
     unknown = [k for k in kinds if k not in HELDOUT_FORGERS]
     if unknown:
         raise ValueError(f"unknown held-out forgers {unknown}; choose from {', '.join(HELDOUT_FORGERS)}")
-    parts = []
+    made, n = [], len(dataset)
     for i, kind in enumerate(kinds):
         if kind == "jigsaw":
-            parts.append(jigsaw(dataset.images, 4, seed + i))
+            made.append(jigsaw(dataset.images, 4, seed + i))
         else:
-            parts.append(class_mix(dataset.images, dataset.labels, seed + i))
-    return ArrayDataset(torch.cat(parts), None, None, f"heldout[{'+'.join(kinds)},seed={seed}]({dataset.identity})")
+            made.append(class_mix(dataset.images, dataset.labels, seed + i))
+    parts = {kind: slice(i * n, (i + 1) * n) for i, kind in enumerate(kinds)}
+    return HeldoutOutliers(torch.cat(made), parts, f"heldout[{'+'.join(kinds)},seed={seed}]({dataset.identity})")
