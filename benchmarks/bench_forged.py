@@ -1,7 +1,7 @@
 """Forged outliers vs post-hoc detection under the protocol of docs/protocol.md (issue 9).
 
     .venv/bin/python benchmarks/bench_forged.py [--suites fashion,fashion6,scenes] [--seeds 0,1,2]
-        [--variants all] [--out benchmarks/results/forged]
+        [--variants all] [--out benchmarks/results/forged] [--forged-side-only]
 
 Per suite, on the zoo's plain classifier (``src/oodforge/zoo``):
 
@@ -28,7 +28,8 @@ Runs saved before ``bench`` recorded per-forger numbers get them from their ``sc
 
 With ``--seeds 0,1,2`` the forged-outlier side is re-run per seed (forging seed, OE fine-tune seed,
 rejection-network seed); the classifier under it is the zoo's (seed 0) in every run, so the
-post-hoc rows have no seed spread. Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's
+post-hoc rows have no seed spread; ``--forged-side-only`` skips those seed-independent jobs (and the
+zoo SSOD model's) for the extra seeds. Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's
 format, with ``validation``) and ``OUT/summary.json`` / ``OUT/summary.md``.
 """
 
@@ -70,7 +71,10 @@ def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(torch.cat([a.images, b.images]), None, None, f"union({a.identity},{b.identity})")
 
 
-def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: bool = False) -> dict:
+def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: bool = False,
+              forged_side_only: bool = False) -> dict:
+    """One suite and seed; ``forged_side_only`` skips the post-hoc detectors on the plain classifier and the
+    SSOD job, whose numbers do not depend on ``seed`` (they read the zoo's classifiers)."""
     suite = load_suite(name, quick=quick)
     if quick:  # smoke run: small classifiers trained here instead of the zoo's
         plain, pinfo = get_model(suite, TrainPlan(epochs=1), log=log)
@@ -88,12 +92,15 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         times[f"forge-{mask}"] = tr_t
     val_outliers = union(stores["paper"][2], stores["maxcov"][2])
     heldout = heldout_outliers(suite.id_val, seed=seed)
-    jobs = [BenchJob(plain, POST_HOC + ["shift", "fusion:a=shift,b=knn"], outliers=stores["paper"][0],
-                     val_outliers=val_outliers, val_heldout=heldout, info={"zoo": pinfo.get("zoo")}),
+    jobs = [BenchJob(plain, ([] if forged_side_only else POST_HOC) + ["shift", "fusion:a=shift,b=knn"],
+                     outliers=stores["paper"][0], val_outliers=val_outliers, val_heldout=heldout,
+                     info={"zoo": pinfo.get("zoo")}),
             BenchJob(plain, ["shift", "fusion:a=shift,b=knn"], label="maxcov", outliers=stores["maxcov"][0],
                      val_outliers=val_outliers, val_heldout=heldout),
             BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers, val_heldout=heldout,
                      info={"zoo": sinfo.get("zoo")})]
+    if forged_side_only:
+        jobs.pop()
     for v in variants:
         loss, mask, lr = VARIANTS[v]
         plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
@@ -251,6 +258,8 @@ def main() -> None:
                     f"{', '.join(DEFAULT_VARIANTS)}; or all")
     ap.add_argument("--out", default="benchmarks/results/forged")
     ap.add_argument("--quick", action="store_true", help="smoke run on the quick suites (classifiers trained here)")
+    ap.add_argument("--forged-side-only", action="store_true", help="skip the seed-independent jobs (post-hoc "
+                    "detectors on the zoo's plain classifier, the zoo's SSOD model): for extra seeds")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
                     "files already in OUT (runs of several processes)")
     args = ap.parse_args()
@@ -272,7 +281,8 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"=== {name} seed {seed} ===", flush=True)
             t0 = time.time()
-            all_res.setdefault(name, {})[seed] = run_suite(name, seed, variants, out, log=print, quick=args.quick)
+            all_res.setdefault(name, {})[seed] = run_suite(name, seed, variants, out, log=print, quick=args.quick,
+                                                       forged_side_only=args.forged_side_only)
             print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     print(summarise(all_res, out))
 
