@@ -47,8 +47,9 @@ from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
 from oodforge.demo import forged_candidates, group_mean, is_forged
+from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
-from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
+from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers, heldout_parts
 from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
@@ -60,9 +61,9 @@ VARIANTS = {
     "oe-paper-lr1e-3": ("oe", "paper", 1e-3),
 }
 DEFAULT_VARIANTS = ["oe-paper-lr1e-2", "energy-paper-lr1e-2", "oe-paper-lr1e-3"]
-#: backbones trained with forged outliers (or SSOD's background samples): every detector on them is a
-#: forged-outlier method
-FORGED_BACKBONES = (*VARIANTS, "maxcov", "ssod")
+#: this script's backbone labels trained with forged outliers (or SSOD's background samples): every detector
+#: on them is a forged-outlier method (``maxcov``: the plain classifier, with shift on the maxcov outliers)
+FORGED_LABELS = (*VARIANTS, "maxcov", "ssod")
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
 
@@ -96,11 +97,10 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
                      outliers=stores["paper"][0], val_outliers=val_outliers, val_heldout=heldout,
                      info={"zoo": pinfo.get("zoo")}),
             BenchJob(plain, ["shift", "fusion:a=shift,b=knn"], label="maxcov", outliers=stores["maxcov"][0],
-                     val_outliers=val_outliers, val_heldout=heldout),
-            BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers, val_heldout=heldout,
-                     info={"zoo": sinfo.get("zoo")})]
-    if forged_side_only:
-        jobs.pop()
+                     val_outliers=val_outliers, val_heldout=heldout)]
+    if not forged_side_only:
+        jobs.append(BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
+                             val_heldout=heldout, info={"zoo": sinfo.get("zoo")}))
     for v in variants:
         loss, mask, lr = VARIANTS[v]
         plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
@@ -139,30 +139,31 @@ def _test_cell(by_seed: dict, m: str, group: str) -> str:
 def pick(by_seed: dict, numbers, forged: bool = True) -> str | None:
     """The method with the best validation AUROC in ``numbers(res)`` (mean over the seeds that have it): among
     forged-outlier methods (:func:`oodforge.demo.forged_candidates`) whose backbone's ID val accuracy, averaged
-    over the seeds that trained it, is within 0.5 points of the zoo classifier's (``forged``), or among the
-    post-hoc detectors on the plain classifier. The accuracy rule reads the mean so that a recipe cannot enter
-    on the one seed where it happened to keep accuracy."""
+    over the seeds that trained it (:func:`mean_accuracies`), is within 0.5 points of the zoo classifier's
+    (``forged``), or among the post-hoc detectors on the plain classifier. The accuracy rule reads the mean so
+    that a recipe cannot enter on the one seed where it happened to keep accuracy."""
+    accuracies = mean_accuracies(by_seed)
     merged: dict[str, list] = {}
     for r in by_seed.values():
         if forged:
-            for auroc, neg_fpr, m in forged_candidates(r, numbers(r), FORGED_BACKBONES, max_accuracy_drop=1.0):
-                merged.setdefault(m, []).append((auroc, neg_fpr))
+            cands = forged_candidates(numbers(r), accuracies, FORGED_LABELS)
         else:
-            for m, v in numbers(r).items():
-                if "@" not in m and not is_forged(m):
-                    merged.setdefault(m, []).append((v["auroc"], -v["fpr95"]))
-    if forged:
-        base = np.mean([r["models"]["plain"]["id_val_accuracy"] for r in by_seed.values()])
-        merged = {m: v for m, v in merged.items() if mean_val_accuracy(by_seed, m) >= base - 0.005}
+            cands = [(v["auroc"], -v["fpr95"], m) for m, v in numbers(r).items()
+                     if not split_key(m)[2] and not is_forged(m, FORGED_LABELS)]
+        for auroc, neg_fpr, m in cands:
+            merged.setdefault(m, []).append((auroc, neg_fpr))
     if not merged:
         return None
     return max((tuple(np.mean(v, axis=0)), m) for m, v in merged.items())[1]
 
 
-def mean_val_accuracy(by_seed: dict, method: str) -> float:
-    """ID val accuracy of ``method``'s backbone (its key's label; none: the plain classifier), mean over seeds."""
-    label = method.split("@")[1] if "@" in method else "plain"
-    return float(np.mean([r["models"][label]["id_val_accuracy"] for r in by_seed.values() if label in r["models"]]))
+def mean_accuracies(by_seed: dict) -> dict[str, float]:
+    """ID val accuracy of each backbone label, mean over the seeds that have it."""
+    per: dict[str, list] = {}
+    for r in by_seed.values():
+        for label, m in r["models"].items():
+            per.setdefault(label, []).append(m["id_val_accuracy"])
+    return {label: float(np.mean(v)) for label, v in per.items()}
 
 
 #: the validation numbers each pick reads, per group: res -> {method: {"auroc", "fpr95"}}
@@ -196,8 +197,9 @@ def summarise(all_res: dict, out: Path) -> str:
         lines += [f"## {name} (seeds {', '.join(map(str, seeds))})", "",
                   f"| method | ID val acc (mean over seeds) | {' | '.join(columns)} | near (test) | far (test) |",
                   "|---|---|" + "---|" * len(columns) + "---|---|"]
+        accuracies = mean_accuracies(by_seed)
         for m in r0["methods"]:
-            vacc = mean_val_accuracy(by_seed, m)
+            vacc = accuracies[split_key(m)[2] or "plain"]
             cells = [_val_cell(by_seed, f, m)[0] for f in columns.values()]
             lines.append(f"| {m} | {100 * vacc:.2f} | {' | '.join(cells)} | {_test_cell(by_seed, m, 'near')} | "
                          f"{_test_cell(by_seed, m, 'far')} |")
@@ -225,8 +227,7 @@ def summarise(all_res: dict, out: Path) -> str:
 
 def backfill_by_forger(res: dict, scores_file: Path) -> dict:
     """Per-forger held-out validation numbers for runs made before ``bench`` recorded them, from the saved
-    scores: ``heldout_outliers`` puts one jigsaw per ID val image, then one class mix per image, so the
-    ``val-heldout`` scores split into two halves of the ``val`` scores' length."""
+    scores: the ``val-heldout`` scores are in the row layout of ``heldout_outliers`` (:func:`heldout_parts`)."""
     if "validation_heldout_by_forger" in res or "validation_heldout" not in res or not scores_file.exists():
         return res
     from oodforge.metrics import evaluate
@@ -235,11 +236,12 @@ def backfill_by_forger(res: dict, scores_file: Path) -> dict:
     by = {}
     for m in res["validation_heldout"]:
         s_val, s_out = scores[f"{m}/val"], scores[f"{m}/val-heldout"]
-        n = len(s_val)
-        if len(s_out) != 2 * n:
-            raise SystemExit(f"{scores_file}: {m}/val-heldout has {len(s_out)} scores, expected 2 x {n}")
+        parts = heldout_parts(len(s_val))
+        if len(s_out) != len(parts) * len(s_val):
+            raise SystemExit(f"{scores_file}: {m}/val-heldout has {len(s_out)} scores, expected {len(parts)} x "
+                             f"{len(s_val)}")
         by[m] = {forger: {k: v for k, v in evaluate(s_val, s_out[rows]).items() if k in ("auroc", "fpr95")}
-                 for forger, rows in (("jigsaw", slice(0, n)), ("mix", slice(n, 2 * n)))}
+                 for forger, rows in parts.items()}
     res["validation_heldout_by_forger"] = by
     return res
 

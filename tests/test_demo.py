@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from oodforge.demo import run_demo
+from oodforge.demo import is_forged, protocol_pick, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,13 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert (out / "fashion6" / "outliers_grid.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert "| fashion6 | near |" in summary and "| fashion6 | far |" in summary and "protocol pick" in summary
+    # per group, the summary shows the pick made on that group's held-out forger (mixes: near, jigsaws: far)
+    assert {f for v in res["validation_heldout_by_forger"].values() for f in v} == {"jigsaw", "mix"}
+    for group in ("near", "far"):
+        pick = protocol_pick(res, group)
+        assert pick is not None and is_forged(pick)
+        row = next(line for line in summary.splitlines() if line.startswith(f"| fashion6 | {group} |"))
+        assert f"| {pick}: " in row
     # the SHIFT rejection network, trained only on forged outliers, separates far-OOD sets
     far = res["groups"]["far"]
     assert sum(res["methods"]["shift[layercam+telea]"][s]["auroc"] for s in far) / len(far) > 0.8

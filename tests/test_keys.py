@@ -69,4 +69,6 @@ def test_readers_of_results_take_the_source_apart():
     assert best_method(res, exclude=("shift",))[0] == "msp"
     assert plain_key(res, "shift") == "shift[layercam+telea]" and plain_key(res, "knn") is None
     assert is_forged("shift[layercam+telea]") and is_forged("shift[layercam+telea]@oe") and is_forged("energy@oe")
-    assert not is_forged("msp") and not is_forged("energy@ssod")
+    # any detector on a backbone trained with forged outliers or SSOD's background samples counts as forged
+    assert is_forged("energy@ssod") and is_forged("knn@energy-oe", backbones=("energy-oe",))
+    assert not is_forged("msp") and not is_forged("energy@ssod", backbones=("oe",))

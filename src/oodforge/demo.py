@@ -40,13 +40,16 @@ def stratified_subset(suite: Suite, n: int | None, seed: int) -> Suite:
     return suite
 
 
-FORGED = ("shift", "fusion", "ssod", "@oe")  # methods that use forged outliers (or SSOD's background samples)
+#: backbones trained with forged outliers (OE) or SSOD's background samples: every detector on them counts as
+#: a forged-outlier method
+FORGED_BACKBONES = ("oe", "ssod")
 OE_METHODS = [m for m in CLASSIC if m != "odin"]
 
 
-def is_forged(method: str) -> bool:
-    """Whether a result key belongs to a forged-outlier method (shift, fusion, ssod, anything on the OE backbone)."""
-    return split_key(method)[2] == "oe" or detector_name(method) in ("shift", "fusion", "ssod")
+def is_forged(method: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
+    """Whether a result key belongs to a forged-outlier method: shift, fusion, ssod, or any detector on one of
+    ``backbones`` (result-key labels; ``benchmarks/bench_forged.py`` names one per OE variant)."""
+    return split_key(method)[2] in backbones or detector_name(method) in ("shift", "fusion", "ssod")
 
 
 def plain_key(res: dict, name: str) -> str | None:
@@ -152,22 +155,25 @@ def validation_numbers(res: dict, group: str | None = None) -> dict:
     return res.get("validation_heldout") or res.get("validation", {})
 
 
-def forged_candidates(res: dict, numbers: dict, forged_backbones: tuple[str, ...] = ("oe",),
-                      max_accuracy_drop: float = 0.005) -> list[tuple[float, float, str]]:
-    """``(validation AUROC, -validation FPR95, key)`` of every forged-outlier method in ``numbers`` whose backbone
-    keeps ID validation accuracy within ``max_accuracy_drop`` of the plain classifier's, best first.
+def backbone_accuracies(res: dict) -> dict[str, float]:
+    """ID validation accuracy of each backbone of a run, by result-key label (``"plain"``: no label)."""
+    return {label: m["id_val_accuracy"] for label, m in res.get("models", {}).items() if "id_val_accuracy" in m}
 
-    Forged-outlier methods: :func:`is_forged`, plus any detector on a backbone in ``forged_backbones`` (trained
-    with forged outliers; ``benchmarks/bench_forged.py`` names one per OE variant). A method's backbone is the
-    result key's label (``knn@oe`` -> ``res["models"]["oe"]``; no label: the plain classifier). Runs without ID
-    validation accuracies skip the accuracy rule."""
-    models = res.get("models", {})
-    base = models.get("plain", {}).get("id_val_accuracy")
+
+def forged_candidates(numbers: dict, accuracies: dict[str, float], backbones: tuple[str, ...] = FORGED_BACKBONES,
+                      max_accuracy_drop: float = 0.005) -> list[tuple[float, float, str]]:
+    """``(validation AUROC, -validation FPR95, key)`` of every forged-outlier method (:func:`is_forged` with
+    ``backbones``) in ``numbers`` whose backbone keeps ID validation accuracy within ``max_accuracy_drop`` of the
+    plain classifier's, best first.
+
+    ``accuracies`` maps backbone labels to ID val accuracy (:func:`backbone_accuracies`; a method's backbone is
+    its key's label, no label: ``"plain"``). Backbones missing from it, or a missing ``"plain"``, skip the rule."""
+    base = accuracies.get("plain")
     out = []
     for m, v in numbers.items():
-        if not (is_forged(m) or split_key(m)[2] in forged_backbones):
+        if not is_forged(m, backbones):
             continue
-        acc = models.get(split_key(m)[2] or "plain", {}).get("id_val_accuracy")
+        acc = accuracies.get(split_key(m)[2] or "plain")
         if base is not None and acc is not None and acc < base - max_accuracy_drop:
             continue
         out.append((v["auroc"], -v["fpr95"], m))
@@ -181,7 +187,7 @@ def protocol_pick(res: dict, group: str | None = None) -> str | None:
     This is the protocol's choice (docs/protocol.md): it never reads an OOD test set. Ties go to
     the lower validation FPR95.
     """
-    cands = forged_candidates(res, validation_numbers(res, group))
+    cands = forged_candidates(validation_numbers(res, group), backbone_accuracies(res))
     return cands[0][2] if cands else None
 
 
@@ -211,7 +217,7 @@ def write_summary(all_results: dict, out: Path) -> Path:
         shift, fusion = plain_key(res, "shift"), plain_key(res, "fusion")
         for group in [g for g in ("near", "far") if res["groups"].get(g)]:
             pick = protocol_pick(res, group)
-            plain_posthoc = {m: v for m, v in res["methods"].items() if "@" not in m and not is_forged(m)}
+            plain_posthoc = {m: v for m, v in res["methods"].items() if not split_key(m)[2] and not is_forged(m)}
             best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "
                          f"{cell(best, group)} | {pick}: {cell(pick, group)} | {shift or 'shift'}: {cell(shift, group)} | "

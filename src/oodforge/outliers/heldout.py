@@ -30,7 +30,8 @@ import torch
 
 from ..data.base import ArrayDataset
 
-__all__ = ["HELDOUT_FORGERS", "FORGER_FOR_GROUP", "HeldoutOutliers", "jigsaw", "class_mix", "heldout_outliers"]
+__all__ = ["HELDOUT_FORGERS", "FORGER_FOR_GROUP", "HeldoutOutliers", "jigsaw", "class_mix", "heldout_parts",
+           "heldout_outliers"]
 
 
 def jigsaw(images: torch.Tensor, grid: int = 4, seed: int = 0) -> torch.Tensor:
@@ -89,6 +90,11 @@ class HeldoutOutliers(ArrayDataset):
         self.parts = dict(parts)
 
 
+def heldout_parts(n: int, kinds: tuple[str, ...] = ("jigsaw", "mix")) -> dict[str, slice]:
+    """The rows of each forger in :func:`heldout_outliers` of ``n`` images: ``n`` per forger, in ``kinds`` order."""
+    return {kind: slice(i * n, (i + 1) * n) for i, kind in enumerate(kinds)}
+
+
 def heldout_outliers(dataset: ArrayDataset, kinds: tuple[str, ...] = ("jigsaw", "mix"), seed: int = 0
                      ) -> HeldoutOutliers:
     """One outlier per image of ``dataset`` (the ID validation split) per forger in ``kinds``, unlabelled, in
@@ -96,11 +102,7 @@ def heldout_outliers(dataset: ArrayDataset, kinds: tuple[str, ...] = ("jigsaw", 
     unknown = [k for k in kinds if k not in HELDOUT_FORGERS]
     if unknown:
         raise ValueError(f"unknown held-out forgers {unknown}; choose from {', '.join(HELDOUT_FORGERS)}")
-    made, n = [], len(dataset)
-    for i, kind in enumerate(kinds):
-        if kind == "jigsaw":
-            made.append(jigsaw(dataset.images, 4, seed + i))
-        else:
-            made.append(class_mix(dataset.images, dataset.labels, seed + i))
-    parts = {kind: slice(i * n, (i + 1) * n) for i, kind in enumerate(kinds)}
-    return HeldoutOutliers(torch.cat(made), parts, f"heldout[{'+'.join(kinds)},seed={seed}]({dataset.identity})")
+    made = [jigsaw(dataset.images, 4, seed + i) if kind == "jigsaw" else class_mix(dataset.images, dataset.labels, seed + i)
+            for i, kind in enumerate(kinds)]
+    return HeldoutOutliers(torch.cat(made), heldout_parts(len(dataset), kinds),
+                           f"heldout[{'+'.join(kinds)},seed={seed}]({dataset.identity})")
