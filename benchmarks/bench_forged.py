@@ -27,10 +27,14 @@ Runs saved before ``bench`` recorded per-forger numbers get them from their ``sc
 (:func:`backfill_by_forger`).
 
 With ``--seeds 0,1,2`` the forged-outlier side is re-run per seed (forging seed, OE fine-tune seed,
-rejection-network seed); the classifier under it is the zoo's (seed 0) in every run, so the
-post-hoc rows have no seed spread; ``--forged-side-only`` skips those seed-independent jobs (and the
-zoo SSOD model's) for the extra seeds. Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's
-format, with ``validation``) and ``OUT/summary.json`` / ``OUT/summary.md``.
+rejection-network seed, SSOD fine-tune seed: seed 0 is the zoo's SSOD model, seed k > 0 the zoo's
+SSOD recipe fine-tuned from the zoo's plain classifier with seed k); the classifier under it is the
+zoo's (seed 0) in every run, so the post-hoc rows have no seed spread; ``--forged-side-only`` skips
+those seed-independent jobs for the extra seeds. ``--ssod-only`` runs the SSOD job alone and writes it
+to ``OUT/<suite>/seed<k>/ssod/``, which ``--summarise`` merges over the seed's run (it replaces the
+zoo SSOD model's rows that runs made before per-seed SSOD carry). Results:
+``OUT/<suite>/seed<k>/results.json`` (the bench's format, with ``validation``) and ``OUT/summary.json``
+/ ``OUT/summary.md``.
 """
 
 from __future__ import annotations
@@ -72,19 +76,36 @@ def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(torch.cat([a.images, b.images]), None, None, f"union({a.identity},{b.identity})")
 
 
+#: the zoo's SSOD recipe (scripts/build_zoo.sh): two epochs fine-tuned from the zoo's plain classifier
+SSOD_EPOCHS = 2
+
+
+def ssod_backbone(suite, pinfo: dict, seed: int, quick: bool, log):
+    """The SSOD model of ``seed``: the zoo's for seed 0; for seed k > 0 the zoo's recipe (``SSOD_EPOCHS``
+    from the zoo's plain classifier) fine-tuned with seed k and cached, so SSOD rows get a seed spread
+    like the OE rows; quick runs fine-tune one epoch from their own plain classifier."""
+    if quick:
+        return get_model(suite, TrainPlan(method="ssod", epochs=1, seed=seed, init_from=pinfo["checkpoint"]),
+                         log=log)
+    if seed == 0:
+        model, info = get_model(suite, TrainPlan(method="ssod"), log=log)
+        if "zoo" not in info:
+            raise SystemExit(f"the zoo has no {suite.name} SSOD classifier: run scripts/build_zoo.sh first")
+        return model, info
+    plan = TrainPlan(method="ssod", epochs=SSOD_EPOCHS, seed=seed, init_from=pinfo["checkpoint"])
+    return get_model(suite, plan, log=log, use_zoo=False)
+
+
 def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: bool = False,
-              forged_side_only: bool = False) -> dict:
-    """One suite and seed; ``forged_side_only`` skips the post-hoc detectors on the plain classifier and the
-    SSOD job, whose numbers do not depend on ``seed`` (they read the zoo's classifiers)."""
+              forged_side_only: bool = False, ssod_only: bool = False) -> dict:
+    """One suite and seed; ``forged_side_only`` skips the post-hoc detectors on the plain classifier, whose
+    numbers do not depend on ``seed`` (they read the zoo's classifier); ``ssod_only`` runs the SSOD job alone
+    into ``seed<k>/ssod`` (merged over the seed's run by :func:`load_runs`)."""
     suite = load_suite(name, quick=quick)
-    if quick:  # smoke run: small classifiers trained here instead of the zoo's
-        plain, pinfo = get_model(suite, TrainPlan(epochs=1), log=log)
-        ssod, sinfo = get_model(suite, TrainPlan(method="ssod", epochs=1, init_from=pinfo["checkpoint"]), log=log)
-    else:
-        plain, pinfo = get_model(suite, TrainPlan(), log=log)
-        ssod, sinfo = get_model(suite, TrainPlan(method="ssod"), log=log)
-        if "zoo" not in pinfo or "zoo" not in sinfo:
-            raise SystemExit(f"the zoo has no {name} classifiers: run scripts/build_zoo.sh first")
+    plain, pinfo = get_model(suite, TrainPlan(epochs=1) if quick else TrainPlan(), log=log)
+    if not quick and "zoo" not in pinfo:  # quick: a smoke run on small classifiers trained here
+        raise SystemExit(f"the zoo has no {name} plain classifier: run scripts/build_zoo.sh first")
+    ssod, sinfo = ssod_backbone(suite, pinfo, seed, quick, log)
     stores, times = {}, {}
     for mask, opts in MASKS.items():
         tr, tr_dir, tr_t = forge_cpu_outliers(suite, plain, limit=FORGE_LIMIT, seed=seed, log=log, **opts)
@@ -93,14 +114,19 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         times[f"forge-{mask}"] = tr_t
     val_outliers = union(stores["paper"][2], stores["maxcov"][2])
     heldout = heldout_outliers(suite.id_val, seed=seed)
+    ssod_job = BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
+                        val_heldout=heldout, info={"zoo": sinfo.get("zoo"), "checkpoint": sinfo.get("checkpoint"),
+                                                   "train_seconds": sinfo.get("train_seconds")})
+    if ssod_only:
+        res = run_bench(suite, [ssod_job], out / name / f"seed{seed}" / "ssod", cache_dir=default_cache_dir(),
+                        seed=seed, progress=False, config={"bench": "bench_forged", "ssod_only": True}, log=log)
+        return {k: v for k, v in res.items() if not k.startswith("_")}
     jobs = [BenchJob(plain, ([] if forged_side_only else POST_HOC) + ["shift", "fusion:a=shift,b=knn"],
                      outliers=stores["paper"][0], val_outliers=val_outliers, val_heldout=heldout,
                      info={"zoo": pinfo.get("zoo")}),
             BenchJob(plain, ["shift", "fusion:a=shift,b=knn"], label="maxcov", outliers=stores["maxcov"][0],
-                     val_outliers=val_outliers, val_heldout=heldout)]
-    if not forged_side_only:
-        jobs.append(BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
-                             val_heldout=heldout, info={"zoo": sinfo.get("zoo")}))
+                     val_outliers=val_outliers, val_heldout=heldout),
+            ssod_job]
     for v in variants:
         loss, mask, lr = VARIANTS[v]
         plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
@@ -262,6 +288,32 @@ def upgrade_keys(res: dict) -> dict:
     return res
 
 
+#: the per-run entries keyed by method (or backbone label) that a part run adds to its seed's run
+MERGED_ENTRIES = ("methods", "validation", "validation_heldout", "validation_heldout_by_forger", "timings", "models")
+
+
+def read_run(folder: Path) -> dict:
+    res = backfill_by_forger(json.loads((folder / "results.json").read_text()), folder / "scores.npz")
+    return upgrade_keys(res)
+
+
+def load_runs(out: Path) -> dict:
+    """``{suite: {seed: results}}`` from ``OUT/<suite>/seed<k>/results.json``, each with the part runs in its
+    sub-folders (``seed<k>/ssod``, :func:`run_suite` with ``ssod_only``) merged over it: a part's rows replace
+    the seed run's rows of the same method (a seed run made before per-seed SSOD carries the zoo model's)."""
+    found: dict = {}
+    for f in sorted(out.glob("*/seed*/results.json")):
+        res = read_run(f.parent)
+        for part in sorted(p.parent for p in f.parent.glob("*/results.json")):
+            extra = read_run(part)
+            if extra["groups"] != res["groups"]:
+                raise SystemExit(f"{part}: its OOD groups differ from {f.parent}'s; re-run it")
+            for entry in MERGED_ENTRIES:
+                res.setdefault(entry, {}).update(extra.get(entry, {}))
+        found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = res
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="fashion,fashion6,scenes")
@@ -271,32 +323,29 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/forged")
     ap.add_argument("--quick", action="store_true", help="smoke run on the quick suites (classifiers trained here)")
     ap.add_argument("--forged-side-only", action="store_true", help="skip the seed-independent jobs (post-hoc "
-                    "detectors on the zoo's plain classifier, the zoo's SSOD model): for extra seeds")
+                    "detectors on the zoo's plain classifier): for extra seeds")
+    ap.add_argument("--ssod-only", action="store_true", help="run only the SSOD job (per-seed SSOD fine-tune for "
+                    "seed > 0) into OUT/<suite>/seed<k>/ssod, merged by --summarise over the seed's run")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
                     "files already in OUT (runs of several processes)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.summarise:
-        found: dict = {}
-        for f in sorted(out.glob("*/seed*/results.json")):
-            res = backfill_by_forger(json.loads(f.read_text()), f.parent / "scores.npz")
-            found.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = upgrade_keys(res)
-        print(summarise(found, out))
+        print(summarise(load_runs(out), out))
         return
     variants = DEFAULT_VARIANTS if args.variants == "default" else list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     out.mkdir(parents=True, exist_ok=True)
-    all_res: dict = {}
     for name in [s for s in args.suites.split(",") if s]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"=== {name} seed {seed} ===", flush=True)
             t0 = time.time()
-            all_res.setdefault(name, {})[seed] = run_suite(name, seed, variants, out, log=print, quick=args.quick,
-                                                       forged_side_only=args.forged_side_only)
+            run_suite(name, seed, variants, out, log=print, quick=args.quick, forged_side_only=args.forged_side_only,
+                      ssod_only=args.ssod_only)
             print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    print(summarise(all_res, out))
+    print(summarise(load_runs(out), out))  # every run in OUT, not only this process's
 
 
 if __name__ == "__main__":

@@ -186,3 +186,39 @@ def test_bench_forged_backfills_per_forger_numbers_of_older_runs_from_their_scor
     saved = json.loads((tmp_path / "results.json").read_text())
     expected = saved.pop("validation_heldout_by_forger")  # as a run made before bench recorded them
     assert bench_forged.backfill_by_forger(saved, tmp_path / "scores.npz")["validation_heldout_by_forger"] == expected
+
+
+def test_bench_forged_merges_a_seeds_ssod_part_run_over_its_zoo_rows(tmp_path):
+    """A seed run made before per-seed SSOD carries the zoo SSOD model's rows; the ``seed<k>/ssod`` part run
+    (``--ssod-only``) replaces them and its backbone accuracy, and leaves the other rows alone."""
+    import json
+
+    bench_forged = _bench_forged()
+    groups = {"near": ["a"], "far": ["b"]}
+
+    def numbers(auroc):
+        return {"a": {"auroc": auroc, "fpr95": 0.5}, "b": {"auroc": auroc, "fpr95": 0.5}}
+
+    seed_run = {"groups": groups, "models": {"plain": {"id_val_accuracy": 0.9}, "ssod": {"id_val_accuracy": 0.91}},
+                "methods": {"knn": numbers(0.8), "vim@ssod": numbers(0.7)},
+                "validation_heldout": {"vim@ssod": {"auroc": 0.6, "fpr95": 0.4}}}
+    part = {"groups": groups, "models": {"ssod": {"id_val_accuracy": 0.92}}, "methods": {"vim@ssod": numbers(0.75)},
+            "validation_heldout": {"vim@ssod": {"auroc": 0.65, "fpr95": 0.3}}}
+    (tmp_path / "s" / "seed1" / "ssod").mkdir(parents=True)
+    (tmp_path / "s" / "seed1" / "results.json").write_text(json.dumps(seed_run))
+    (tmp_path / "s" / "seed1" / "ssod" / "results.json").write_text(json.dumps(part))
+    (tmp_path / "s" / "seed0").mkdir()
+    (tmp_path / "s" / "seed0" / "results.json").write_text(json.dumps(seed_run))
+    runs = bench_forged.load_runs(tmp_path)
+    assert sorted(runs["s"]) == [0, 1]
+    assert runs["s"][0]["methods"]["vim@ssod"]["a"]["auroc"] == 0.7  # no part run: unchanged
+    merged = runs["s"][1]
+    assert merged["methods"]["vim@ssod"]["a"]["auroc"] == 0.75 and merged["methods"]["knn"]["a"]["auroc"] == 0.8
+    assert merged["models"] == {"plain": {"id_val_accuracy": 0.9}, "ssod": {"id_val_accuracy": 0.92}}
+    assert merged["validation_heldout"]["vim@ssod"]["auroc"] == 0.65
+    # the seed std of the SSOD rows now comes from two different models
+    assert bench_forged._test_cell(runs["s"], "vim@ssod", "near") == "72.50 / 50.00 (± 2.50 / 0.00)"
+    part["groups"] = {"near": ["a"]}
+    (tmp_path / "s" / "seed1" / "ssod" / "results.json").write_text(json.dumps(part))
+    with pytest.raises(SystemExit, match="groups differ"):
+        bench_forged.load_runs(tmp_path)
