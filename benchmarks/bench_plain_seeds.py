@@ -11,6 +11,12 @@ side's spread as well. Here seed 0 is the zoo's plain classifier and seed k > 0 
 with seed k, cached like every trained model; every post-hoc detector is benchmarked on each. The OOD
 test sets are read only to print the table; nothing here is picked.
 
+``--oe-variant V`` (a ``bench_forged.VARIANTS`` recipe) also runs the whole forged-outlier pipeline on
+each seed's classifier: SHIFT outliers forged by that classifier (seed k), the OE fine-tune of recipe V
+from it (seed k), and the cheap post-hoc detectors on the result (``<detector>@V``). bench_forged's
+forged-side seeds all start from the zoo's seed-0 classifier; this measures a picked method's spread
+when the classifier's seed varies too, which is the spread to set beside the post-hoc detectors'.
+
 Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's format) and ``OUT/summary.md`` / ``.json``:
 per detector and group, mean ± std over the classifier seeds of mean AUROC / FPR95 (%), and the ID
 test and val accuracy of each classifier.
@@ -24,12 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_forged import CHEAP, FORGE_LIMIT, MASKS, VARIANTS
 
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.suites import load_suite
 from oodforge.demo import group_mean
 from oodforge.models.features import default_cache_dir
-from oodforge.workflows import POST_HOC, TrainPlan, get_model
+from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 
 def plain_classifier(suite, seed: int, log):
@@ -44,12 +51,27 @@ def plain_classifier(suite, seed: int, log):
     return get_model(suite, plan, log=log, use_zoo=False)
 
 
-def run_seed(name: str, seed: int, out: Path, log) -> dict:
+def oe_job(suite, plain, pinfo: dict, variant: str, seed: int, log) -> BenchJob:
+    """The forged-outlier pipeline of recipe ``variant`` on one seed's classifier: forge (seed), fine-tune
+    (seed), and the cheap post-hoc detectors on the fine-tuned model, labelled ``variant``."""
+    loss, mask, lr = VARIANTS[variant]
+    _, store, _ = forge_cpu_outliers(suite, plain, limit=FORGE_LIMIT, seed=seed, log=log, progress=False,
+                                     **MASKS[mask])
+    plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
+                     outliers=str(store))
+    model, info = get_model(suite, plan, log=log, use_zoo=False)
+    return BenchJob(model, CHEAP, label=variant, info={"checkpoint": info["checkpoint"],
+                                                       "train_seconds": info.get("train_seconds")})
+
+
+def run_seed(name: str, seed: int, out: Path, log, oe_variant: str | None = None) -> dict:
     suite = load_suite(name)
     model, info = plain_classifier(suite, seed, log)
-    res = run_bench(suite, [BenchJob(model, POST_HOC, info={"train_seconds": info.get("train_seconds")})],
-                    out / name / f"seed{seed}", cache_dir=default_cache_dir(), seed=seed, progress=False,
-                    config={"bench": "bench_plain_seeds"}, log=log)
+    jobs = [BenchJob(model, POST_HOC, info={"train_seconds": info.get("train_seconds")})]
+    if oe_variant:
+        jobs.append(oe_job(suite, model, info, oe_variant, seed, log))
+    res = run_bench(suite, jobs, out / name / f"seed{seed}", cache_dir=default_cache_dir(), seed=seed,
+                    progress=False, config={"bench": "bench_plain_seeds", "oe_variant": oe_variant}, log=log)
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
@@ -68,17 +90,22 @@ def summarise(runs: dict, out: Path) -> str:
     for name, by_seed in runs.items():
         seeds = sorted(by_seed)
         groups = [g for g in ("near", "far") if by_seed[seeds[0]]["groups"].get(g)]
-        acc = [(r["models"]["plain"]["id_accuracy"], r["models"]["plain"]["id_val_accuracy"]) for r in by_seed.values()]
-        lines += [f"## {name} (seeds {', '.join(map(str, seeds))})", "",
-                  "ID test / val accuracy per seed: " + ", ".join(f"{100 * t:.2f} / {100 * v:.2f}" for t, v in acc),
-                  "", "| detector | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        acc = {label: [(r["models"][label]["id_accuracy"], r["models"][label]["id_val_accuracy"])
+                       for _, r in sorted(by_seed.items()) if label in r["models"]]
+               for label in by_seed[seeds[0]]["models"]}
+        lines += [f"## {name} (seeds {', '.join(map(str, seeds))})", ""]
+        lines += [f"ID test / val accuracy per seed, {label}: " + ", ".join(f"{100 * t:.2f} / {100 * v:.2f}"
+                                                                           for t, v in a) for label, a in acc.items()]
+        lines += ["", "| detector | seeds | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
         table: dict = {}
         for m in by_seed[seeds[0]]["methods"]:
-            per = {g: [group_mean(r, m, g) for r in by_seed.values()] for g in groups}
+            runs_m = [r for _, r in sorted(by_seed.items()) if m in r["methods"]]
+            per = {g: [group_mean(r, m, g) for r in runs_m] for g in groups}
             table[m] = {g: {"auroc": [p[0] for p in v], "fpr95": [p[1] for p in v]} for g, v in per.items()}
-            lines.append(f"| {m} | " + " | ".join(_cell(per[g]) for g in groups) + " |")
-        best = {g: max(table, key=lambda m: np.mean(table[m][g]["auroc"])) for g in groups}
-        lines += [""] + [f"* best {g} (mean AUROC over seeds): **{m}** "
+            lines.append(f"| {m} | {len(runs_m)} | " + " | ".join(_cell(per[g]) for g in groups) + " |")
+        post_hoc = [m for m in table if "@" not in m]
+        best = {g: max(post_hoc, key=lambda m: np.mean(table[m][g]["auroc"])) for g in groups}
+        lines += [""] + [f"* best post-hoc {g} (mean AUROC over seeds): **{m}** "
                          f"{_cell(list(zip(table[m][g]['auroc'], table[m][g]['fpr95'])))}" for g, m in best.items()]
         lines.append("")
         summary[name] = {"seeds": seeds, "accuracy": acc, "table": table, "best": best}
@@ -100,6 +127,8 @@ def main() -> None:
     ap.add_argument("--suites", default="scenes,fashion6")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="benchmarks/results/plain_seeds")
+    ap.add_argument("--oe-variant", choices=sorted(VARIANTS), help="also forge, fine-tune and benchmark this OE "
+                    "recipe on each seed's classifier")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the runs in OUT")
     args = ap.parse_args()
     out = Path(args.out)
@@ -109,7 +138,7 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 print(f"=== {name} seed {seed} ===", flush=True)
                 t0 = time.time()
-                run_seed(name, seed, out, log=print)
+                run_seed(name, seed, out, log=print, oe_variant=args.oe_variant)
                 print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     print(summarise(load_runs(out), out))
 
