@@ -50,7 +50,7 @@ import torch
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
-from oodforge.demo import forged_candidates, group_mean, is_forged
+from oodforge.demo import forged_candidates, group_mean, is_plain_post_hoc
 from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
 from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers, heldout_parts
@@ -76,24 +76,41 @@ def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(torch.cat([a.images, b.images]), None, None, f"union({a.identity},{b.identity})")
 
 
-#: the zoo's SSOD recipe (scripts/build_zoo.sh): two epochs fine-tuned from the zoo's plain classifier
-SSOD_EPOCHS = 2
+def zoo_model(suite, method: str, log):
+    """The zoo's ``method`` classifier for ``suite`` and its meta (with the recorded training ``plan``)."""
+    model, info = get_model(suite, TrainPlan(method=method), log=log)
+    if "zoo" not in info:
+        raise SystemExit(f"the zoo has no {suite.name} {method} classifier: run scripts/build_zoo.sh first")
+    return model, info
+
+
+def zoo_recipe(info: dict, seed: int, **changes) -> TrainPlan:
+    """The plan a zoo checkpoint was trained with (its meta.json ``plan``, the command of
+    scripts/build_zoo.sh), on ``seed`` and with ``changes``: the zoo's recipe on another seed."""
+    fields = set(TrainPlan.__dataclass_fields__)
+    return TrainPlan(**{**{k: v for k, v in info["plan"].items() if k in fields}, "seed": seed, **changes})
+
+
+def oe_plan(variant: str, seed: int, pinfo: dict, store: Path) -> TrainPlan:
+    """One epoch of outlier exposure of recipe ``variant`` (:data:`VARIANTS`) from the classifier ``pinfo``
+    describes, on the outlier store folder ``store``."""
+    loss, _, lr = VARIANTS[variant]
+    return TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
+                     outliers=str(store))
 
 
 def ssod_backbone(suite, pinfo: dict, seed: int, quick: bool, log):
-    """The SSOD model of ``seed``: the zoo's for seed 0; for seed k > 0 the zoo's recipe (``SSOD_EPOCHS``
-    from the zoo's plain classifier) fine-tuned with seed k and cached, so SSOD rows get a seed spread
-    like the OE rows; quick runs fine-tune one epoch from their own plain classifier."""
+    """The SSOD model of ``seed``: the zoo's for seed 0; for seed k > 0 the zoo's SSOD recipe
+    (:func:`zoo_recipe`: two epochs from the zoo's plain classifier) fine-tuned with seed k and cached, so
+    SSOD rows get a seed spread like the OE rows; quick runs fine-tune one epoch from their own plain
+    classifier."""
     if quick:
         return get_model(suite, TrainPlan(method="ssod", epochs=1, seed=seed, init_from=pinfo["checkpoint"]),
                          log=log)
+    zoo, info = zoo_model(suite, "ssod", log)
     if seed == 0:
-        model, info = get_model(suite, TrainPlan(method="ssod"), log=log)
-        if "zoo" not in info:
-            raise SystemExit(f"the zoo has no {suite.name} SSOD classifier: run scripts/build_zoo.sh first")
-        return model, info
-    plan = TrainPlan(method="ssod", epochs=SSOD_EPOCHS, seed=seed, init_from=pinfo["checkpoint"])
-    return get_model(suite, plan, log=log, use_zoo=False)
+        return zoo, info
+    return get_model(suite, zoo_recipe(info, seed, init_from=pinfo["checkpoint"]), log=log, use_zoo=False)
 
 
 def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: bool = False,
@@ -102,9 +119,8 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     numbers do not depend on ``seed`` (they read the zoo's classifier); ``ssod_only`` runs the SSOD job alone
     into ``seed<k>/ssod`` (merged over the seed's run by :func:`load_runs`)."""
     suite = load_suite(name, quick=quick)
-    plain, pinfo = get_model(suite, TrainPlan(epochs=1) if quick else TrainPlan(), log=log)
-    if not quick and "zoo" not in pinfo:  # quick: a smoke run on small classifiers trained here
-        raise SystemExit(f"the zoo has no {name} plain classifier: run scripts/build_zoo.sh first")
+    # quick: a smoke run on small classifiers trained here instead of the zoo's
+    plain, pinfo = get_model(suite, TrainPlan(epochs=1), log=log) if quick else zoo_model(suite, "plain", log)
     ssod, sinfo = ssod_backbone(suite, pinfo, seed, quick, log)
     stores, times = {}, {}
     for mask, opts in MASKS.items():
@@ -128,11 +144,9 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
                      val_outliers=val_outliers, val_heldout=heldout),
             ssod_job]
     for v in variants:
-        loss, mask, lr = VARIANTS[v]
-        plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
-                         outliers=str(stores[mask][1]))
+        mask = VARIANTS[v][1]
         t0 = time.time()
-        model, info = get_model(suite, plan, log=log, use_zoo=False)
+        model, info = get_model(suite, oe_plan(v, seed, pinfo, stores[mask][1]), log=log, use_zoo=False)
         times[f"train-{v}"] = info.get("train_seconds", round(time.time() - t0, 1))
         jobs.append(BenchJob(model, CHEAP + ["shift", "fusion:a=msp,b=knn", "fusion:a=shift,b=knn"], label=v,
                              outliers=stores[mask][0], val_outliers=val_outliers, val_heldout=heldout,
@@ -158,7 +172,9 @@ def _test_cell(by_seed: dict, m: str, group: str) -> str:
     post-hoc detector on the plain classifier reads the same zoo classifier in every seed run, so it shows
     one run (its classifier-seed spread: ``benchmarks/bench_plain_seeds.py``)."""
     per = [group_mean(r, m, group) for _, r in sorted(by_seed.items()) if m in r["methods"]]
-    per = [p for p in per if p is not None][:None if is_forged(m, FORGED_LABELS) else 1]
+    per = [p for p in per if p is not None]
+    if is_plain_post_hoc(m, FORGED_LABELS):
+        per = per[:1]
     if not per:
         return "-"
     a, f = np.array(per).T * 100
@@ -178,7 +194,7 @@ def pick(by_seed: dict, numbers, forged: bool = True) -> str | None:
             cands = forged_candidates(numbers(r), accuracies, FORGED_LABELS)
         else:
             cands = [(v["auroc"], -v["fpr95"], m) for m, v in numbers(r).items()
-                     if not split_key(m)[2] and not is_forged(m, FORGED_LABELS)]
+                     if is_plain_post_hoc(m, FORGED_LABELS)]
         for auroc, neg_fpr, m in cands:
             merged.setdefault(m, []).append((auroc, neg_fpr))
     if not merged:
@@ -297,6 +313,7 @@ MERGED_ENTRIES = ("methods", "validation", "validation_heldout", "validation_hel
 
 
 def read_run(folder: Path) -> dict:
+    """One saved run, with the per-forger numbers and result keys of older runs brought up to date."""
     res = backfill_by_forger(json.loads((folder / "results.json").read_text()), folder / "scores.npz")
     return upgrade_keys(res)
 

@@ -30,36 +30,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_forged import CHEAP, FORGE_LIMIT, MASKS, VARIANTS
+from bench_forged import CHEAP, FORGE_LIMIT, MASKS, VARIANTS, load_runs, oe_plan, zoo_model, zoo_recipe
 
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.suites import load_suite
-from oodforge.demo import group_mean
+from oodforge.demo import group_mean, is_plain_post_hoc
 from oodforge.models.features import default_cache_dir
-from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+from oodforge.workflows import POST_HOC, forge_cpu_outliers, get_model
 
 
 def plain_classifier(suite, seed: int, log):
     """The zoo's plain classifier (seed 0) or its recorded recipe trained with ``seed`` (cached)."""
-    zoo, info = get_model(suite, TrainPlan(), log=log)
-    if "zoo" not in info:
-        raise SystemExit(f"the zoo has no {suite.name} plain classifier: run scripts/build_zoo.sh first")
+    zoo, info = zoo_model(suite, "plain", log)
     if seed == 0:
         return zoo, info
-    fields = set(TrainPlan.__dataclass_fields__)
-    plan = TrainPlan(**{**{k: v for k, v in info["plan"].items() if k in fields}, "seed": seed})
-    return get_model(suite, plan, log=log, use_zoo=False)
+    return get_model(suite, zoo_recipe(info, seed), log=log, use_zoo=False)
 
 
 def oe_job(suite, plain, pinfo: dict, variant: str, seed: int, log) -> BenchJob:
     """The forged-outlier pipeline of recipe ``variant`` on one seed's classifier: forge (seed), fine-tune
     (seed), and the cheap post-hoc detectors on the fine-tuned model, labelled ``variant``."""
-    loss, mask, lr = VARIANTS[variant]
     _, store, _ = forge_cpu_outliers(suite, plain, limit=FORGE_LIMIT, seed=seed, log=log, progress=False,
-                                     **MASKS[mask])
-    plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
-                     outliers=str(store))
-    model, info = get_model(suite, plan, log=log, use_zoo=False)
+                                     **MASKS[VARIANTS[variant][1]])
+    model, info = get_model(suite, oe_plan(variant, seed, pinfo, store), log=log, use_zoo=False)
     return BenchJob(model, CHEAP, label=variant, info={"checkpoint": info["checkpoint"],
                                                        "train_seconds": info.get("train_seconds")})
 
@@ -103,7 +96,7 @@ def summarise(runs: dict, out: Path) -> str:
             per = {g: [group_mean(r, m, g) for r in runs_m] for g in groups}
             table[m] = {g: {"auroc": [p[0] for p in v], "fpr95": [p[1] for p in v]} for g, v in per.items()}
             lines.append(f"| {m} | {len(runs_m)} | " + " | ".join(_cell(per[g]) for g in groups) + " |")
-        post_hoc = [m for m in table if "@" not in m]
+        post_hoc = [m for m in table if is_plain_post_hoc(m, tuple(VARIANTS))]
         best = {g: max(post_hoc, key=lambda m: np.mean(table[m][g]["auroc"])) for g in groups}
         lines += [""] + [f"* best post-hoc {g} (mean AUROC over seeds): **{m}** "
                          f"{_cell(list(zip(table[m][g]['auroc'], table[m][g]['fpr95'])))}" for g, m in best.items()]
@@ -113,13 +106,6 @@ def summarise(runs: dict, out: Path) -> str:
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
-
-
-def load_runs(out: Path) -> dict:
-    runs: dict = {}
-    for f in sorted(out.glob("*/seed*/results.json")):
-        runs.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = json.loads(f.read_text())
-    return runs
 
 
 def main() -> None:

@@ -222,3 +222,28 @@ def test_bench_forged_merges_a_seeds_ssod_part_run_over_its_zoo_rows(tmp_path):
     (tmp_path / "s" / "seed1" / "ssod" / "results.json").write_text(json.dumps(part))
     with pytest.raises(SystemExit, match="groups differ"):
         bench_forged.load_runs(tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_forged_ssod_only_run_trains_the_seeds_ssod_model_and_merges(tmp_path):
+    """``--ssod-only`` on a quick suite: seed 1's SSOD model is trained with seed 1, its job alone is written to
+    ``seed1/ssod`` with held-out validation, and load_runs merges it over the seed's run."""
+    import json
+    from pathlib import Path
+
+    bench_forged = _bench_forged()
+    res = bench_forged.run_suite("fashion6", 1, [], tmp_path, log=None, quick=True, ssod_only=True)
+    part = tmp_path / "fashion6" / "seed1" / "ssod" / "results.json"
+    assert part.is_file() and set(res["models"]) == {"ssod"}
+    assert {m for m in res["methods"]} >= {"ssod@ssod", "knn@ssod"} and "knn" not in res["methods"]
+    assert set(res["validation_heldout_by_forger"]["ssod@ssod"]) == {"jigsaw", "mix"}
+    saved = json.loads(part.read_text())["models"]["ssod"]
+    assert saved["id_val_accuracy"] > 0
+    meta = json.loads((Path(saved["checkpoint"]) / "meta.json").read_text())
+    assert meta["plan"]["method"] == "ssod" and meta["plan"]["seed"] == 1
+    # a seed run without SSOD rows gets them from the part
+    base = {k: res[k] for k in ("groups",)} | {"models": {"plain": {"id_val_accuracy": 0.9}},
+                                               "methods": {"knn": res["methods"]["ssod@ssod"]}}
+    (tmp_path / "fashion6" / "seed1" / "results.json").write_text(json.dumps(base))
+    merged = bench_forged.load_runs(tmp_path)["fashion6"][1]
+    assert set(merged["models"]) == {"plain", "ssod"} and "ssod@ssod" in merged["methods"]

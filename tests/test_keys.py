@@ -72,3 +72,13 @@ def test_readers_of_results_take_the_source_apart():
     # any detector on a backbone trained with forged outliers or SSOD's background samples counts as forged
     assert is_forged("energy@ssod") and is_forged("knn@energy-oe", backbones=("energy-oe",))
     assert not is_forged("msp") and not is_forged("energy@ssod", backbones=("oe",))
+
+
+def test_plain_post_hoc_is_the_baseline_side_only():
+    from oodforge.demo import is_plain_post_hoc
+
+    assert is_plain_post_hoc("knn") and is_plain_post_hoc("vim")
+    # detectors on a forged-outlier backbone, and the forged-outlier detectors themselves, are not baselines
+    assert not any(is_plain_post_hoc(m) for m in ("knn@oe", "energy@ssod", "shift[layercam+telea]",
+                                                  "fusion:a=shift,b=knn[layercam+telea]", "ssod"))
+    assert not is_plain_post_hoc("knn@energy-oe", backbones=("energy-oe",))

@@ -52,6 +52,12 @@ def is_forged(method: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> boo
     return split_key(method)[2] in backbones or detector_name(method) in ("shift", "fusion", "ssod")
 
 
+def is_plain_post_hoc(method: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
+    """Whether a result key is a post-hoc detector on the plain classifier: no backbone label and not a
+    forged-outlier method (:func:`is_forged`); the baseline every forged-outlier method is set beside."""
+    return not split_key(method)[2] and not is_forged(method, backbones)
+
+
 def plain_key(res: dict, name: str) -> str | None:
     """The key of detector ``name`` on the plain classifier in ``res`` (``"shift"`` -> ``"shift[layercam+telea]"``
     when the outliers were forged on the CPU); ``None`` when the run has none."""
@@ -217,7 +223,7 @@ def write_summary(all_results: dict, out: Path) -> Path:
         shift, fusion = plain_key(res, "shift"), plain_key(res, "fusion")
         for group in [g for g in ("near", "far") if res["groups"].get(g)]:
             pick = protocol_pick(res, group)
-            plain_posthoc = {m: v for m, v in res["methods"].items() if not split_key(m)[2] and not is_forged(m)}
+            plain_posthoc = {m: v for m, v in res["methods"].items() if is_plain_post_hoc(m)}
             best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "
                          f"{cell(best, group)} | {pick}: {cell(pick, group)} | {shift or 'shift'}: {cell(shift, group)} | "
