@@ -24,6 +24,7 @@ from ..data.base import ArrayDataset
 from ..progress import progress_bar
 from .checkpoint import weights_hash
 from .featureset import FeatureSet
+from .torchdata import as_image_data
 
 FIELDS = ("logits", "penultimate", "feature_map")
 
@@ -79,8 +80,9 @@ def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature
     n = len(dataset)
     sink = _Sink(n, folder)
     start = 0
+    label = getattr(dataset, "name", None) or dataset.identity  # a torch Dataset's identity costs a read
     for x in progress_bar(_batches(dataset, batch_size), total=-(-n // batch_size),
-                          desc=f"features {dataset.identity[:40]}", disable=not progress, leave=False):
+                          desc=f"features {label[:40]}", disable=not progress, leave=False):
         out = model.forward_all(x.to(device))
         sink.write("logits", start, out.logits)
         sink.write("penultimate", start, out.penultimate)
@@ -114,10 +116,12 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
                      progress: bool = True) -> FeatureSet:
     """Logits, penultimate vectors (and optionally last feature maps) of ``model`` on ``dataset``.
 
-    ``dataset`` is an ``ArrayDataset`` or a streamed ``FileDataset``. With ``cache_dir`` set, results
-    are read from / written to disk as memory-mapped arrays. A cached entry with feature maps also
-    serves requests without them.
+    ``dataset`` is an ``ArrayDataset``, a streamed ``FileDataset``, or a user's torch ``Dataset`` yielding
+    ``(image, label)`` / ``DataLoader``, read with its transforms as they are (:mod:`.torchdata`: its rule for
+    normalised float images and its content fingerprint). With ``cache_dir`` set, results are read from /
+    written to disk as memory-mapped arrays. A cached entry with feature maps also serves requests without them.
     """
+    dataset, cache_dir = as_image_data(model, dataset, cache_dir)
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset.identity} is empty")
     if cache_dir is None:

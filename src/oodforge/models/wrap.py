@@ -119,13 +119,22 @@ class WrappedClassifier(Classifier):
 
 
 def wrap(model: nn.Module, head: str = "fc", features: str = "layer4", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-         in_channels: int | None = None, input_size: tuple[int, int] = (224, 224)) -> WrappedClassifier:
+         in_channels: int | None = None, input_size: tuple[int, int] = (224, 224), preprocessed: bool = False,
+         factory: str | None = None) -> WrappedClassifier:
     """Wrap a user's classifier (see the module docstring). ``mean``/``std`` are the normalisation the model
-    was trained with, applied to ``[0, 1]`` images; ``input_size`` is only used for the wrap-time probe."""
+    was trained with, applied to ``[0, 1]`` images; ``input_size`` is only used for the wrap-time probe.
+
+    ``preprocessed=True`` says that the float images of the user's torch Datasets / DataLoaders are normalised
+    already (their transforms end with ``Normalize(mean, std)``): they are not normalised again
+    (:mod:`oodforge.models.torchdata`). ``factory`` (``"package.module:function"``, returning the module) lets
+    an exported guard build the model again where it is served (``oodforge predict``)."""
     channels = in_channels if in_channels is not None else len(tuple(mean))
     if len(tuple(mean)) != channels or len(tuple(std)) != channels:
         raise ValueError(f"mean and std need one value per channel ({channels}), got {mean} / {std}")
-    return WrappedClassifier(model, head, features, mean, std, channels, input_size).eval()
+    wrapped = WrappedClassifier(model, head, features, mean, std, channels, input_size).eval()
+    wrapped.preprocessed = bool(preprocessed)
+    wrapped.factory = factory
+    return wrapped
 
 
 
