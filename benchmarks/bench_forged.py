@@ -17,14 +17,14 @@ Per suite, on the zoo's plain classifier (``src/oodforge/zoo``):
 **Validation** (the only numbers any choice reads): ID validation images vs (a) the union of the
 outliers forged from ID validation images by both mask rules (never trained on; "same forger"), and
 (b) the outliers of the held-out forgers (jigsaw + class mix, :mod:`oodforge.outliers.heldout`, that
-no method trains on), plus ID validation accuracy. The protocol's pick per suite and group is the
-forged-outlier method with the highest validation AUROC against the held-out forger that stands for
-the group (class mixes: near; jigsaws: far; mean over the seeds run) whose backbone keeps ID
-validation accuracy within 0.5 points of the zoo classifier. The picks of the earlier rules (one pick
-per suite on both held-out forgers; the same-forger number) are listed too. The OOD test sets are read
-only to print the final table, which lists every variant with its validation and test numbers.
-Runs saved before ``bench`` recorded per-forger numbers get them from their ``scores.npz``
-(:func:`backfill_by_forger`).
+no method trains on), plus ID validation accuracy. The pick is :func:`oodforge.protocol.pick` over the
+seeds run: one forged-outlier method per suite, the best mean validation AUROC against the held-out
+forgers it never trained on, among the methods every seed ran, whose backbone keeps ID validation
+accuracy within 0.5 points of the zoo classifier (mean over seeds). The picks of the earlier rules (per
+group on one held-out forger; the same-forger number) are listed as diagnostics. The OOD test sets are
+read only to print the final table, which lists every variant with its validation and test numbers.
+``--summarise`` rebuilds ``summary.md`` from the committed ``results.json`` files alone and refuses a run
+that lacks a field the pick reads.
 
 With ``--seeds 0,1,2`` the forged-outlier side is re-run per seed (forging seed, OE fine-tune seed,
 rejection-network seed, SSOD fine-tune seed: seed 0 is the zoo's SSOD model, seed k > 0 the zoo's
@@ -50,10 +50,11 @@ import torch
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
-from oodforge.demo import forged_candidates, group_mean, is_plain_post_hoc
 from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
-from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers, heldout_parts
+from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
+from oodforge.protocol import is_plain_post_hoc, mean_accuracies, pick, validation_numbers
+from oodforge.report import best_method, group_mean
 from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
@@ -157,14 +158,13 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
-def _val_cell(by_seed: dict, numbers, m: str) -> tuple[str, float | None]:
-    """Mean validation AUROC / FPR95 of ``m`` over the seeds that have it (cell text, mean AUROC);
-    ``numbers(res)`` gives a run's ``{method: {"auroc", "fpr95"}}``."""
-    vals = [numbers(r)[m] for r in by_seed.values() if m in numbers(r)]
+def _val_cell(by_seed: dict, source: str, m: str) -> str:
+    """Mean validation AUROC / FPR95 of ``m`` (``protocol.validation_numbers`` with ``source``) over the seeds
+    whose run has it."""
+    vals = [n[m] for n in (validation_numbers(r, source) for r in by_seed.values()) if m in n]
     if not vals:
-        return "-", None
-    a, f = np.mean([v["auroc"] for v in vals]), np.mean([v["fpr95"] for v in vals])
-    return f"{100 * a:.2f} / {100 * f:.2f}", float(a)
+        return "-"
+    return f"{100 * np.mean([v['auroc'] for v in vals]):.2f} / {100 * np.mean([v['fpr95'] for v in vals]):.2f}"
 
 
 def _test_cell(by_seed: dict, m: str, group: str) -> str:
@@ -181,115 +181,82 @@ def _test_cell(by_seed: dict, m: str, group: str) -> str:
     return f"{a.mean():.2f} / {f.mean():.2f}" + (f" (± {a.std():.2f} / {f.std():.2f})" if len(per) > 1 else "")
 
 
-def pick(by_seed: dict, numbers, forged: bool = True) -> str | None:
-    """The method with the best validation AUROC in ``numbers(res)`` (mean over the seeds that have it): among
-    forged-outlier methods (:func:`oodforge.demo.forged_candidates`) whose backbone's ID val accuracy, averaged
-    over the seeds that trained it (:func:`mean_accuracies`), is within 0.5 points of the zoo classifier's
-    (``forged``), or among the post-hoc detectors on the plain classifier. The accuracy rule reads the mean so
-    that a recipe cannot enter on the one seed where it happened to keep accuracy."""
-    accuracies = mean_accuracies(by_seed)
-    merged: dict[str, list] = {}
-    for r in by_seed.values():
-        if forged:
-            cands = forged_candidates(numbers(r), accuracies, FORGED_LABELS)
-        else:
-            cands = [(v["auroc"], -v["fpr95"], m) for m, v in numbers(r).items()
-                     if is_plain_post_hoc(m, FORGED_LABELS)]
-        for auroc, neg_fpr, m in cands:
-            merged.setdefault(m, []).append((auroc, neg_fpr))
-    if not merged:
-        return None
-    return max((tuple(np.mean(v, axis=0)), m) for m, v in merged.items())[1]
-
-
-def mean_accuracies(by_seed: dict) -> dict[str, float]:
-    """ID val accuracy of each backbone label, mean over the seeds that have it."""
-    per: dict[str, list] = {}
-    for r in by_seed.values():
-        for label, m in r["models"].items():
-            per.setdefault(label, []).append(m["id_val_accuracy"])
-    return {label: float(np.mean(v)) for label, v in per.items()}
-
-
-#: the validation numbers each pick reads, per group: res -> {method: {"auroc", "fpr95"}}
-def same_forger(res: dict) -> dict:
-    return res.get("validation", {})
-
-
-def heldout_all(res: dict) -> dict:
-    return res.get("validation_heldout", {})
-
-
-def heldout_for(group: str):
-    """The held-out forger that stands for ``group`` (class mixes: near; jigsaws: far); no fallback."""
-    forger = FORGER_FOR_GROUP[group]
-    return lambda res: {m: v[forger] for m, v in res.get("validation_heldout_by_forger", {}).items() if forger in v}
+#: the validation columns of the summary: header -> protocol.validation_numbers source
+COLUMNS = {"val unseen forgers (the pick's)": "unseen-forgers", "val same forger": "same-forger",
+           "val mix": "forger:mix", "val jigsaw": "forger:jigsaw"}
 
 
 def summarise(all_res: dict, out: Path) -> str:
+    """``summary.md`` / ``summary.json`` from the runs in ``all_res`` (``{suite: {seed: results}}``): every
+    method's validation and test numbers, the protocol's one pick per suite and the diagnostic picks. Reads
+    nothing but the runs, so it rebuilds byte for byte from the committed files."""
     lines = ["# Forged outliers vs post-hoc detection (benchmarks/bench_forged.py)", "",
-             "Validation: ID val vs outliers forged from ID val by the training forger (both mask rules; 'val same "
-             "forger') and vs the held-out forgers' outliers (oodforge.outliers.heldout): both together ('val "
-             "held-out'), class mixes alone ('val mix', stands for near) and jigsaws alone ('val jigsaw', stands "
-             "for far); mean over the seeds that have them. Test = mean over the group's OOD sets. AUROC / FPR95 "
-             "in %. Seeds: mean ± std over the forged-outlier side's seeds.", ""]
+             "Validation (ID val vs outliers made from ID val; the only numbers a pick reads, oodforge.protocol): "
+             "'val unseen forgers' = mean over the held-out forgers (jigsaws, class mixes) the method never trained "
+             "on, the pick's number; 'val same forger' = the training forger's outliers (both mask rules; the first "
+             "protocol's); 'val mix' / 'val jigsaw' = one held-out forger (the earlier per-group rule's; seeds "
+             "whose runs record per-forger numbers only, listed per suite). Validation cells are means over the "
+             "seeds whose runs have them ('val seeds'). Test = mean over the group's OOD sets. AUROC / FPR95 in %. "
+             "Seeds: mean ± std over the forged-outlier side's seeds.", ""]
     summary = {}
-    columns = {"val same forger": same_forger, "val held-out": heldout_all, "val mix (near)": heldout_for("near"),
-               "val jigsaw (far)": heldout_for("far")}
     for name, by_seed in all_res.items():
         seeds = sorted(by_seed)
         r0 = by_seed[seeds[0]]
+        per_forger = [k for k in seeds if set(by_seed[k]["validation_heldout"])
+                      <= set(by_seed[k].get("validation_heldout_by_forger", {}))]
         lines += [f"## {name} (seeds {', '.join(map(str, seeds))})", "",
-                  f"| method | ID val acc (mean over seeds) | {' | '.join(columns)} | held-out val seeds | near (test) | "
-                  "far (test) |", "|---|---|" + "---|" * len(columns) + "---|---|---|"]
-        accuracies = mean_accuracies(by_seed)
+                  f"Per-forger validation numbers (val mix, val jigsaw) recorded by seeds: "
+                  f"{', '.join(map(str, per_forger)) or 'none'}.", "",
+                  f"| method | ID val acc (mean over seeds) | {' | '.join(COLUMNS)} | val seeds | near (test) | "
+                  "far (test) |", "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"]
+        accuracies = mean_accuracies(by_seed.values())
         for m in r0["methods"]:
             vacc = accuracies[split_key(m)[2] or "plain"]
-            cells = [_val_cell(by_seed, f, m)[0] for f in columns.values()]
-            val_seeds = ",".join(str(k) for k, r in sorted(by_seed.items()) if m in heldout_all(r)) or "-"
+            cells = [_val_cell(by_seed, src, m) for src in COLUMNS.values()]
+            val_seeds = ",".join(str(k) for k, r in sorted(by_seed.items()) if m in validation_numbers(r)) or "-"
             lines.append(f"| {m} | {100 * vacc:.2f} | {' | '.join(cells)} | {val_seeds} | "
                          f"{_test_cell(by_seed, m, 'near')} | {_test_cell(by_seed, m, 'far')} |")
         groups = [g for g in ("near", "far") if r0["groups"].get(g)]
-        picks = {f"protocol, per group (held-out forger of the group) [{g}]": pick(by_seed, heldout_for(g))
-                 for g in groups}
-        picks.update({"one pick per suite (both held-out forgers)": pick(by_seed, heldout_all),
-                      "same-forger rule (the first protocol)": pick(by_seed, same_forger)})
-        picks.update({f"post-hoc by the held-out forger of the group [{g}]": pick(by_seed, heldout_for(g), forged=False)
-                      for g in groups})
-        summary[name] = {"picks": picks, "seeds": seeds}
+        runs = [by_seed[k] for k in seeds]
+        diag_runs = [by_seed[k] for k in per_forger]
+
+        def key(p):
+            return p.key if p else None
+
+        chosen = pick(runs, backbones=FORGED_LABELS)
+        picks = {"protocol pick (one per suite: held-out forgers never trained on, every seed)": key(chosen)}
+        picks.update({f"diagnostic: per group on the {FORGER_FOR_GROUP[g]} forger alone [{g}] (seeds "
+                      f"{','.join(map(str, per_forger))})": key(pick(diag_runs, source=f"forger:{FORGER_FOR_GROUP[g]}",
+                                                                     backbones=FORGED_LABELS))
+                      for g in groups if diag_runs})
+        picks["diagnostic: same-forger rule (the first protocol)"] = key(pick(runs, source="same-forger",
+                                                                              backbones=FORGED_LABELS))
+        # the post-hoc rows read the zoo classifier: the same in every seed run that has them (the extra seeds'
+        # --forged-side-only runs do not)
+        posthoc_runs = [r for r in runs if any(is_plain_post_hoc(m, FORGED_LABELS) for m in validation_numbers(r))]
+        picks["post-hoc detector a user without forged outliers would pick (validation)"] = key(
+            pick(posthoc_runs, among="post-hoc", backbones=FORGED_LABELS))
+        plain_posthoc = {**r0, "methods": {m: v for m, v in r0["methods"].items() if is_plain_post_hoc(m, FORGED_LABELS)}}
+        best = {g: best_method(plain_posthoc, group=g)[0] or None for g in groups}
+        summary[name] = {"pick": key(chosen), "picks": picks, "best_post_hoc_on_test": best, "seeds": seeds,
+                         "pick_validation": None if chosen is None else
+                         {"auroc": chosen.auroc, "fpr95": chosen.fpr95, "source": chosen.source, "runs": chosen.runs}}
         base_val = r0["models"]["plain"]["id_val_accuracy"]
         lines += ["", "Picks (validation only, ID val accuracy within 0.5 points of "
                       f"{100 * base_val:.2f} % for forged-outlier backbones):", ""]
         for k, v in picks.items():
-            shown = [g for g in groups if k.endswith(f"[{g}]")] or groups
+            shown = [g for g in groups if k.endswith(f"[{g}]") or f"[{g}]" in k] or groups
             lines.append(f"* {k}: **{v}**: " + ", ".join(
                 f"{g} {_test_cell(by_seed, v, g) if v else '-'}" for g in shown))
+        if chosen is not None:
+            lines.append(f"* the pick's {chosen.describe()}")
+        lines.append("* best post-hoc detector on the zoo classifier, *chosen on the test sets* (the baseline): " +
+                     ", ".join(f"{g} **{b}** {_test_cell(by_seed, b, g) if b else '-'}" for g, b in best.items()))
         lines.append("")
-    (out / "summary.json").write_text(json.dumps({"picks": summary, "results": all_res}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"picks": summary, "results": all_res}, indent=1) + "\n")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
-
-
-def backfill_by_forger(res: dict, scores_file: Path) -> dict:
-    """Per-forger held-out validation numbers for runs made before ``bench`` recorded them, from the saved
-    scores: the ``val-heldout`` scores are in the row layout of ``heldout_outliers`` (:func:`heldout_parts`)."""
-    if "validation_heldout_by_forger" in res or "validation_heldout" not in res or not scores_file.exists():
-        return res
-    from oodforge.metrics import evaluate
-
-    scores = np.load(scores_file)
-    by = {}
-    for m in res["validation_heldout"]:
-        s_val, s_out = scores[f"{m}/val"], scores[f"{m}/val-heldout"]
-        parts = heldout_parts(len(s_val))
-        if len(s_out) != len(parts) * len(s_val):
-            raise SystemExit(f"{scores_file}: {m}/val-heldout has {len(s_out)} scores, expected {len(parts)} x "
-                             f"{len(s_val)}")
-        by[m] = {forger: {k: v for k, v in evaluate(s_val, s_out[rows]).items() if k in ("auroc", "fpr95")}
-                 for forger, rows in parts.items()}
-    res["validation_heldout_by_forger"] = by
-    return res
 
 
 def upgrade_keys(res: dict) -> dict:
@@ -312,9 +279,20 @@ def upgrade_keys(res: dict) -> dict:
 MERGED_ENTRIES = ("methods", "validation", "validation_heldout", "validation_heldout_by_forger", "timings", "models")
 
 
+#: what every saved run must hold for the pick (oodforge.protocol.pick): read_run refuses a run without them
+REQUIRED = ("methods", "groups", "models", "validation_heldout")
+
+
 def read_run(folder: Path) -> dict:
-    """One saved run, with the per-forger numbers and result keys of older runs brought up to date."""
-    res = backfill_by_forger(json.loads((folder / "results.json").read_text()), folder / "scores.npz")
+    """One saved run (its ``results.json`` alone), with the result keys of older runs brought up to date;
+    refuses (one line) a run that lacks a field the pick reads instead of skipping it."""
+    path = folder / "results.json"
+    res = json.loads(path.read_text())
+    missing = [k for k in REQUIRED if k not in res]
+    missing += [f"models.{label}.id_val_accuracy" for label, m in res.get("models", {}).items()
+                if "id_val_accuracy" not in m]
+    if missing:
+        raise SystemExit(f"{path}: lacks {', '.join(missing)}, which the protocol's pick reads; re-run it")
     return upgrade_keys(res)
 
 

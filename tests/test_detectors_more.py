@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 NEW = ["ash", "scale", "rankfeat", "vra", "gen", "entropy", "tempscale", "klm", "rmds", "nnguide", "she", "fdbd",
        "nci"]
-FEATURE_MAP = {"ash", "scale", "rankfeat"}
+FEATURE_MAP = {"rankfeat"}  # ash and scale read the feature map only with where="map"
 
 
 def head_model(w: np.ndarray, b: np.ndarray) -> ToyClassifier:
@@ -104,8 +104,9 @@ def test_bad_hyperparameters_raise_naming_the_parameter():
 
 def test_feature_map_detectors_need_the_feature_map():
     model, train, test, ctx = blobs()
-    for name in sorted(FEATURE_MAP):
-        det = create(name).fit(ctx)
+    for name, params in [("rankfeat", {}), ("ash", {"where": "map"}), ("scale", {"where": "map"})]:
+        det = create(name, **params).fit(ctx)
+        assert det.needs_feature_map
         with pytest.raises(ValueError, match="feature map"):
             det.score(test)  # no feature_map attached
 
@@ -132,7 +133,7 @@ def test_ash_worked_example(variant):
     model, fmap = small_maps()  # D = 3 * 2 * 2 = 12 values per image; percentile 75 keeps the top 3
     w, b = head_np(model)
     feats = fmap_feats(model, fmap)
-    det = create("ash", percentile=75, variant=variant).fit(FitContext(model=model, train=feats))
+    det = create("ash", percentile=75, variant=variant, where="map").fit(FitContext(model=model, train=feats))
     expect = []
     for a in fmap:
         v = a.ravel()
@@ -147,19 +148,21 @@ def test_ash_worked_example(variant):
         pooled = shaped.reshape(3, 4).mean(axis=1)
         expect.append(logsumexp(w @ pooled + b))
     np.testing.assert_allclose(det.score(feats), expect, rtol=1e-6)
-    assert create("ash").percentile == 90 and create("ash").variant == "s"
+    default = create("ash").fit(FitContext(model=model, train=feats))
+    assert default.percentile is None and default.percentile_ == 95 and default.variant == "s"
+    assert default.where == "pooled" and not default.needs_feature_map
 
 
 def test_ash_b_preserves_the_activation_sum_and_p0_is_energy():
     model, fmap = small_maps(seed=1)
     feats = fmap_feats(model, fmap)
     ctx = FitContext(model=model, train=feats)
-    det = create("ash", variant="b", percentile=50).fit(ctx)
+    det = create("ash", variant="b", percentile=50, where="map").fit(ctx)
     shaped = det.shape(torch.as_tensor(fmap)).numpy()
     np.testing.assert_allclose(shaped.sum(axis=(1, 2, 3)), fmap.sum(axis=(1, 2, 3)), rtol=1e-6)
     assert ((shaped > 0).sum(axis=(1, 2, 3)) == 6).all()
     # ASH-P at percentile 0 prunes nothing: plain energy of the cached logits
-    np.testing.assert_allclose(create("ash", variant="p", percentile=0).fit(ctx).score(feats),
+    np.testing.assert_allclose(create("ash", variant="p", percentile=0, where="map").fit(ctx).score(feats),
                                create("energy").fit(ctx).score(feats), rtol=1e-5)
 
 
@@ -167,28 +170,88 @@ def test_scale_worked_example():
     model, fmap = small_maps(seed=2)
     w, b = head_np(model)
     feats = fmap_feats(model, fmap)
-    det = create("scale", percentile=50).fit(FitContext(model=model, train=feats))
+    det = create("scale", percentile=50, where="map").fit(FitContext(model=model, train=feats))
     expect = []
     for a in fmap:
         v = np.sort(a.ravel())
         r = v.sum() / v[6:].sum()  # the 6 largest of 12 values
         expect.append(logsumexp(w @ (np.exp(r) * a.mean(axis=(1, 2))) + b))
     np.testing.assert_allclose(det.score(feats), expect, rtol=1e-6)
-    assert create("scale").percentile == 85
+    assert create("scale").percentile == 85 and create("scale").where == "pooled"
 
 
-def test_rankfeat_worked_example():
+def _cnn_features():
+    """A small CNN (oodforge's ``small_resnet``, random weights, BatchNorm in eval mode) and its features of a
+    few random images, extracted by the real feature pass (penultimate = average pool of the last map)."""
+    from oodforge.data.base import ArrayDataset
+    from oodforge.models.backbones import build_model
+    from oodforge.models.features import extract_features
+
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 5, 1).eval().requires_grad_(False)
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 1, 28, 28), dtype=np.uint8)
+    ds = ArrayDataset(images, np.arange(12) % 5, [f"c{i}" for i in range(5)], "random-cnn-test")
+    return model, extract_features(model, ds, feature_map=True, progress=False)
+
+
+def _ash_paper(h, percentile, variant):
+    """The authors' ``ash_p`` / ``ash_b`` / ``ash_s`` applied after the average pool, in numpy (one image)."""
+    k = h.size - int(np.round(h.size * percentile / 100.0))
+    keep = np.argsort(-h)[:k]
+    out = np.zeros_like(h)
+    if variant == "p":
+        out[keep] = h[keep]
+    elif variant == "b":
+        out[keep] = h.sum() / k
+    else:
+        out[keep] = h[keep] * np.exp(h.sum() / h[keep].sum())
+    return out
+
+
+@pytest.mark.parametrize("variant,percentile", [("s", 95), ("p", 90), ("b", 90)])
+def test_ash_default_is_the_paper_formula_on_the_pooled_vector(variant, percentile):
+    model, feats = _cnn_features()
+    w, b = head_np(model)
+    h_all = feats.penultimate.double().numpy()
+    np.testing.assert_allclose(h_all, feats.feature_map.double().numpy().mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    det = create("ash", variant=variant).fit(FitContext(model=model, train=feats))
+    assert det.percentile_ == percentile  # the authors' CIFAR setting of the variant
+    expect = [logsumexp(w @ _ash_paper(h, percentile, variant) + b) for h in h_all]
+    np.testing.assert_allclose(det.score(FeatureSet(feats.logits, feats.penultimate, feats.labels)), expect, rtol=1e-6)
+    # the feature-map placement (oodforge's variant) is a different detector on a spatial map
+    on_map = create("ash", variant=variant, where="map").fit(FitContext(model=model, train=feats)).score(feats)
+    assert np.abs(on_map - np.array(expect)).max() > 1e-3
+
+
+def test_scale_default_is_the_paper_formula_on_the_pooled_vector():
+    model, feats = _cnn_features()
+    w, b = head_np(model)
+    expect = []
+    for h in feats.penultimate.double().numpy():
+        k = h.size - int(np.round(h.size * 0.85))
+        r = h.sum() / np.sort(h)[::-1][:k].sum()
+        expect.append(logsumexp(w @ (h * np.exp(r)) + b))
+    det = create("scale").fit(FitContext(model=model, train=feats))
+    np.testing.assert_allclose(det.score(FeatureSet(feats.logits, feats.penultimate, feats.labels)), expect, rtol=1e-6)
+    with pytest.raises(ValueError, match="where"):
+        create("scale", where="after").fit(FitContext(model=model, train=feats))
+
+
+@pytest.mark.parametrize("solver", ["svd", "power"])
+def test_rankfeat_worked_example(solver):
     model, fmap = small_maps(seed=3, n=4, c=5, hw=(3, 2))
     w, b = head_np(model)
     feats = fmap_feats(model, fmap)
-    det = create("rankfeat").fit(FitContext(model=model, train=feats))
+    # power iteration (float32) converges to the exact float64 SVD's rank-1 part
+    det = create("rankfeat", solver=solver, iterations=200).fit(FitContext(model=model, train=feats))
     expect = []
     for a in fmap:
         x = a.reshape(5, 6)
         u, s, vt = np.linalg.svd(x)
         residual = x - s[0] * np.outer(u[:, 0], vt[0])
         expect.append(logsumexp(w @ residual.mean(axis=1) + b))
-    np.testing.assert_allclose(det.score(feats), expect, rtol=1e-6)
+    np.testing.assert_allclose(det.score(feats), expect, rtol=1e-6 if solver == "svd" else 1e-4)
+    assert create("rankfeat").solver == "power" and create("rankfeat").iterations == 20
     # an exactly rank-1 map loses all its evidence: the logits fall back to the bias
     rank1 = np.einsum("nc,np->ncp", np.random.default_rng(0).random((2, 5)), np.random.default_rng(1).random((2, 6)))
     np.testing.assert_allclose(det.score(fmap_feats(model, rank1.reshape(2, 5, 3, 2))), [logsumexp(b)] * 2, rtol=1e-5)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from toy_problems import features_of, make_toy_problem
 
-from oodforge.bench import BenchJob, check_fit_inputs, run_bench
+from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import Suite
 from oodforge.detectors import FitContext, create
 from oodforge.detectors.base import REGISTRY, Detector
 from oodforge.detectors.fusion import id_percentile
 from oodforge.metrics import evaluate
+from oodforge.protocol import check_fit_inputs
 
 
 def test_id_percentile_is_the_empirical_cdf():
@@ -22,7 +23,7 @@ def test_id_percentile_is_the_empirical_cdf():
 
 def _toy_ctx():
     p = make_toy_problem()
-    val = features_of(p.model, p.id_test)  # stands in for held-out ID data in this unit test
+    val = features_of(p.model, p.id_val)  # held-out ID data, disjoint from train and test
     return p, FitContext(model=p.model, train=p.train, val=val)
 
 
@@ -71,8 +72,7 @@ def test_detector_fitting_never_receives_ood_test_data():
     REGISTRY["spy-protocol"] = _Spy
     try:
         suite = Suite("toy", p.id_train, p.id_test, {"near": p.ood_near, "far": p.ood_far},
-                      {"near": ["near"], "far": ["far"]}, ["c0", "c1", "c2", "c3"], id_val=p.id_test.subset(
-                          np.arange(50), "val-standin"))
+                      {"near": ["near"], "far": ["far"]}, ["c0", "c1", "c2", "c3"], id_val=p.id_val)
         _Spy.seen.clear()
         run_bench(suite, [BenchJob(p.model, ["spy-protocol", "knn"], outliers=p.id_train.subset(np.arange(10)))],
                   progress=False, log=None)

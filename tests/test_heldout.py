@@ -61,7 +61,7 @@ def test_bench_reports_heldout_validation_for_every_method(tmp_path):
     from oodforge.metrics import evaluate
 
     p = make_toy_problem()
-    val = p.id_test.subset(np.arange(0, 400, 4), "val-standin")
+    val = p.id_val
     suite = Suite("toy", p.id_train, p.id_test, {"near": p.ood_near, "far": p.ood_far},
                   {"near": ["near"], "far": ["far"]}, ["c0", "c1", "c2", "c3"], id_val=val)
     held = heldout_outliers(val, kinds=("mix",), seed=0)  # toy images are 1x1 pixels: no jigsaw
@@ -74,15 +74,17 @@ def test_bench_reports_heldout_validation_for_every_method(tmp_path):
     assert res["validation_heldout"]["msp"]["auroc"] > 0.8
 
 
-def test_protocol_pick_reads_the_heldout_forgers_when_the_run_has_them():
-    from oodforge.demo import protocol_pick
+def test_protocol_pick_reads_the_heldout_forgers_and_never_picks_a_baseline():
+    from oodforge.protocol import pick
 
     res = {"validation": {"shift": {"auroc": 0.999, "fpr95": 0.0}, "knn@oe": {"auroc": 0.98, "fpr95": 0.1},
                           "knn": {"auroc": 1.0, "fpr95": 0.0}},
            "validation_heldout": {"shift": {"auroc": 0.60, "fpr95": 0.9}, "knn@oe": {"auroc": 0.90, "fpr95": 0.4},
                                   "knn": {"auroc": 0.99, "fpr95": 0.0}}}
-    assert protocol_pick(res) == "knn@oe"  # knn on the plain classifier is post-hoc: never the forged pick
-    assert protocol_pick({"validation": res["validation"]}) == "shift"  # older runs: the training forger's number
+    assert pick(res).key == "knn@oe"  # knn on the plain classifier is post-hoc: never the forged pick
+    assert pick(res, among="all").key == "knn"  # what a report recommends: every method of the run
+    assert pick(res, source="same-forger").key == "shift"  # the first protocol's (saturated) number
+    assert pick({"validation": res["validation"]}) is None  # no held-out numbers: no pick, no fallback
 
 
 def _toy_suite_with_heldout():
@@ -94,7 +96,7 @@ def _toy_suite_with_heldout():
     from oodforge.outliers.heldout import HeldoutOutliers
 
     p = make_toy_problem()
-    val = p.id_test.subset(np.arange(0, 400, 4), "val-standin")
+    val = p.id_val
     suite = Suite("toy", p.id_train, p.id_test, {"near": p.ood_near, "far": p.ood_far},
                   {"near": ["near"], "far": ["far"]}, ["c0", "c1", "c2", "c3"], id_val=val)
     noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, tuple(val.images.shape), dtype=np.uint8))
@@ -120,29 +122,55 @@ def test_bench_reports_heldout_validation_per_forger(tmp_path):
     assert by["msp"]["mix"]["auroc"] > 0.8 and by["msp"]["mix"] != by["msp"]["jigsaw"]
 
 
-def test_protocol_picks_per_group_on_the_groups_forger_and_keeps_id_accuracy():
-    from oodforge.demo import backbone_accuracies, forged_candidates, protocol_pick
+def test_protocol_picks_on_the_forgers_each_method_never_saw_and_keeps_id_accuracy():
+    from oodforge.protocol import pick, ranking, validation_numbers
 
     def v(a):
         return {"auroc": a, "fpr95": 1 - a}
 
     res = {"models": {"plain": {"id_val_accuracy": 0.90}, "oe": {"id_val_accuracy": 0.897},
-                      "bad": {"id_val_accuracy": 0.89}},
+                      "bad": {"id_val_accuracy": 0.89}, "mixoe": {"id_val_accuracy": 0.90, "forgers": ["mix"]}},
            "validation_heldout": {"react@oe": v(0.91), "knn@oe": v(0.90), "knn": v(0.99), "shift": v(0.80)},
            "validation_heldout_by_forger": {"react@oe": {"mix": v(0.95), "jigsaw": v(0.87)},
                                             "knn@oe": {"mix": v(0.85), "jigsaw": v(0.95)},
                                             "knn": {"mix": v(0.99), "jigsaw": v(0.99)},
                                             "shift": {"mix": v(0.70), "jigsaw": v(0.90)},
-                                            "knn@bad": {"mix": v(0.99), "jigsaw": v(0.99)}}}
-    assert protocol_pick(res, "near") == "react@oe"  # class mixes stand for near
-    assert protocol_pick(res, "far") == "knn@oe"  # jigsaws stand for far
-    assert protocol_pick(res) == "react@oe"  # one pick per suite: both forgers together
-    # a backbone named as forged but 1 point below the plain classifier's ID val accuracy is never picked
-    accs = backbone_accuracies(res)
-    assert [m for _, _, m in forged_candidates({"knn@bad": v(0.99), "knn@oe": v(0.5)}, accs, ("oe", "bad"))] == ["knn@oe"]
-    # a run without per-forger numbers falls back to the combined held-out number
+                                            "knn@bad": {"mix": v(0.99), "jigsaw": v(0.99)},
+                                            "msp@mixoe": {"mix": v(1.0), "jigsaw": v(0.80)}}}
+    numbers = validation_numbers(res)
+    assert numbers["react@oe"] == pytest.approx(v(0.91)) and numbers["knn@oe"] == pytest.approx(v(0.90))
+    # a backbone trained on class mixes is validated on the jigsaws alone (its perfect mix number is not read)
+    assert numbers["msp@mixoe"] == pytest.approx(v(0.80))
+    assert pick(res, backbones=("oe", "bad", "mixoe")).key == "react@oe"  # one pick per suite
+    # knn@bad would win, but its backbone is 1 point below the plain classifier's ID val accuracy
+    assert "knn@bad" not in [p.key for p in ranking(res, backbones=("oe", "bad", "mixoe"))]
+    # the per-forger diagnostic (the earlier per-group rule)
+    assert pick(res, source="forger:mix").key == "react@oe" and pick(res, source="forger:jigsaw").key == "knn@oe"
+    assert "msp@mixoe" not in validation_numbers(res, "forger:mix")
+    # a run without per-forger numbers reads the pooled number, which is the same mean (one outlier per ID val
+    # image per forger)
     old = {k: res[k] for k in ("models", "validation_heldout")}
-    assert protocol_pick(old, "far") == protocol_pick(old) == "react@oe"
+    assert pick(old).key == "react@oe"
+
+
+def test_pick_over_seeds_needs_every_seed_and_the_mean_accuracy():
+    from oodforge.protocol import mean_accuracies, pick
+
+    def run(acc_oe, auroc_oe):
+        return {"models": {"plain": {"id_val_accuracy": 0.98}, "energy-oe": {"id_val_accuracy": acc_oe}},
+                "validation_heldout": {"knn@energy-oe": {"auroc": auroc_oe, "fpr95": 0.1},
+                                       "shift": {"auroc": 0.80, "fpr95": 0.5}}}
+
+    # the rule reads the mean over seeds: seed 0 alone (97.30) would fail the 0.5-point rule and seed 2 alone
+    # (97.94) pass it; their mean 97.62 passes. With seed 0 at 97.00 the mean (97.47) fails.
+    kept = [run(0.9730, 0.95), run(0.9794, 0.96)]
+    assert mean_accuracies(kept) == pytest.approx({"plain": 0.98, "energy-oe": 0.9762})
+    chosen = pick(kept, backbones=("energy-oe",))
+    assert chosen.key == "knn@energy-oe" and chosen.auroc == pytest.approx(0.955) and chosen.runs == 2
+    assert pick([run(0.9700, 0.95), run(0.9794, 0.96)], backbones=("energy-oe",)).key == "shift"
+    # a candidate missing from one seed's run is not averaged over the others: it is no candidate
+    partial = [run(0.98, 0.99), {**run(0.98, 0.99), "validation_heldout": {"shift": {"auroc": 0.8, "fpr95": 0.5}}}]
+    assert pick(partial, backbones=("energy-oe",)).key == "shift"
 
 
 def _bench_forged():
@@ -154,38 +182,6 @@ def _bench_forged():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_bench_forged_reads_the_backbones_mean_accuracy_over_seeds():
-    bench_forged = _bench_forged()
-
-    def run(acc_oe, auroc_oe):
-        return {"models": {"plain": {"id_val_accuracy": 0.98}, "energy-paper-lr1e-2": {"id_val_accuracy": acc_oe}},
-                "validation_heldout": {"knn@energy-paper-lr1e-2": {"auroc": auroc_oe, "fpr95": 0.1},
-                                       "shift": {"auroc": 0.80, "fpr95": 0.5}}}
-
-    # the rule reads the mean over seeds: seed 0 alone (97.30) would fail the 0.5-point rule and seed 2 alone
-    # (97.94) pass it; their mean 97.62 passes. With seed 0 at 97.00 the mean (97.47) fails, although seed 2
-    # alone still passes: the recipe is out on every seed.
-    kept = {0: run(0.9730, 0.95), 2: run(0.9794, 0.96)}
-    assert bench_forged.mean_accuracies(kept) == pytest.approx({"plain": 0.98, "energy-paper-lr1e-2": 0.9762})
-    assert bench_forged.pick(kept, bench_forged.heldout_all) == "knn@energy-paper-lr1e-2"
-    dropped = {0: run(0.9700, 0.95), 2: run(0.9794, 0.96)}  # mean 97.47: more than 0.5 points below 98
-    assert bench_forged.pick(dropped, bench_forged.heldout_all) == "shift"
-
-
-def test_bench_forged_backfills_per_forger_numbers_of_older_runs_from_their_scores(tmp_path):
-    import json
-
-    from oodforge.bench import BenchJob, run_bench, write_artifacts
-
-    bench_forged = _bench_forged()
-    p, suite, held = _toy_suite_with_heldout()
-    res = run_bench(suite, [BenchJob(p.model, ["msp", "energy"], val_heldout=held)], progress=False, log=None)
-    write_artifacts(res, res["_scores"], tmp_path)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    expected = saved.pop("validation_heldout_by_forger")  # as a run made before bench recorded them
-    assert bench_forged.backfill_by_forger(saved, tmp_path / "scores.npz")["validation_heldout_by_forger"] == expected
 
 
 def test_bench_forged_merges_a_seeds_ssod_part_run_over_its_zoo_rows(tmp_path):

@@ -58,12 +58,15 @@ def test_a_loaded_store_carries_its_config(tmp_path):
 def test_readers_of_results_take_the_source_apart():
     """The export hint asks for the method spec (export takes a spec) with the store; the demo summary finds
     ``shift`` and counts it (and anything on the OE backbone) as forged-outlier methods."""
-    from oodforge.demo import is_forged, plain_key
+    from oodforge.demo import plain_key
+    from oodforge.protocol import is_forged
     from oodforge.report import best_method, export_hint
 
     per = {"far": {"auroc": 0.9, "fpr95": 0.1}}
     res = {"suite": "fashion", "groups": {"far": ["far"]}, "models": {"plain": {"outlier_store": "STORE_DIR"}},
-           "methods": {"msp": {"far": {"auroc": 0.5, "fpr95": 0.9}}, "shift[layercam+telea]": per}}
+           "methods": {"msp": {"far": {"auroc": 0.5, "fpr95": 0.9}}, "shift[layercam+telea]": per},
+           "validation_heldout": {"msp": {"auroc": 0.6, "fpr95": 0.8},
+                                  "shift[layercam+telea]": {"auroc": 0.7, "fpr95": 0.5}}}
     hint = "\n".join(export_hint(res))
     assert "--method shift --outliers STORE_DIR" in hint and "`shift[layercam+telea]`" in hint
     assert best_method(res, exclude=("shift",))[0] == "msp"
@@ -75,10 +78,13 @@ def test_readers_of_results_take_the_source_apart():
 
 
 def test_plain_post_hoc_is_the_baseline_side_only():
-    from oodforge.demo import is_plain_post_hoc
+    from oodforge.protocol import is_forged, is_plain_post_hoc
 
     assert is_plain_post_hoc("knn") and is_plain_post_hoc("vim")
     # detectors on a forged-outlier backbone, and the forged-outlier detectors themselves, are not baselines
     assert not any(is_plain_post_hoc(m) for m in ("knn@oe", "energy@ssod", "shift[layercam+telea]",
                                                   "fusion:a=shift,b=knn[layercam+telea]", "ssod"))
     assert not is_plain_post_hoc("knn@energy-oe", backbones=("energy-oe",))
+    # a fusion is forged when one of its parts is (its defaults: a=shift, b=knn); of two post-hoc parts it is not
+    assert is_plain_post_hoc("fusion:a=msp,b=knn") and not is_forged("fusion:a=msp,b=knn")
+    assert is_forged("fusion") and is_forged("fusion:a=ssod,b=knn@ssod") and is_forged("fusion:a=msp,b=knn@oe")

@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "oodforge"
 
 #: lowest first; a module may import its own layer or lower ones
 LAYERS = [
-    {"", "progress", "metrics", "checks"},
+    {"", "progress", "metrics", "checks", "outdir"},
     {"data"},
     {"models"},
     {"detectors", "outliers", "hub"},
     {"synth", "ssod", "oe", "synood"},  # method packages: never each other
-    {"bench", "keys", "report", "zoo"},
+    {"bench", "keys", "protocol", "report", "zoo"},
     {"workflows", "demo", "deploy"},
     {"cli"},  # and every package's own cli.py (the command functions cli.py wires)
 ]

@@ -71,6 +71,9 @@ class ToyProblem:
     near: FeatureSet
     far: FeatureSet
     centers: np.ndarray  # class centres in [0, 1] pixel units
+    #: held-out ID images (100 per class), drawn from the ID blobs independently of train and test: the toy
+    #: problem's validation split (no test row may stand in for it: oodforge.protocol refuses that)
+    id_val: ArrayDataset | None = None
 
     def ctx(self, seed: int = 0) -> FitContext:
         return FitContext(model=self.model, train=self.train, device="cpu", seed=seed)
@@ -122,6 +125,10 @@ def make_toy_problem(seed: int = 0, dim: int = 8, num_classes: int = 4, n_train:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    vrng = np.random.default_rng(seed + 7919)  # its own generator: the other sets stay as they were
+    yval = np.repeat(np.arange(num_classes), 100)
+    id_val = ArrayDataset(_to_uint8(centers[yval] + vrng.normal(0, std, size=(yval.size, dim))), yval, names,
+                          f"toy{seed}/val")
     return ToyProblem(model, id_train, id_test, ood_near, ood_far, features_of(model, id_train),
                       features_of(model, id_test), features_of(model, ood_near), features_of(model, ood_far),
-                      centers)
+                      centers, id_val)

@@ -36,6 +36,7 @@ from .metrics import evaluate
 from .models.checkpoint import weights_hash
 from .models.features import extract_features
 from .models.featureset import FeatureSet
+from .protocol import check_fit_inputs, check_not_test
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -114,21 +115,6 @@ def _needs_feature_map(method: str) -> bool:
     return bool(getattr(create(name, **params), "needs_feature_map", False))
 
 
-def check_fit_inputs(ctx: FitContext, suite: Suite) -> None:
-    """The protocol's guard: nothing a detector is fitted on may be ID test or OOD test data.
-
-    Compares dataset identities (every dataset in a suite has a unique, stable one); raises
-    ``RuntimeError`` naming the offending set. ``run_bench`` calls it before every ``fit``.
-    """
-    test = {suite.id_test.identity: "ID test", **{ds.identity: f"OOD test set {n!r}" for n, ds in suite.ood.items()}}
-    for field_name in ("train", "val", "outliers"):
-        fs = getattr(ctx, field_name)
-        ident = getattr(getattr(fs, "images", None), "identity", None)
-        if ident is not None and ident in test:
-            raise RuntimeError(f"protocol violation: FitContext.{field_name} is the {test[ident]} "
-                               f"({ident}); detectors are fitted on ID train/val and forged outliers only")
-
-
 def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None, device: str = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, batch_size: int = 256,
               progress: bool = True, config: dict | None = None, extra: dict | None = None, log=print) -> dict:
@@ -165,6 +151,9 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
                       "weights_hash": weights_hash(job.model), **job.info}
         if suite.id_val is not None:
             val_fs = cache.get(suite.id_val)
+        # validation outliers decide picks: they must not be test data either (protocol.check_not_test)
+        check_not_test({"BenchJob.val_outliers": job.val_outliers, "BenchJob.val_heldout": job.val_heldout,
+                        "Suite.id_val": suite.id_val}, suite)
             model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
         results["models"][job.label or "plain"] = model_info
         for method in job.methods:

@@ -98,9 +98,10 @@ def bench(
     val_outliers: Optional[Path] = typer.Option(None, "--val-outliers", help="Outlier store forged from the "
                                                 "suite's ID validation images (`synth shift --split val`): every "
                                                 "method also gets a validation AUROC/FPR95 (docs/protocol.md)."),
-    heldout_val: bool = typer.Option(False, "--heldout-val", help="Also score every method on ID validation images "
-                                     "vs outliers of held-out forgers (jigsaws, class mixes; oodforge.outliers.heldout): "
-                                     "results.json 'validation_heldout', the number the protocol picks on."),
+    heldout_val: bool = typer.Option(True, "--heldout-val/--no-heldout-val", help="Also score every method on ID "
+                                     "validation images vs outliers of held-out forgers (jigsaws, class mixes; "
+                                     "oodforge.outliers.heldout): results.json 'validation_heldout', the numbers the "
+                                     "protocol picks on and report.md's recommendation reads (on by default)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the classifier anew instead of using the zoo's."),
     quick: bool = typer.Option(False, "--quick", help="Small subsets and a short training: a run in well under a minute."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs when the default classifier is trained "
@@ -173,7 +174,10 @@ def bench(
                          "val_outlier_store": str(val_outliers) if val_outliers else None,
                          **({"foreign_outliers": foreign} if any(foreign.values()) else {})})
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,
-                    config={"quick": quick, "methods": method_list, "argv": sys.argv[1:]}, log=typer.echo,
+                    config={"quick": quick, "methods": method_list, "argv": sys.argv[1:],
+                            # what `export --suite` must be given (report.md's recommendation): a file's path
+                            **({"suite_file": str(Path(suite).resolve())} if Path(suite).is_file() else {})},
+                    log=typer.echo,
                     extra={k: str(v) for k, v in (("clip_model", clip_model), ("wordnet_dir", wordnet_dir)) if v})
     print_table(res)
     typer.echo(f"report: {out / 'report.md'}")
@@ -278,7 +282,7 @@ def train(
 ) -> None:
     """Train a classifier (plain or SSOD) on a suite's ID training set and save a checkpoint."""
     from .checks import check_device, check_out_dir, check_store_fits
-    from .demo import stratified_subset
+    from .data.sampling import stratified_subset
     from .models.checkpoint import checkpoint_files, save_checkpoint, weights_hash
     from .models.pretrained import check_pretrained_available, is_pretrained_arch, pretrained_arch
     from .models.train import accuracy

@@ -13,49 +13,19 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .bench import BenchJob, run_bench
 from .data.base import Suite
+from .data.sampling import stratified_subset
 from .keys import detector_name, split_key
 from .outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
-from .report import best_method, print_table
+from .protocol import is_plain_post_hoc, pick
+from .report import best_method, group_mean, print_table
 from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 DEMO_SUITES = ("fashion", "fashion6", "scenes")
 
 
-def stratified_subset(suite: Suite, n: int | None, seed: int) -> Suite:
-    """Keep at most ``n`` training images, the same share of every class (deterministic)."""
-    if n is None or len(suite.id_train) <= n:
-        return suite
-    rng = np.random.default_rng(seed)
-    labels = suite.id_train.labels.numpy()
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, size=max(1, round(n * len(idx) / len(labels))), replace=False))
-    idx = np.sort(np.concatenate(keep))
-    suite.id_train = suite.id_train.subset(idx, identity_suffix=f"stratified{n}-seed{seed}")
-    return suite
-
-
-#: backbones trained with forged outliers (OE) or SSOD's background samples: every detector on them counts as
-#: a forged-outlier method
-FORGED_BACKBONES = ("oe", "ssod")
 OE_METHODS = [m for m in CLASSIC if m != "odin"]
-
-
-def is_forged(method: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
-    """Whether a result key belongs to a forged-outlier method: shift, fusion, ssod, or any detector on one of
-    ``backbones`` (result-key labels; ``benchmarks/bench_forged.py`` names one per OE variant)."""
-    return split_key(method)[2] in backbones or detector_name(method) in ("shift", "fusion", "ssod")
-
-
-def is_plain_post_hoc(method: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
-    """Whether a result key is a post-hoc detector on the plain classifier: no backbone label and not a
-    forged-outlier method (:func:`is_forged`); the baseline every forged-outlier method is set beside."""
-    return not split_key(method)[2] and not is_forged(method, backbones)
 
 
 def plain_key(res: dict, name: str) -> str | None:
@@ -137,98 +107,73 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     return all_results
 
 
-def group_mean(res: dict, method: str, group: str | None) -> tuple[float, float] | None:
-    """Mean (AUROC, FPR95) of ``method`` over a group of OOD sets (all sets when ``group`` is None)."""
-    r = res["methods"].get(method)
-    sets = res["groups"].get(group, []) if group else list(r or {})
-    if not r or not sets:
-        return None
-    return float(np.mean([r[s]["auroc"] for s in sets])), float(np.mean([r[s]["fpr95"] for s in sets]))
+def suite_summary(res: dict) -> dict:
+    """What the demo reports for one suite (``summary.json[suite]``, beside the run's results).
 
-
-def validation_numbers(res: dict, group: str | None = None) -> dict:
-    """The validation numbers the protocol reads, ``{method: {"auroc", "fpr95"}}``.
-
-    ``group`` ``None``: ID val vs all the held-out forgers' outliers (``validation_heldout``); ``"near"`` /
-    ``"far"``: ID val vs the outliers of the one held-out forger that stands for that group
-    (:data:`~oodforge.outliers.heldout.FORGER_FOR_GROUP`: class mixes for near, jigsaws for far), when the run
-    has per-forger numbers. Older runs fall back to the combined held-out number, then to ID val vs outliers
-    of the training forger (``validation``)."""
-    by_forger = res.get("validation_heldout_by_forger")
-    if group is not None and by_forger:
-        forger = FORGER_FOR_GROUP[group]
-        return {m: v[forger] for m, v in by_forger.items() if forger in v}
-    return res.get("validation_heldout") or res.get("validation", {})
-
-
-def backbone_accuracies(res: dict) -> dict[str, float]:
-    """ID validation accuracy of each backbone of a run, by result-key label (``"plain"``: no label)."""
-    return {label: m["id_val_accuracy"] for label, m in res.get("models", {}).items() if "id_val_accuracy" in m}
-
-
-def forged_candidates(numbers: dict, accuracies: dict[str, float], backbones: tuple[str, ...] = FORGED_BACKBONES,
-                      max_accuracy_drop: float = 0.005) -> list[tuple[float, float, str]]:
-    """``(validation AUROC, -validation FPR95, key)`` of every forged-outlier method (:func:`is_forged` with
-    ``backbones``) in ``numbers`` whose backbone keeps ID validation accuracy within ``max_accuracy_drop`` of the
-    plain classifier's, best first.
-
-    ``accuracies`` maps backbone labels to ID val accuracy (:func:`backbone_accuracies`; a method's backbone is
-    its key's label, no label: ``"plain"``). Backbones missing from it, or a missing ``"plain"``, skip the rule."""
-    base = accuracies.get("plain")
-    out = []
-    for m, v in numbers.items():
-        if not is_forged(m, backbones):
-            continue
-        acc = accuracies.get(split_key(m)[2] or "plain")
-        if base is not None and acc is not None and acc < base - max_accuracy_drop:
-            continue
-        out.append((v["auroc"], -v["fpr95"], m))
-    return sorted(out, reverse=True)
-
-
-def protocol_pick(res: dict, group: str | None = None) -> str | None:
-    """The forged-outlier method with the best *validation* AUROC (:func:`validation_numbers` for ``group``)
-    among those whose backbone keeps ID validation accuracy (:func:`forged_candidates`).
-
-    This is the protocol's choice (docs/protocol.md): it never reads an OOD test set. Ties go to
-    the lower validation FPR95.
-    """
-    cands = forged_candidates(validation_numbers(res, group), backbone_accuracies(res))
-    return cands[0][2] if cands else None
+    ``pick``: the one forged-outlier method the protocol picks for the suite on validation data
+    (:func:`oodforge.protocol.pick`; the detector a user would ship), with its validation numbers and its test
+    means per group; ``best_post_hoc``: per group, the best post-hoc detector on the plain classifier *chosen on
+    the test sets* (the strongest baseline; it favours the baseline); ``per_group_picks``: a diagnostic, the
+    forged-outlier pick on the one held-out forger the first per-group rule let stand for each group."""
+    chosen = pick(res)
+    groups = [g for g in ("near", "far") if res["groups"].get(g)]
+    plain_posthoc = {**res, "methods": {m: v for m, v in res["methods"].items() if is_plain_post_hoc(m)}}
+    out: dict = {"pick": chosen.key if chosen else None,
+                 "pick_validation": {"auroc": chosen.auroc, "fpr95": chosen.fpr95, "source": chosen.source}
+                 if chosen else None,
+                 "best_post_hoc": {}, "per_group_picks": {}, "test": {}}
+    for g in groups:
+        best = best_method(plain_posthoc, group=g)[0] or None
+        out["best_post_hoc"][g] = best
+        diag = pick(res, source=f"forger:{FORGER_FOR_GROUP[g]}")
+        out["per_group_picks"][g] = diag.key if diag else None
+        for key in {k for k in (out["pick"], best, out["per_group_picks"][g]) if k}:
+            v = group_mean(res, key, g)
+            if v is not None:
+                out["test"].setdefault(key, {})[g] = {"auroc": v[0], "fpr95": v[1]}
+    return out
 
 
 def write_summary(all_results: dict, out: Path) -> Path:
-    """Per suite and group (near / far): ID accuracies, the best post-hoc detector on the plain
-    classifier (picked on the test sets: the strongest baseline), the forged-outlier method picked by
-    the protocol on validation data, and the individual forged-outlier methods."""
+    """``summary.md`` and ``summary.json``: per suite, the protocol's one pick (:func:`suite_summary`) on near and
+    on far beside the best post-hoc detector of each group chosen on the test sets, the per-group picks as a
+    diagnostic, and the individual forged-outlier methods."""
     lines = ["# oodforge demo summary", "",
-             "Mean AUROC / FPR95 (%) over each group of OOD sets. 'best post-hoc' is the best post-hoc detector on "
-             "the plain classifier *chosen on the test sets* (the strongest baseline); 'protocol pick' is the "
-             "forged-outlier method with the best validation AUROC for the group (ID val vs the outliers of the "
-             "held-out forger that stands for it, made from ID val: class mixes for near, jigsaws for far; "
-             "docs/protocol.md), chosen without reading any OOD test set.", "",
-             "| suite | group | ID acc plain / SSOD / OE | best post-hoc | protocol pick | shift | fusion | "
-             "ssod@ssod | energy@oe |",
+             "Mean AUROC / FPR95 (%) over each group of OOD sets. **pick**: the one forged-outlier method per suite "
+             "with the best validation AUROC (ID val vs the outliers of the held-out forgers it never trained on, "
+             "made from ID val: jigsaws and class mixes; backbones within 0.5 points of the plain classifier's ID "
+             "val accuracy; docs/protocol.md): the detector `oodforge export` would ship, chosen without reading "
+             "any OOD test set. **best post-hoc**: the best post-hoc detector on the plain classifier *chosen on "
+             "the test sets*, per group (the strongest baseline). **per-group pick** (diagnostic): the pick on the "
+             "one held-out forger of the earlier per-group rule (class mixes: near, jigsaws: far).", "",
+             "| suite | group | ID acc plain / SSOD / OE | pick | best post-hoc (test-chosen) | per-group pick "
+             "(diagnostic) | shift | ssod@ssod | energy@oe |",
              "|---|---|---|---|---|---|---|---|---|"]
+    summaries = {}
     for name, res in all_results.items():
         accs = res["models"]
+        summ = summaries[name] = suite_summary(res)
 
         def acc(label: str, accs: dict = accs) -> str:
             return f"{100 * accs[label]['id_accuracy']:.2f}" if label in accs else "-"
 
-        def cell(m: str | None, group: str | None, res: dict = res) -> str:
+        def cell(m: str | None, group: str, res: dict = res) -> str:
             v = group_mean(res, m, group) if m else None
-            return "-" if v is None else f"{100 * v[0]:.2f} / {100 * v[1]:.2f}"
+            return "-" if v is None else f"{m}: {100 * v[0]:.2f} / {100 * v[1]:.2f}"
 
-        shift, fusion = plain_key(res, "shift"), plain_key(res, "fusion")
-        for group in [g for g in ("near", "far") if res["groups"].get(g)]:
-            pick = protocol_pick(res, group)
-            plain_posthoc = {m: v for m, v in res["methods"].items() if is_plain_post_hoc(m)}
-            best, _ = best_method({**res, "methods": plain_posthoc}, group=group)
-            lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | {best}: "
-                         f"{cell(best, group)} | {pick}: {cell(pick, group)} | {shift or 'shift'}: {cell(shift, group)} | "
-                         f"{cell(fusion, group)} | {cell('ssod@ssod', group)} | {cell('energy@oe', group)} |")
+        shift = plain_key(res, "shift")
+        for group in summ["best_post_hoc"]:
+            lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | "
+                         f"**{cell(summ['pick'], group)}** | {cell(summ['best_post_hoc'][group], group)} | "
+                         f"{cell(summ['per_group_picks'][group], group)} | {cell(shift, group)} | "
+                         f"{cell('ssod@ssod', group)} | {cell('energy@oe', group)} |")
+    lines += ["", "The pick's validation numbers:", ""]
+    for name, res in all_results.items():
+        chosen = pick(res)
+        lines.append(f"* {name}: " + (f"`{chosen.key}`, {chosen.describe()}" if chosen else
+                                      "no forged-outlier method has validation numbers"))
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(all_results, indent=1))
+    (out / "summary.json").write_text(json.dumps({n: {**r, **summaries[n]} for n, r in all_results.items()},
+                                                 indent=1))
     return path

@@ -12,7 +12,10 @@ from .metrics import roc_curve
 
 
 def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, float]:
-    """The method with the highest mean AUROC over a group of OOD sets (all sets when ``group`` is None)."""
+    """The method with the highest mean *test* AUROC over a group of OOD sets (all sets when ``group`` is None).
+
+    This reads the OOD test sets: use it only for a baseline labelled "chosen on the test sets" (it favours the
+    baseline), never for a recommendation (:func:`oodforge.protocol.pick`)."""
     best, best_v = "", -1.0
     for m, res in results["methods"].items():
         if detector_name(m) in exclude:
@@ -22,6 +25,16 @@ def best_method(results: dict, group: str | None = None, exclude: tuple[str, ...
         if vals and np.mean(vals) > best_v:
             best, best_v = m, float(np.mean(vals))
     return best, best_v
+
+
+def group_mean(res: dict, method: str, group: str | None) -> tuple[float, float] | None:
+    """Mean test (AUROC, FPR95) of ``method`` over a group of OOD sets (all sets when ``group`` is None): for
+    tables only; no choice reads it (:mod:`oodforge.protocol`)."""
+    r = res["methods"].get(method)
+    sets = res["groups"].get(group, []) if group else list(r or {})
+    if not r or not sets:
+        return None
+    return float(np.mean([r[s]["auroc"] for s in sets])), float(np.mean([r[s]["fpr95"] for s in sets]))
 
 
 def _group_avg(res: dict, sets: list[str], metric: str) -> float | None:
@@ -72,24 +85,34 @@ def print_table(results: dict, title: str | None = None) -> None:
     Console(width=max(120, 22 * len(header))).print(t)
 
 
-def export_hint(results: dict) -> list[str]:
-    """A 'ship it' section: the export command for the best detector of this run (docs/deploy.md)."""
-    best, auroc = best_method(results)
-    if not best:
-        return []
-    name, source, label = split_key(best)  # export takes the method spec; the store says how it was forged
-    ckpt = (results.get("models", {}).get(label or "plain") or {}).get("checkpoint")
-    parts = [f"oodforge export --suite {results['suite']}", f"--method {name}"]
+def export_hint(results: dict, suite_arg: str | None = None) -> list[str]:
+    """A 'ship it' section: the export command for the detector the protocol picks on *validation* data
+    (:func:`oodforge.protocol.pick` over every method of the run, docs/protocol.md), never the best test
+    AUROC. ``suite_arg`` is what ``--suite`` must be given (a user suite's file path; default: the suite name).
+    A run without validation numbers gets no recommendation, and the section says how to get one."""
+    from .protocol import pick
+
+    chosen = pick(results, among="all")
+    if chosen is None:
+        return ["## Ship it", "",
+                "This run has no validation numbers, so the protocol recommends no detector (a choice made on the "
+                "OOD test sets above would not be one). Re-run `bench` with held-out validation (the default; not "
+                "`--no-heldout-val`) to get the pick, then `oodforge export --method ...` (docs/deploy.md).", ""]
+    name, source, label = split_key(chosen.key)  # export takes the method spec; the store says how it was forged
+    models = results.get("models", {})
+    ckpt = (models.get(label or "plain") or {}).get("checkpoint")
+    parts = [f"oodforge export --suite {suite_arg or results['suite']}", f"--method {name}"]
     if ckpt:
         parts.append(f"--checkpoint {ckpt}")
     if source is not None or name.split(":")[0] in ("shift", "fusion") or "shift" in name:
-        store = (results.get("models", {}).get(label or "plain") or {}).get("outlier_store")
+        store = (models.get(label or "plain") or {}).get("outlier_store")
         parts.append(f"--outliers {store or 'STORE'}")
     return ["## Ship it", "",
-            f"The best detector of this run by mean AUROC over all OOD sets is `{best}` ({100 * auroc:.2f}). A guarded "
-            "classifier with that detector, its threshold calibrated on held-out ID data to accept 95 % of ID "
-            "images (docs/deploy.md):", "", "```bash", " ".join(parts) + " --target 0.95 --out guard.oodf",
-            "oodforge predict guard.oodf IMAGES_OR_FOLDERS...", "```", ""]
+            f"The protocol's pick among this run's methods is `{chosen.key}`: {chosen.describe()}; chosen without "
+            "reading any OOD test set (docs/protocol.md). A guarded classifier with it, its threshold calibrated "
+            "on held-out ID data to accept 95 % of ID images (docs/deploy.md):", "", "```bash",
+            " ".join(parts) + " --target 0.95 --out guard.oodf", "oodforge predict guard.oodf IMAGES_OR_FOLDERS...",
+            "```", ""]
 
 
 def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_md: str = "") -> Path:
@@ -112,7 +135,7 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
           "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), ""]
     if extra_md:
         md += [extra_md, ""]
-    md += export_hint(results)
+    md += export_hint(results, (results.get("config") or {}).get("suite_file"))
     md += ["## Plots", ""]
     for method, roc, hist in pictures:
         md.append(f"**{method}**: [ROC]({roc}) · [score histogram]({hist})")

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from oodforge.data.base import ArrayDataset, luma
 from oodforge.data.idx import DatasetFormatError, DatasetNotFoundError, read_idx  # noqa: F401  (re-exported)
+from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline, decode
+from oodforge.data.sampling import stratified_indices  # noqa: F401  (re-exported: one sampler, data/sampling.py)
 
 __all__ = [
     "DatasetNotFoundError",
@@ -689,23 +691,3 @@ def cached_arrays(
         Path(tmp).unlink(missing_ok=True)
         raise
     return arrays
-
-
-def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` indices with (as nearly as possible) equal counts per label, drawn without replacement.
-
-    Deterministic for a ``seed``; returned in increasing order so the original interleaving of
-    classes is kept. Classes with too few items contribute all they have.
-    """
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    if n > labels.shape[0]:
-        raise ValueError(f"asked for {n} items but the dataset has {labels.shape[0]}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x57A7]))
-    per = np.full(len(classes), n // len(classes))
-    per[: n % len(classes)] += 1
-    out = []
-    for c, k in zip(classes, per, strict=True):
-        idx = np.flatnonzero(labels == c)
-        out.append(rng.choice(idx, size=min(k, idx.size), replace=False))
-    return np.sort(np.concatenate(out))

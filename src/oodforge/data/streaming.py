@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from oodforge.data.base import row_fingerprints
+from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline
 from oodforge.data.loaders import DatasetFormatError, decode_image, image_path, list_image_folder
 
 __all__ = ["FileDataset", "LazyImages", "stream_image_folder", "default_workers"]
@@ -136,11 +138,22 @@ class FileDataset(Dataset):
 
     def subset(self, indices, identity_suffix: str | None = None) -> FileDataset:
         idx = np.asarray(indices, dtype=np.int64)
+    def fingerprints(self) -> np.ndarray:
+        """Content fingerprints of the decoded images (:func:`~oodforge.data.base.row_fingerprints`, the same
+        as an ``ArrayDataset`` of the same pixels), decoded once in batches by the DataLoader workers."""
+        if getattr(self, "_fingerprints", None) is None:
+            parts = [row_fingerprints((b * 255.0).round_().to(torch.uint8)) for b in self.batches(256)]
+            self._fingerprints = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        return self._fingerprints
+
         if identity_suffix is None:
             identity_suffix = "idx:" + hashlib.sha256(idx.tobytes()).hexdigest()[:12]
-        return FileDataset(self.images.root, self.images.files[idx], self.labels.numpy()[idx], self.class_names,
-                           self.image_shape, self.images._size, f"{self.identity}[{identity_suffix}]",
-                           self.num_workers)
+        sub = FileDataset(self.images.root, self.images.files[idx], self.labels.numpy()[idx], self.class_names,
+                          self.image_shape, self.images._size, f"{self.identity}[{identity_suffix}]",
+                          self.num_workers, self.images.pipeline)
+        if getattr(self, "_fingerprints", None) is not None:
+            sub._fingerprints = self._fingerprints[idx]
+        return sub
 
     def __repr__(self) -> str:
         return f"FileDataset({self.identity!r}, n={len(self)}, shape={self.image_shape}, streamed)"

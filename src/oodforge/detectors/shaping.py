@@ -1,13 +1,17 @@
 """Activation shaping before the last layer, then the energy score: ASH, SCALE and VRA.
 
-ASH and SCALE reshape the last convolutional feature map ``A`` (``[N, C, H, W]``, post-ReLU)
-*per image*, before global average pooling; they read ``FeatureSet.feature_map`` (filled by the
-benchmark from the same cached forward pass, ``needs_feature_map = True``), pool it, apply the
-classifier head ``W, b`` (``FitContext.head_weight`` / ``head_bias``) and score with the energy
-``logsumexp``. VRA rectifies the pooled penultimate vector with thresholds taken from the ID
-training activations. None of them needs a second pass over the images.
+ASH and SCALE shape, *per image*, the activations that enter the classifier head. As published
+(the ASH authors' ``resnet_imagenet.py`` / ``densenet.py`` call ``apply_ash`` on the output of the
+average pool; SCALE's and OpenOOD's ``scale`` reshape the pooled feature to ``[N, D, 1, 1]``), the
+shaping acts on the **pooled penultimate vector** ``h`` (``D = C`` values per image): that is the
+default, ``where="pooled"``, and it reads only the cached penultimate vectors. ``where="map"`` is
+oodforge's variant: the same shaping on the whole last conv feature map ``A`` (``[N, C, H, W]``,
+``D = C*H*W`` values) *before* pooling, read from ``FeatureSet.feature_map`` of the same cached
+forward pass (``needs_feature_map`` follows ``where``). Both apply the classifier head ``W, b``
+themselves and score with the energy ``logsumexp``. VRA rectifies the pooled penultimate vector with
+thresholds taken from the ID training activations. None of them needs a second pass over the images.
 
-ASH and SCALE share one per-image quantity: with ``A`` flattened to ``D = C*H*W`` values, keep the
+ASH and SCALE share one per-image quantity: with the shaped values flattened to ``D`` numbers, keep the
 ``k = D - round(D * p / 100)`` largest ones (the authors' ``topk``); ``s1`` is the sum of all
 values and ``s2`` the sum of the kept ones.
 """
@@ -22,9 +26,14 @@ from .activation_shaping import _check_head
 from .base import Detector, FitContext, register
 from .logit_based import energy_score
 
-__all__ = ["ASH", "Scale", "VRA", "require_feature_map", "top_k_prune", "ASH_VARIANTS"]
+__all__ = ["ASH", "Scale", "VRA", "require_feature_map", "top_k_prune", "ASH_VARIANTS", "ASH_PERCENTILES", "WHERE"]
 
 ASH_VARIANTS = ("p", "b", "s")
+#: the authors' CIFAR settings per variant (paper Table 2 and their ``cifar10_config.yml`` /
+#: ``cifar100_config.yml``: ``ash_s@95``); on ImageNet ResNet-50 they use P@60, B@65, S@90
+ASH_PERCENTILES = {"p": 90.0, "b": 90.0, "s": 95.0}
+#: where the shaping acts: the pooled penultimate vector (the papers) or the whole feature map (oodforge's variant)
+WHERE = ("pooled", "map")
 _CHUNK = 256  # images per block when working on feature maps (float64 copies of [256, C, H, W])
 
 
@@ -57,15 +66,27 @@ def _ratio(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
 
 
 class _FeatureMapEnergy(Detector):
-    """Shared plumbing: reshape the pooled feature map per block of images, head, energy."""
+    """Shared plumbing: shape the head's input per block of images, head, energy.
 
-    needs_feature_map = True
+    Subclasses implement :meth:`pooled` on ``[n, C, H, W]`` blocks; a detector whose ``where`` is
+    ``"pooled"`` hands it the penultimate vectors as ``[n, C, 1, 1]`` (pooling a 1 x 1 map is the identity),
+    so one shaping code serves both placements.
+    """
+
     needs_train_feature_map = False  # nothing is fitted on the training maps: only scored sets need them
+    where = "map"
+
+    @property
+    def needs_feature_map(self) -> bool:  # type: ignore[override]
+        """Only the feature-map placement reads ``FeatureSet.feature_map``."""
+        return self.where == "map"
 
     def _fit_head(self, ctx: FitContext) -> None:
+        if self.where not in WHERE:
+            raise ValueError(f"{self.name}: where must be one of {', '.join(map(repr, WHERE))}, got {self.where!r}")
         dim = ctx.train.penultimate.shape[1]
         self.weight_, self.bias_ = _check_head(ctx, dim, self.name)
-        if ctx.train.feature_map is not None and ctx.train.feature_map.shape[1] != dim:
+        if self.where == "map" and ctx.train.feature_map is not None and ctx.train.feature_map.shape[1] != dim:
             raise ValueError(f"{self.name}: the feature map has {ctx.train.feature_map.shape[1]} channels but the "
                              f"head takes {dim} inputs")
 
@@ -79,29 +100,36 @@ class _FeatureMapEnergy(Detector):
                for i in range(0, fmap.shape[0], _CHUNK)]
         return torch.cat(out) if out else torch.zeros(0, self.weight_.shape[0], dtype=torch.float64)
 
-    def _score(self, feats: FeatureSet) -> torch.Tensor:
+    def head_input(self, feats: FeatureSet) -> torch.Tensor:
+        """What is shaped: the feature map (``where="map"``) or the penultimate vectors as ``[N, C, 1, 1]``."""
+        if self.where == "pooled":
+            return feats.penultimate[:, :, None, None]
         fmap = require_feature_map(feats, self.name)
         if fmap.shape[1] != self.weight_.shape[1]:
             raise ValueError(f"{self.name}: the feature map has {fmap.shape[1]} channels but the head takes "
                              f"{self.weight_.shape[1]} inputs")
-        return energy_score(self.shaped_logits(fmap), float(self.temperature))
+        return fmap
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        return energy_score(self.shaped_logits(self.head_input(feats)), float(self.temperature))
 
 
 @register
 class ASH(_FeatureMapEnergy):
-    """ASH: prune the feature map of each image at its own ``percentile``, reshape, pool, head, energy.
+    """ASH: prune each image's activations at a percentile of their own, reshape, head, energy.
 
-    On the flattened per-image map (``D = C*H*W`` values), the ``k`` largest values are kept and
-    the rest set to 0 (the paper's three variants):
+    On the ``D`` activations of one image (the pooled penultimate vector by default, as in the
+    authors' code; the flattened ``C*H*W`` feature map with ``where="map"``), the ``k`` largest are
+    kept and the rest set to 0 (the paper's three variants, Sec. 3):
 
     * ``variant="p"`` (ASH-P): only prune;
     * ``variant="b"`` (ASH-B): the kept positions all get ``s1 / k`` (binarise, preserving the sum);
     * ``variant="s"`` (ASH-S, default): the kept values are multiplied by ``exp(s1 / s2)``.
 
-    The shaped map is average-pooled, fed to the head, and scored with ``T * logsumexp(f / T)``
-    (energy, ``T = 1``). ``percentile = 90`` is the authors' CIFAR-10 setting (``ash_s@90``); on
-    ImageNet ResNet-50 the paper tunes it per variant (65 is the default of the authors'
-    functions). The scaling assumes non-negative (post-ReLU) activations, as in the paper.
+    The shaped activations (pooled, for ``where="map"``) are fed to the head and scored with
+    ``T * logsumexp(f / T)`` (energy, ``T = 1``). ``percentile=None`` takes the authors' CIFAR
+    setting of the variant (``ASH_PERCENTILES``: P@90, B@90, S@95); their ImageNet ResNet-50 values
+    are P@60, B@65, S@90. The scaling assumes non-negative (post-ReLU) activations, as in the paper.
     """
 
     name = "ash"
@@ -109,21 +137,24 @@ class ASH(_FeatureMapEnergy):
              "Detection, ICLR 2023")
     param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
 
-    def __init__(self, percentile: float = 90.0, variant: str = "s", temperature: float = 1.0):
+    def __init__(self, percentile: float | None = None, variant: str = "s", temperature: float = 1.0,
+                 where: str = "pooled"):
         self.percentile = percentile
         self.variant = variant
         self.temperature = temperature
+        self.where = where
 
     def _fit(self, ctx: FitContext) -> None:
         if self.variant not in ASH_VARIANTS:
             raise ValueError(f"ash: variant must be one of {', '.join(map(repr, ASH_VARIANTS))}, got {self.variant!r}")
+        self.percentile_ = ASH_PERCENTILES[self.variant] if self.percentile is None else float(self.percentile)
         self._fit_head(ctx)
 
     def shape(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The ASH-shaped feature maps (same shape as ``fmap``, float64)."""
+        """The ASH-shaped activations (same shape as ``fmap`` ``[n, C, H, W]``, float64)."""
         n = fmap.shape[0]
         flat = fmap.double().reshape(n, -1)
-        vals, idx, s1, s2 = top_k_prune(flat, float(self.percentile))
+        vals, idx, s1, s2 = top_k_prune(flat, self.percentile_)
         if self.variant == "b":
             vals = (s1 / vals.shape[1]).expand_as(vals)
         elif self.variant == "s":
@@ -136,14 +167,15 @@ class ASH(_FeatureMapEnergy):
 
 @register
 class Scale(_FeatureMapEnergy):
-    """SCALE: multiply each image's features by ``exp(s1 / s2)`` without pruning, then energy.
+    """SCALE: multiply each image's penultimate vector by ``exp(s1 / s2)`` without pruning, then energy.
 
-    ``s1`` sums the image's whole feature map and ``s2`` only its values above the per-image
-    ``percentile`` (the paper's scaling factor ``exp(r)``, ``r = s1 / s2``, the one ASH-S uses); unlike
-    ASH-S nothing is set to zero, so the class evidence is untouched and only the confidence is
-    rescaled. Pooling is linear, so the score is ``logsumexp(exp(s1/s2) W h + b)`` with ``h`` the
-    pooled vector. ``percentile = 85`` is the paper's (ImageNet) default, used for CIFAR-size
-    models too (as OpenOOD does).
+    ``s1`` sums the image's activations and ``s2`` only those above its own ``percentile`` (the
+    paper's scaling factor ``exp(r)``, ``r = s1 / s2``, Eq. 4, the one ASH-S uses); unlike ASH-S nothing
+    is set to zero, so the class evidence is untouched and only the confidence is rescaled: the score
+    is ``logsumexp(exp(r) W h + b)``. As published, ``r`` is computed on the pooled penultimate vector
+    ``h``; ``where="map"`` (oodforge's variant) computes it on the whole ``C*H*W`` feature map (pooling
+    is linear, so only ``r`` changes). ``percentile = 85`` is the paper's (ImageNet) default, used for
+    CIFAR-size models too (as OpenOOD does).
     """
 
     name = "scale"
@@ -151,9 +183,10 @@ class Scale(_FeatureMapEnergy):
              "Enhancement, ICLR 2024")
     param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
 
-    def __init__(self, percentile: float = 85.0, temperature: float = 1.0):
+    def __init__(self, percentile: float = 85.0, temperature: float = 1.0, where: str = "pooled"):
         self.percentile = percentile
         self.temperature = temperature
+        self.where = where
 
     def _fit(self, ctx: FitContext) -> None:
         self._fit_head(ctx)
