@@ -139,6 +139,9 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
     scores: dict[str, np.ndarray] = {}
     ood_names = list(suite.ood)
     for job in jobs:
+        # validation outliers decide picks: they must not be test data either (protocol.check_not_test)
+        check_not_test({"BenchJob.val_outliers": job.val_outliers, "BenchJob.val_heldout": job.val_heldout,
+                        "Suite.id_val": suite.id_val}, suite)
         cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress)
         t0 = time.time()
         # one pass per scored set: when any method needs feature maps, take them in the first pass
@@ -151,9 +154,6 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
                       "weights_hash": weights_hash(job.model), **job.info}
         if suite.id_val is not None:
             val_fs = cache.get(suite.id_val)
-        # validation outliers decide picks: they must not be test data either (protocol.check_not_test)
-        check_not_test({"BenchJob.val_outliers": job.val_outliers, "BenchJob.val_heldout": job.val_heldout,
-                        "Suite.id_val": suite.id_val}, suite)
             model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
         results["models"][job.label or "plain"] = model_info
         for method in job.methods:

@@ -19,8 +19,6 @@ from torch.utils.data import Dataset
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def luma(x, axis: int = 1):
-    """ITU-R BT.601 luma of an RGB numpy array or torch tensor whose channels lie along ``axis``.
 def row_fingerprints(images) -> np.ndarray:
     """One 64-bit content fingerprint per image: BLAKE2b (8-byte digest) of the image's uint8 pixels.
 
@@ -33,6 +31,8 @@ def row_fingerprints(images) -> np.ndarray:
                        dtype=np.uint64, count=len(flat))
 
 
+def luma(x, axis: int = 1):
+    """ITU-R BT.601 luma of an RGB numpy array or torch tensor whose channels lie along ``axis``.
 
     Computed as ``0.299 R + 0.587 G + 0.114 B`` in that order, in the input's dtype (the channel axis is
     removed).
@@ -87,14 +87,14 @@ class ArrayDataset(Dataset):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def __len__(self) -> int:
-        return self.images.shape[0]
     def fingerprints(self) -> np.ndarray:
         """:func:`row_fingerprints` of every image, computed once per dataset object (subsets inherit them)."""
         if getattr(self, "_fingerprints", None) is None:
             self._fingerprints = row_fingerprints(self.images)
         return self._fingerprints
 
+    def __len__(self) -> int:
+        return self.images.shape[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i].float().div_(255.0), self.labels[i]
@@ -138,20 +138,17 @@ class Suite:
     #: variant or threshold is made on these (plus outliers forged from them), never on the OOD sets
     #: (docs/protocol.md). ``None`` for hand-built suites that have no validation split.
     id_val: ArrayDataset | None = None
-
-    @property
     #: the datasets as the suite was built (``id_train``, ``id_test``, ``ood``), kept when fields are later
     #: replaced (a validation split moved out, quick subsets, ``dataclasses.replace``): the protocol's guard
     #: (:func:`oodforge.protocol.check_not_test`) refuses fit inputs sharing rows with these test sets, and
     #: exempts only rows the suite's own training data also holds (duplicates inside the source data)
     as_built: dict | None = field(default=None, repr=False, compare=False)
-    #: how the suite's image *files* were decoded (:class:`oodforge.data.images.ImagePipeline`: background colour,
-    #: resize policy); ``predict`` and ``explain`` read files the same way (recorded in results.json and guard.json)
-    pipeline: ImagePipeline = field(default_factory=ImagePipeline, compare=False)
 
     def __post_init__(self) -> None:
         if self.as_built is None:
             self.as_built = {"id_train": self.id_train, "id_test": self.id_test, "ood": dict(self.ood)}
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from oodforge.data.base import ArrayDataset, luma
 from oodforge.data.idx import DatasetFormatError, DatasetNotFoundError, read_idx  # noqa: F401  (re-exported)
-from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline, decode
 from oodforge.data.sampling import stratified_indices  # noqa: F401  (re-exported: one sampler, data/sampling.py)
 
 __all__ = [

@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oodforge.data.base import row_fingerprints
-from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline
 from oodforge.data.loaders import DatasetFormatError, decode_image, image_path, list_image_folder
 
 __all__ = ["FileDataset", "LazyImages", "stream_image_folder", "default_workers"]
@@ -136,8 +135,6 @@ class FileDataset(Dataset):
         return DataLoader(_Batches(self.images, batch_size), batch_size=None, num_workers=workers,
                           prefetch_factor=2 if workers else None, persistent_workers=False)
 
-    def subset(self, indices, identity_suffix: str | None = None) -> FileDataset:
-        idx = np.asarray(indices, dtype=np.int64)
     def fingerprints(self) -> np.ndarray:
         """Content fingerprints of the decoded images (:func:`~oodforge.data.base.row_fingerprints`, the same
         as an ``ArrayDataset`` of the same pixels), decoded once in batches by the DataLoader workers."""
@@ -146,11 +143,13 @@ class FileDataset(Dataset):
             self._fingerprints = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
         return self._fingerprints
 
+    def subset(self, indices, identity_suffix: str | None = None) -> FileDataset:
+        idx = np.asarray(indices, dtype=np.int64)
         if identity_suffix is None:
             identity_suffix = "idx:" + hashlib.sha256(idx.tobytes()).hexdigest()[:12]
         sub = FileDataset(self.images.root, self.images.files[idx], self.labels.numpy()[idx], self.class_names,
                           self.image_shape, self.images._size, f"{self.identity}[{identity_suffix}]",
-                          self.num_workers, self.images.pipeline)
+                          self.num_workers)
         if getattr(self, "_fingerprints", None) is not None:
             sub._fingerprints = self._fingerprints[idx]
         return sub
