@@ -19,7 +19,6 @@ Anything else cannot be written: :func:`detector_state` raises :class:`Unsupport
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable
 
@@ -51,9 +50,6 @@ MODULE_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {
     "oodforge.synth.rejection.RejectionMLP": _rejection_mlp,
 }
 
-# constructor parameters a detector stores under another attribute name
-_PARAM_ALIASES = {"shift": {"score": "score_kind"}}
-
 
 def serialisable_detectors() -> list[str]:
     return [n for n in available() if n in SERIALISABLE]
@@ -74,17 +70,11 @@ def _json_value(v):
 
 
 def detector_params(det: Detector) -> dict:
-    """The constructor parameters of ``det``, read back from its attributes (checked by rebuilding it)."""
-    sig = inspect.signature(type(det).__init__)
-    aliases = _PARAM_ALIASES.get(det.name, {})
-    params = {}
-    for p in list(sig.parameters.values())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        attr = aliases.get(p.name, p.name)
-        if not hasattr(det, attr):
-            raise _unsupported(det.name, f"its constructor parameter {p.name!r} is not stored as an attribute")
-        params[p.name] = _json_value(getattr(det, attr))
+    """The constructor parameters of ``det`` (``Detector.get_params``), checked by rebuilding it."""
+    try:
+        params = {k: _json_value(v) for k, v in det.get_params().items()}
+    except AttributeError as e:
+        raise _unsupported(det.name, str(e)) from None
     probe = create(det.name, **params)
     mine = {k: v for k, v in vars(det).items() if not k.endswith("_")}
     theirs = {k: v for k, v in vars(probe).items() if not k.endswith("_")}

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .base import REGISTRY, Detector, FitContext, NotFittedError, available, create, register
+from .base import REGISTRY, Detector, FitContext, NotFittedError, available, clone, create, register
 
-__all__ = ["Detector", "FitContext", "NotFittedError", "REGISTRY", "available", "create", "register"]
+__all__ = ["Detector", "FitContext", "NotFittedError", "REGISTRY", "available", "clone", "create", "register"]

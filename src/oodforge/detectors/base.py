@@ -5,6 +5,10 @@ Conventions (see docs/architecture.md):
 * ``score`` returns one float per image, **higher = more in-distribution**;
 * the constructor only stores hyperparameters (scikit-learn style); ``fit`` returns ``self``
   and fitted state ends in ``_``; scoring an unfitted detector raises :class:`NotFittedError`;
+  ``get_params`` / ``set_params`` / :func:`clone` / ``repr`` behave as scikit-learn's estimators';
+* ``fit`` takes a :class:`FitContext`, or data (a FeatureSet, an oodforge dataset, a torch ``Dataset`` or
+  ``DataLoader``) plus ``model=`` and builds the FitContext (:mod:`.inputs`); ``score`` takes a FeatureSet
+  or data (read with the classifier it was fitted with);
 * detectors read a :class:`~oodforge.models.featureset.FeatureSet` computed once per
   (model, dataset); those that need the pixels or gradients set ``needs_inputs = True`` and get
   the model and images through :class:`FitContext` / ``FeatureSet.images``.
@@ -72,6 +76,42 @@ class Detector:
     #: the valid range of each numeric hyperparameter, as interval text (``"(0, 100]"``, ``"[1, inf)"``);
     #: :func:`create` checks types (from the constructor's defaults) and these ranges before any work
     param_ranges: ClassVar[dict[str, str]] = {}
+    #: constructor parameters stored under another attribute name (``shift``'s ``score`` -> ``score_kind``,
+    #: since ``score`` is the method); read by :meth:`get_params`
+    param_aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameters (none for a detector without its own ``__init__``)."""
+        if cls.__init__ is object.__init__:
+            return []
+        sig = inspect.signature(cls.__init__)
+        return [n for n, p in sig.parameters.items()
+                if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor parameters, read back from the attributes that store them (scikit-learn's contract;
+        ``deep`` is accepted for compatibility: no parameter is itself an estimator here)."""
+        del deep
+        out = {}
+        for name in self.param_names():
+            attr = self.param_aliases.get(name, name)
+            if not hasattr(self, attr):
+                raise AttributeError(f"{type(self).__name__} does not store its parameter {name!r} as the attribute "
+                                     f"{attr!r}; store it (or declare it in param_aliases)")
+            out[name] = getattr(self, attr)
+        return out
+
+    def set_params(self, **params) -> Detector:
+        """Change parameters (validated as :func:`create` does), keeping any fitted state; returns ``self``.
+
+        The detector is constructed again with the merged parameters, so what the constructor derives from them
+        (``fusion``'s ``needs_*`` flags) and its checks follow.
+        """
+        fresh = type(self)(**{**self.get_params(), **type(self).check_params(params)})
+        for k, v in vars(fresh).items():
+            setattr(self, k, v)
+        return self
 
     @classmethod
     def check_params(cls, params: dict) -> dict:
@@ -109,7 +149,15 @@ class Detector:
             if not ((v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)):
                 raise ValueError(f"{cls.name}: {key} must be in {cls.param_ranges[key]}, got {value}")
 
-    def fit(self, ctx: FitContext) -> Detector:
+    def fit(self, ctx, model: torch.nn.Module | None = None, **data_options) -> Detector:
+        """Fit on a :class:`FitContext`, or on data with ``model=`` (``val=``, ``outliers=``, ``device=``,
+        ``seed=``, ``batch_size=``, ``cache_dir=``: :func:`.inputs.fit_context` builds the FitContext)."""
+        if not isinstance(ctx, FitContext):
+            from .inputs import fit_context
+
+            ctx = fit_context(self, ctx, model, **data_options)
+        elif model is not None or data_options:
+            raise TypeError(f"{self.name}: fit(FitContext) takes no other arguments; the FitContext holds them")
         # the declared ranges hold also for a detector constructed directly rather than through create()
         for key in self.param_ranges:
             self._check_range(key, getattr(self, key, None))
@@ -117,12 +165,21 @@ class Detector:
             raise ValueError(f"detector {self.name!r} is trained on synthetic outliers: pass an outlier store "
                              "(CLI: --outliers DIR, made by `oodforge synth ...`)")
         self._fit(ctx)
+        if not hasattr(self, "model_"):  # the classifier it was fitted with: score(data) reads images through it
+            self.model_ = ctx.model
         self.fitted_ = True
         return self
 
-    def score(self, feats: FeatureSet) -> np.ndarray:
+    def score(self, feats, **data_options) -> np.ndarray:
+        """One score per image, higher = more ID; ``feats`` a FeatureSet, or data read through the fitted
+        classifier (``batch_size=``, ``cache_dir=``, ``device=``)."""
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call .fit(ctx) first")
+        if not isinstance(feats, FeatureSet):
+            from .inputs import features_for
+
+            data_options.setdefault("device", str(getattr(self, "device_", "cpu")))
+            feats = features_for(self, getattr(self, "model_", None), feats, **data_options)
         if self.needs_inputs and feats.images is None:
             raise ValueError(f"detector {self.name!r} needs the input images: attach them as FeatureSet.images")
         s = self._score(feats)
@@ -140,8 +197,16 @@ class Detector:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def clone(detector: Detector) -> Detector:
+    """An unfitted copy with the same parameters (scikit-learn's ``clone``): constructed again from
+    ``get_params()``; parameters that are objects (a CLIP model) are shared, not copied."""
+    if not isinstance(detector, Detector):
+        raise TypeError(f"clone expects an oodforge Detector, got {type(detector).__name__}")
+    return type(detector)(**detector.get_params())
 
 
 REGISTRY: dict[str, type[Detector]] = {}
@@ -162,6 +227,9 @@ _FAMILIES = [
     "oodforge.detectors.softmax_based",
     "oodforge.detectors.distance",
     "oodforge.detectors.class_geometry",
+    "oodforge.detectors.feature_subspace",
+    "oodforge.detectors.openmax",
+    "oodforge.detectors.adaptive_shaping",
     "oodforge.detectors.fusion",
 ]
 ENTRY_POINT_GROUP = "oodforge.detectors"

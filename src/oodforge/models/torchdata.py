@@ -14,10 +14,12 @@
   and a deployed guard reading image files all work on the same pixels. uint8 images are raw pixels and are
   divided by 255. **Float images are taken as ``[0, 1]`` pixels, unless the model was wrapped with
   ``preprocessed=True``** (``wrap(net, ..., mean=..., std=..., preprocessed=True)``, or ``model.preprocessed =
-  True`` on any oodforge classifier): then they are what the user's ``Normalize(mean, std)`` produced, and
-  oodforge maps them back to pixels once (``x * std + mean``, the model's own mean/std) so that the model's
-  normalisation gives the network the user's tensor again (equal to float32 rounding) and nothing is
-  normalised twice. The rule is checked on every batch: ``[0, 1]`` float images outside ``[-0.1, 1.1]``
+  True`` on any oodforge classifier): then they are what the user's ``Normalize(mean, std)`` produced. Feature
+  extraction hands them to the network as they are (the model's own normalisation is switched off for that
+  pass: nothing is normalised twice, and the features equal those of the ``[0, 1]`` route bit for bit when the
+  transform computes ``(x - mean) / std`` as the model does); where oodforge needs pixels (``float_images``:
+  ODIN's perturbation, Mahalanobis' input noise) it maps them back once, ``x * std + mean``, so that epsilons
+  keep their pixel units and a deployed guard reads image files with the same normalisation. The rule is checked on every batch: ``[0, 1]`` float images outside ``[-0.1, 1.1]``
   (normalised data given without ``preprocessed=True``) and ``preprocessed=True`` data that map back outside
   it (``mean``/``std`` that are not the transform's) are refused with a message saying which option to set.
 * **Order.** A DataLoader is read in its order when its sampler is sequential; one that shuffles
@@ -34,6 +36,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 import weakref
@@ -139,7 +142,8 @@ def _batch_parts(batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
 class TorchImages:
     """A user's Dataset or DataLoader seen as an oodforge dataset of ``[0, 1]`` images (module docstring)."""
 
-    def __init__(self, data, preprocessed: bool = False, mean=None, std=None, name: str | None = None) -> None:
+    def __init__(self, data, preprocessed: bool = False, mean=None, std=None, name: str | None = None,
+                 model: torch.nn.Module | None = None) -> None:
         if isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset):
             raise TypeError("an IterableDataset has no length or item access; give a map-style Dataset "
                             "(__getitem__ and __len__) or a DataLoader over one")
@@ -149,6 +153,7 @@ class TorchImages:
         if not hasattr(self.dataset, "__len__") or not hasattr(self.dataset, "__getitem__"):
             raise TypeError(f"{type(self.dataset).__name__} is not a map-style Dataset (__getitem__ and __len__)")
         self.preprocessed = bool(preprocessed)
+        self.model = model
         if self.preprocessed and (mean is None or std is None):
             raise ValueError("preprocessed=True needs the mean and std of the data's normalisation")
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
@@ -189,24 +194,27 @@ class TorchImages:
         return DataLoader(self.dataset, batch_size=64, shuffle=False, num_workers=0,
                           collate_fn=lambda items: collate_items(items, self.name))
 
-    # --- conversion to [0, 1] pixels ------------------------------------------------------------
-    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+    # --- conversion ------------------------------------------------------------------------------
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32, after checking the preprocessing rule (in pixel units, see the module docstring)."""
         if x.dtype == torch.uint8:
             return x.float().div_(255.0)
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: images of dtype {x.dtype}; give uint8 pixels or float images")
         x = x.float()
+        lo, hi = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))  # per channel
         if self.preprocessed:
             if self.mean.shape[1] not in (1, x.shape[1]):
                 raise ValueError(f"{self.name}: {x.shape[1]}-channel images but the model's mean/std have "
                                  f"{self.mean.shape[1]} values")
-            if not self._warned_unnormalised and float(x.min()) >= 0:
+            if not self._warned_unnormalised and float(lo.min()) >= 0:
                 self._warned_unnormalised = True
                 warnings.warn(f"{self.name}: the model was wrapped with preprocessed=True but a batch has no negative "
                               "value, as normalised data would; if the transforms end with ToTensor (no Normalize), "
                               "wrap it with preprocessed=False", stacklevel=4)
-            x = x * self.std + self.mean
-        lo, hi = float(x.min()), float(x.max())
+            m, sd = self.mean.flatten(), self.std.flatten()
+            lo, hi = lo * sd + m, hi * sd + m  # std > 0: the per-channel extremes map to the pixel extremes
+        lo, hi = float(lo.min()), float(hi.max())
         if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             if self.preprocessed:
                 raise ValueError(f"{self.name}: mapped back with the model's mean/std ({self.mean.flatten().tolist()} "
@@ -217,17 +225,31 @@ class TorchImages:
                              "does not normalise again); otherwise scale the images to [0, 1] (ToTensor does)")
         return x
 
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` pixels (normalised float images mapped back with the model's mean/std)."""
+        pre = self.preprocessed and x.is_floating_point()
+        x = self._checked(x)
+        return x * self.std + self.mean if pre else x
+
     def _read(self):
-        """One read: ``(pixels [n, C, H, W], labels [n])`` per batch, in order."""
+        """One read: ``(model input [n, C, H, W], labels [n])`` per batch, in order. The model input is the user's
+        normalised tensor itself when the model takes it directly (:attr:`direct`), else ``[0, 1]`` pixels."""
         for b, batch in enumerate(self._reader()):
             x, y = batch if self.loader is None else _batch_parts(batch, f"{self.name} batch {b}")
-            x = self._pixels(x)
+            x = self._checked(x) if self.direct and x.is_floating_point() else self._pixels(x)
             if self._shape is None:
                 self._shape = tuple(x.shape[1:])
             elif tuple(x.shape[1:]) != self._shape:
                 raise ValueError(f"{self.name} batch {b}: images of shape {tuple(x.shape[1:])}, earlier ones "
                                  f"{self._shape}; resize them to one size in the transforms")
             yield x, y
+
+    @property
+    def direct(self) -> bool:
+        """Whether :meth:`batches` hands the model the user's normalised tensors as they are (``preprocessed``
+        with a known model): it then runs them with the model's normalisation switched off, so nothing is
+        normalised twice and the network sees exactly the user's tensor."""
+        return self.preprocessed and self.model is not None
 
     # --- the ArrayDataset interface ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -247,7 +269,7 @@ class TorchImages:
     def _key(self) -> tuple:
         stats = (None, None) if self.mean is None else (tuple(self.mean.flatten().tolist()),
                                                         tuple(self.std.flatten().tolist()))
-        return (self.preprocessed, *stats)
+        return (self.preprocessed, self.direct, *stats)
 
     def _memo(self) -> dict:
         try:
@@ -282,17 +304,18 @@ class TorchImages:
         return self._labels
 
     def batches(self, batch_size: int = 256):
-        """``[0, 1]`` float batches in order (the loader's own batch size); the labels are kept as they are read,
-        and checked against the fingerprint when one was taken."""
+        """The model's input batches in order (the loader's own batch size; see :attr:`direct`); the labels are
+        kept as they are read, and the content is checked against the fingerprint when one was taken."""
         known = self._memo().get(self._key())
         h, labels = hashlib.sha256(), []
-        for x, y in self._read():
-            if known is not None:
-                h.update(repr(tuple(x.shape)).encode())
-                h.update(x.contiguous().numpy().tobytes())
-                h.update(y.numpy().tobytes())
-            labels.append(y)
-            yield x
+        with _without_normalisation(self.model) if self.direct else contextlib.nullcontext():
+            for x, y in self._read():
+                if known is not None:
+                    h.update(repr(tuple(x.shape)).encode())
+                    h.update(x.contiguous().numpy().tobytes())
+                    h.update(y.numpy().tobytes())
+                labels.append(y)
+                yield x
         got = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         if known is not None and "torch:sha256:" + h.hexdigest()[:24] != known[0]:
             raise RuntimeError(f"{self.name}: the data changed between two reads (random transforms, or the dataset "
@@ -316,7 +339,7 @@ class TorchImages:
         data = ds if self.loader is None else DataLoader(ds, batch_size=self.loader.batch_size, shuffle=False,
                                                          num_workers=self.loader.num_workers,
                                                          collate_fn=self.loader.collate_fn)
-        return TorchImages(data, self.preprocessed, self.mean, self.std, f"{self.name}[subset n={len(ds)}]")
+        return TorchImages(data, self.preprocessed, self.mean, self.std, f"{self.name}[subset n={len(ds)}]", self.model)
 
     def cache_refusal(self) -> str | None:
         """Why these data cannot be fingerprinted (``None`` when they can): the first items read twice differ."""
@@ -343,7 +366,18 @@ def torch_images(data, model) -> TorchImages:
     if pre and (mean is None or std is None):
         raise ValueError(f"{type(model).__name__}.preprocessed is set but the model has no mean/std buffers")
     return TorchImages(data, pre, None if mean is None else mean.detach().cpu(),
-                       None if std is None else std.detach().cpu())
+                       None if std is None else std.detach().cpu(), model=model if pre else None)
+
+
+@contextlib.contextmanager
+def _without_normalisation(model: torch.nn.Module):
+    """``model.normalize`` is the identity inside the block (an instance attribute shadowing the method, removed
+    afterwards): every oodforge classifier normalises through it, so normalised inputs pass as they are."""
+    model.__dict__["normalize"] = lambda x: x
+    try:
+        yield
+    finally:
+        model.__dict__.pop("normalize", None)
 
 
 def as_image_data(model, data, cache_dir: str | Path | None = None):

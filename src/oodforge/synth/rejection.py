@@ -72,6 +72,7 @@ class ShiftRejection(Detector):
 
     param_ranges = {"hidden": "[1, inf)", "epochs": "[1, inf)", "lr": "(0, inf)", "momentum": "[0, 1)",
                     "weight_decay": "[0, inf)", "batch_size": "[1, inf)"}
+    param_aliases = {"score": "score_kind"}  # `score` is the method
 
     def __init__(self, input: str = "penultimate", hidden: int = 2048, epochs: int = 10, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
