@@ -48,12 +48,12 @@ from torch.nn import functional as F
 
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.suites import load_suite
-from oodforge.demo import group_mean
 from oodforge.detectors.base import Detector
 from oodforge.models.backbones import build_model
 from oodforge.models.features import extract_features
 from oodforge.models.pretrained import trainable_parameters
 from oodforge.models.train import accuracy
+from oodforge.report import group_mean
 from oodforge.workflows import POST_HOC, TrainPlan, train_model
 
 #: model label -> (arch, candidate plans' overrides, epochs); batch 32 for all

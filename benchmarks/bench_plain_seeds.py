@@ -34,8 +34,9 @@ from bench_forged import CHEAP, FORGE_LIMIT, MASKS, VARIANTS, load_runs, oe_plan
 
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.suites import load_suite
-from oodforge.demo import group_mean, is_plain_post_hoc
 from oodforge.models.features import default_cache_dir
+from oodforge.protocol import is_plain_post_hoc
+from oodforge.report import group_mean
 from oodforge.workflows import POST_HOC, forge_cpu_outliers, get_model
 
 

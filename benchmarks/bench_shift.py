@@ -8,7 +8,7 @@
 
 Per suite, with exactly the settings of ``oodforge demo`` (so the classifier cached under
 ``$OODFORGE_CACHE`` is the demo's): stratified ID subset of ``--max-train`` images
-(:func:`oodforge.demo.stratified_subset`), the plain ``small_resnet`` from
+(:func:`oodforge.data.sampling.stratified_subset`), the plain ``small_resnet`` from
 :func:`oodforge.workflows.get_model` (``TrainPlan(epochs=3 if quick else epochs)``), then
 
 1. SHIFT outliers with the CPU forger (Layer-CAM mask, λ = 0.2, + Telea inpainting) for K = 1 and K = 4

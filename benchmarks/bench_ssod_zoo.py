@@ -22,8 +22,8 @@ from pathlib import Path
 
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.suites import load_suite
-from oodforge.demo import group_mean
 from oodforge.models.features import default_cache_dir
+from oodforge.report import group_mean
 from oodforge.workflows import TrainPlan, get_model
 
 BASE = ["msp", "energy", "knn"]

@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/heldout_proxy.py [--out benchmarks/results/forged]
 
-For every suite with held-out validation numbers (``bench_forged.py`` runs), over every method of seed 0:
+For every suite with held-out validation numbers (``bench_forged.py`` runs), over every method of the lowest
+seed whose committed ``results.json`` records per-forger numbers for all its methods (read by
+``bench_forged.read_run``, nothing else; the seed is printed):
 Spearman's rank correlation between a validation AUROC (ID val vs class mixes, vs jigsaws, vs both) and
 the method's mean test AUROC on the near and on the far group. A forger that stands for a group should
 rank methods as that group does. This is a **diagnostic of the protocol, written after the test numbers
@@ -16,10 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_forged import backfill_by_forger, upgrade_keys
+from bench_forged import read_run
 from scipy.stats import spearmanr
 
-from oodforge.demo import group_mean
+from oodforge.report import group_mean
 
 
 def proxy_table(res: dict) -> dict:
@@ -39,16 +41,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/forged")
     out = Path(ap.parse_args().out)
-    table = {}
-    for f in sorted(out.glob("*/seed0/results.json")):
-        res = upgrade_keys(backfill_by_forger(json.loads(f.read_text()), f.parent / "scores.npz"))
-        if "validation_heldout_by_forger" in res:
-            table[f.parent.parent.name] = proxy_table(res)
-    print("| suite | group | methods | rho(val mix, test) | rho(val jigsaw, test) | rho(val both, test) |")
-    print("|---|---|---|---|---|---|")
+    table, seeds = {}, {}
+    for suite_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        runs = sorted(suite_dir.glob("seed*/results.json"), key=lambda f: int(f.parent.name[4:]))
+        for f in runs:
+            res = read_run(f.parent)
+            if set(res["validation_heldout"]) <= set(res.get("validation_heldout_by_forger", {})):
+                table[suite_dir.name], seeds[suite_dir.name] = proxy_table(res), int(f.parent.name[4:])
+                break
+        else:
+            if runs:
+                print(f"{suite_dir.name}: no run records per-forger numbers for all its methods; skipped")
+    print("| suite | seed | group | methods | rho(val mix, test) | rho(val jigsaw, test) | rho(val both, test) |")
+    print("|---|---|---|---|---|---|---|")
     for suite, groups in table.items():
         for group, r in groups.items():
-            print(f"| {suite} | {group} | {r['mix'][1]} | {r['mix'][0]:.2f} | {r['jigsaw'][0]:.2f} | {r['both'][0]:.2f} |")
+            print(f"| {suite} | {seeds[suite]} | {group} | {r['mix'][1]} | {r['mix'][0]:.2f} | {r['jigsaw'][0]:.2f} | "
+                  f"{r['both'][0]:.2f} |")
     (out / "heldout_proxy.json").write_text(json.dumps(table, indent=1))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from oodforge.data.base import ArrayDataset
 from oodforge.data.loaders import stratified_indices
-from oodforge.demo import stratified_subset
+from oodforge.data.sampling import stratified_subset
 from oodforge.detectors.base import FitContext, register
 from oodforge.models.featureset import FeatureSet
 from oodforge.synth.rejection import ShiftRejection

@@ -1,0 +1,196 @@
+"""The protocol cannot leak: attempts to fit or validate on test data are refused whatever they are called, and
+no pick (protocol, report recommendation, demo summary, benchmark summary) reads an OOD test number."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from toy_problems import features_of, make_toy_problem
+
+from oodforge.bench import BenchJob, run_bench
+from oodforge.data.base import ArrayDataset, Suite, row_fingerprints
+from oodforge.detectors import FitContext
+from oodforge.outliers.heldout import HeldoutOutliers, class_mix
+from oodforge.protocol import ProtocolViolation, check_fit_inputs, pick, ranking, validation_numbers
+
+ROOT = Path(__file__).resolve().parent.parent
+FORGED = ROOT / "benchmarks" / "results" / "forged"
+
+
+def _suite(p, **changes) -> Suite:
+    fields = dict(name="toy", id_train=p.id_train, id_test=p.id_test, ood={"near": p.ood_near, "far": p.ood_far},
+                  groups={"near": ["near"], "far": ["far"]}, class_names=["c0", "c1", "c2", "c3"], id_val=p.id_val)
+    return Suite(**{**fields, **changes})
+
+
+def test_row_fingerprints_compare_content_not_names():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 1, 4, 4), dtype=np.uint8)
+    a, b = ArrayDataset(imgs, identity="a"), ArrayDataset(imgs[::-1].copy(), identity="another-name")
+    assert set(a.fingerprints()) == set(b.fingerprints()) and len(set(a.fingerprints())) == 20
+    changed = imgs.copy()
+    changed[3, 0, 0, 0] ^= 1  # one pixel, one bit
+    assert row_fingerprints(changed)[3] != a.fingerprints()[3] and (row_fingerprints(changed)[4:] == a.fingerprints()[4:]).all()
+    sub = a.subset([5, 2])  # a subset inherits its parent's fingerprints, in its own order
+    assert (sub.fingerprints() == a.fingerprints()[[5, 2]]).all()
+
+
+def test_a_validation_split_made_from_id_test_is_refused():
+    p = make_toy_problem()
+    suite = _suite(p, id_val=p.id_test.subset(np.arange(0, 400, 4), "val-standin"))
+    with pytest.raises(ProtocolViolation, match=r"shares 100 image\(s\) with the ID test"):
+        run_bench(suite, [BenchJob(p.model, ["msp"])], progress=False, log=None)
+
+
+def test_a_shuffled_copy_of_an_ood_test_set_as_outliers_is_refused():
+    p = make_toy_problem()
+    perm = np.random.default_rng(1).permutation(len(p.ood_far))
+    disguised = ArrayDataset(p.ood_far.images[perm].clone(), None, None, "my-forged-outliers")
+    ctx = FitContext(model=p.model, train=p.train, outliers=features_of(p.model, disguised))
+    with pytest.raises(ProtocolViolation, match=r"FitContext.outliers \(my-forged-outliers\) shares 400 .*'far'"):
+        check_fit_inputs(ctx, _suite(p))
+
+
+def test_an_ood_test_set_passed_through_extra_is_refused():
+    p = make_toy_problem()
+    sneaky = p.ood_near.subset(np.arange(7), "reference")
+    ctx = FitContext(model=p.model, train=p.train, extra={"class_names": ["a"], "refs": [features_of(p.model, sneaky)]})
+    with pytest.raises(ProtocolViolation, match=r"FitContext.extra\['refs'\]\[0\] .* shares 7 .*'near'"):
+        check_fit_inputs(ctx, _suite(p))
+    with pytest.raises(ProtocolViolation, match="shares 7"):  # the same through run_bench's extra
+        run_bench(_suite(p), [BenchJob(p.model, ["msp"])], extra={"gallery": sneaky}, progress=False, log=None)
+
+
+def test_id_val_with_a_few_id_test_rows_appended_is_refused():
+    p = make_toy_problem()
+    mixed = ArrayDataset(torch.cat([p.id_val.images, p.id_test.images[:3]]),
+                         torch.cat([p.id_val.labels, p.id_test.labels[:3]]), p.id_val.class_names, "val+3")
+    with pytest.raises(ProtocolViolation, match=r"Suite.id_val \(val\+3\) shares 3 image\(s\) with the ID test"):
+        run_bench(_suite(p, id_val=mixed), [BenchJob(p.model, ["msp"])], progress=False, log=None)
+
+
+def test_replacing_a_suites_test_set_after_it_was_built_does_not_hide_it():
+    p = make_toy_problem()
+    suite = _suite(p)
+    suite.id_test = p.id_test.subset(np.arange(100, 400))  # the first 100 rows are no longer "ID test"
+    suite.id_val = p.id_test.subset(np.arange(100))  # ... and become validation data
+    with pytest.raises(ProtocolViolation, match="shares 100"):
+        run_bench(suite, [BenchJob(p.model, ["msp"])], progress=False, log=None)
+
+
+def test_heldout_outliers_made_from_test_images_are_refused():
+    p = make_toy_problem()
+    n = 50
+    mixes = class_mix(p.id_val.images[::8][:n], p.id_val.labels[::8][:n])  # honest mixes, made from ID val
+    held = HeldoutOutliers(torch.cat([p.ood_far.images[:n], mixes]), {"jigsaw": slice(0, n), "mix": slice(n, 2 * n)},
+                           "held")
+    with pytest.raises(ProtocolViolation, match=r"BenchJob.val_heldout .* shares 50 .*'far'"):
+        run_bench(_suite(p), [BenchJob(p.model, ["msp"], val_heldout=held)], progress=False, log=None)
+
+
+def test_duplicates_inside_the_source_data_are_not_a_leak():
+    """An OOD test image that the training set itself holds (a duplicate in the source data) may be fitted on:
+    the classifier has seen it anyway. The honest toy bench runs."""
+    p = make_toy_problem()
+    ood = ArrayDataset(torch.cat([p.ood_far.images, p.id_train.images[:2]]), None, None, "far+2-train-dups")
+    res = run_bench(_suite(p, ood={"near": p.ood_near, "far": ood}), [BenchJob(p.model, ["msp", "knn"])],
+                    progress=False, log=None)
+    assert set(res["methods"]) == {"msp", "knn"}
+
+
+def test_fingerprints_cost_little_beside_a_run():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20000, 1, 28, 28), dtype=np.uint8)
+    import time
+
+    t0 = time.perf_counter()
+    row_fingerprints(imgs)
+    assert time.perf_counter() - t0 < 1.0  # measured 0.05 s per 20 k (0.25 s per 100 k) on one core
+
+
+# ------------------------------------------------------------------------------------------- invariance
+def _randomised_test_numbers(res: dict, seed: int) -> dict:
+    """``res`` with every OOD test number (``methods``) replaced by a random one; validation untouched."""
+    rng = np.random.default_rng(seed)
+    out = copy.deepcopy(res)
+    for per_set in out["methods"].values():
+        for metrics in per_set.values():
+            for k in metrics:
+                metrics[k] = float(rng.uniform())
+    return out
+
+
+def _bench_forged():
+    spec = importlib.util.spec_from_file_location("bench_forged", ROOT / "benchmarks" / "bench_forged.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def committed_runs():
+    bench_forged = _bench_forged()
+    return bench_forged, bench_forged.load_runs(FORGED)
+
+
+def _every_pick(bench_forged, runs: dict) -> dict:
+    from oodforge.demo import suite_summary
+    from oodforge.report import export_hint
+
+    labels, r0 = bench_forged.FORGED_LABELS, runs[min(runs)]
+    demo = suite_summary(r0)
+    return {"protocol": pick(list(runs.values()), backbones=labels),
+            "ranking": [x.key for x in ranking(list(runs.values()), backbones=labels)],
+            "all": pick(r0, among="all"), "post-hoc": pick(r0, among="post-hoc", backbones=labels),
+            "forger": pick(r0, source="forger:mix"), "hint": export_hint(r0),
+            "demo": {k: demo[k] for k in ("pick", "pick_validation", "per_group_picks")}}
+
+
+def test_no_pick_reads_an_ood_test_number(committed_runs, tmp_path):
+    """Every OOD test number of the committed benchmark runs replaced by a random one: the protocol's pick, its
+    whole ranking, report.md's recommendation, the demo summary's pick and the benchmark summary's picks stay."""
+    bench_forged, all_runs = committed_runs
+    fake_all = {}
+    for suite, runs in all_runs.items():
+        fake = fake_all[suite] = {k: _randomised_test_numbers(r, k) for k, r in runs.items()}
+        before, after = _every_pick(bench_forged, runs), _every_pick(bench_forged, fake)
+        assert before["protocol"] is not None and before["all"] is not None and after == before
+    bench_forged.summarise(fake_all, tmp_path)
+    real = json.loads((FORGED / "summary.json").read_text())["picks"]
+    fake = json.loads((tmp_path / "summary.json").read_text())["picks"]
+    assert {s: v["picks"] for s, v in fake.items()} == {s: v["picks"] for s, v in real.items()}
+    assert {s: v["pick"] for s, v in fake.items()} == {s: v["pick"] for s, v in real.items()}
+
+
+def test_the_committed_benchmark_summary_rebuilds_byte_for_byte(committed_runs, tmp_path):
+    """``bench_forged.py --summarise`` reads the committed results.json files only (no scores.npz) and
+    reproduces the committed summary.md and summary.json exactly."""
+    bench_forged, runs = committed_runs
+    bench_forged.summarise(copy.deepcopy(runs), tmp_path)
+    assert (tmp_path / "summary.md").read_text() == (FORGED / "summary.md").read_text()
+    assert (tmp_path / "summary.json").read_text() == (FORGED / "summary.json").read_text()
+
+
+def test_a_run_without_the_fields_the_pick_reads_is_refused(tmp_path):
+    bench_forged = _bench_forged()
+    run = tmp_path / "s" / "seed0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"methods": {}, "groups": {}, "models": {"plain": {}}}))
+    with pytest.raises(SystemExit, match=r"lacks validation_heldout, models.plain.id_val_accuracy"):
+        bench_forged.load_runs(tmp_path)
+
+
+def test_unseen_forgers_mean_equals_the_pooled_heldout_number_on_a_real_run():
+    """One outlier per ID val image per forger: the pooled AUROC / FPR95 is the mean over forgers, which is why
+    runs without per-forger numbers can still be read (protocol.validation_numbers)."""
+    res = json.loads((FORGED / "scenes" / "seed1" / "results.json").read_text())
+    numbers = validation_numbers(res)
+    for m, v in res["validation_heldout"].items():
+        assert numbers[m]["auroc"] == pytest.approx(v["auroc"], abs=1e-12)
+        assert numbers[m]["fpr95"] == pytest.approx(v["fpr95"], abs=1e-12)
