@@ -1,4 +1,4 @@
-"""Detectors built on the geometry of the last layer: SHE, fDBD and NCI.
+"""Detectors built on the geometry of the last layer: SHE, fDBD, NCI, CARef and CADRef.
 
 Each compares the penultimate vector ``h`` of an image with a few training statistics (class
 patterns, the training mean) and the classifier head ``W, b``, relative to the *predicted*
@@ -12,8 +12,10 @@ import torch
 from ..models.featureset import FeatureSet
 from .activation_shaping import _check_head
 from .base import Detector, FitContext, register
+from .logit_based import energy_score
+from .moments import class_means, distinct_values
 
-__all__ = ["SHE", "FDBD", "NCI"]
+__all__ = ["SHE", "FDBD", "NCI", "CARef", "CADRef", "LOGIT_SCORES"]
 
 
 def _predicted(feats: FeatureSet) -> torch.Tensor:
@@ -118,3 +120,96 @@ class NCI(Detector):
         centred = h - self.train_mean_
         proj = (self.weight_[_predicted(feats)] * centred).sum(dim=1) / centred.norm(dim=1).clamp_min(1e-12)
         return proj + float(self.alpha) * h.abs().sum(dim=1)
+
+
+def _class_means(ctx: FitContext, who: str) -> torch.Tensor:
+    """Mean ID training feature of every class (by the training labels), ``[C, D]`` float64."""
+    y = ctx.train.labels.numpy()
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{who}: the ID training FeatureSet has unlabelled images (label -1); the class means "
+                         "need the labels")
+    classes = distinct_values(y)
+    if len(classes) != ctx.train.logits.shape[1]:
+        raise ValueError(f"{who}: the training set has {len(classes)} of the classifier's "
+                         f"{ctx.train.logits.shape[1]} classes; every class needs a mean")
+    return torch.from_numpy(class_means(ctx.train.penultimate, y, classes))
+
+
+@register
+class CARef(Detector):
+    """CARef: ``-||h - mu_yhat||_1 / ||h||_1``, the relative error to the predicted class's mean feature.
+
+    The paper's class-aware relative feature error (Sec. 3.2): ``mu_c`` is the mean penultimate vector
+    of the ID training images of class ``c``; an ID image lies close to the mean of the class it is
+    predicted as, relative to its own size. No hyperparameters.
+    """
+
+    name = "caref"
+    paper = ("Ling, Li, Zhang, Wang, Yang, CADRef: Robust Out-of-Distribution Detection via Class-Aware "
+             "Decoupled Relative Feature Leveraging, CVPR 2025 (CARef)")
+
+    def _fit(self, ctx: FitContext) -> None:
+        self.means_ = _class_means(ctx, self.name)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        h = feats.penultimate.double()
+        err = (h - self.means_[_predicted(feats)]).abs().sum(dim=1)
+        return -err / h.abs().sum(dim=1).clamp_min(1e-12)
+
+
+def _gen_inverse(logits: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
+    """CADRef's GEN logit score ``1 / sum_{top M} p^g (1-p)^g``, ``M = max(10, C // 10)`` (the authors' code)."""
+    p = torch.softmax(logits.double(), dim=1)
+    m = min(p.shape[1], max(10, p.shape[1] // 10))
+    top = torch.topk(p, m, dim=1).values
+    return 1.0 / (top.pow(gamma) * (1.0 - top).clamp_min(0.0).pow(gamma)).sum(dim=1)
+
+
+#: the logit-based scores CADRef can divide by (its ``logit_method``)
+LOGIT_SCORES = {
+    "energy": lambda z: energy_score(z),
+    "maxlogit": lambda z: z.double().max(dim=1).values,
+    "msp": lambda z: torch.softmax(z.double(), dim=1).max(dim=1).values,
+    "gen": _gen_inverse,
+}
+
+
+@register
+class CADRef(Detector):
+    """CADRef: CARef's error split by the sign of the class weights, weighted by a logit score.
+
+    With ``d = h - mu_yhat`` and ``s = sign(w_yhat)``, the error is decoupled (Sec. 3.3) into the part
+    along the class's positive evidence ``E+ = ||max(d * s, 0)||_1 / ||h||_1`` and the opposite part
+    ``E- = ||max(-d * s, 0)||_1 / ||h||_1``; the score (Eq. 10) is
+    ``-(E+ / S(x) + E- / mean_train S)`` with ``S`` a logit-based score of the image (``logit_score``:
+    ``"energy"`` default, as in the paper's main results; ``"maxlogit"``, ``"msp"``, ``"gen"``) and its
+    mean over the ID training set. ``mu_c`` is the class-``c`` mean of the ID training features.
+    """
+
+    name = "cadref"
+    paper = ("Ling, Li, Zhang, Wang, Yang, CADRef: Robust Out-of-Distribution Detection via Class-Aware "
+             "Decoupled Relative Feature Leveraging, CVPR 2025")
+
+    def __init__(self, logit_score: str = "energy"):
+        self.logit_score = logit_score
+
+    def _fit(self, ctx: FitContext) -> None:
+        if self.logit_score not in LOGIT_SCORES:
+            raise ValueError(f"cadref: logit_score must be one of {', '.join(map(repr, LOGIT_SCORES))}, "
+                             f"got {self.logit_score!r}")
+        self.weight_, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
+        self.means_ = _class_means(ctx, self.name)
+        self.train_logit_score_ = float(LOGIT_SCORES[self.logit_score](ctx.train.logits).mean())
+
+    def decoupled_errors(self, feats: FeatureSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E+, E-)`` per image (float64)."""
+        h = feats.penultimate.double()
+        pred = _predicted(feats)
+        d = (h - self.means_[pred]) * self.weight_[pred].sign()
+        size = h.abs().sum(dim=1).clamp_min(1e-12)
+        return d.clamp_min(0.0).sum(dim=1) / size, (-d).clamp_min(0.0).sum(dim=1) / size
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        e_pos, e_neg = self.decoupled_errors(feats)
+        s = LOGIT_SCORES[self.logit_score](feats.logits)
+        return -(e_pos / s + e_neg / self.train_logit_score_)

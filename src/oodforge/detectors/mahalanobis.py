@@ -12,6 +12,8 @@ no-real-outliers setting does not have.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -20,7 +22,7 @@ from .base import Detector, FitContext, register
 from .moments import class_means, distinct_values, second_moment
 from .odin import iter_image_batches, prepare_model
 
-__all__ = ["Mahalanobis", "class_means_tied_precision"]
+__all__ = ["Mahalanobis", "GEM", "MahalanobisPP", "GMM", "SSD", "class_means_tied_precision"]
 
 
 def class_means_tied_precision(features: torch.Tensor, labels: torch.Tensor
@@ -116,3 +118,151 @@ class Mahalanobis(Detector):
             with torch.no_grad():
                 out.append(self._score_features(model.forward_all(x_tilde).penultimate).cpu())
         return torch.cat(out)
+
+
+def _unit_rows(h: torch.Tensor) -> torch.Tensor:
+    h = h.double()
+    return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@register
+class GEM(Detector):
+    """GEM (Gaussian mixture energy): ``log sum_c exp(-1/2 (h - mu_c)^T Sigma^-1 (h - mu_c))``.
+
+    The class-conditional Gaussians of :class:`Mahalanobis` (class means, one shared covariance, fitted on
+    the ID training features) read as an energy-based model (the paper's GEM score, Sec. 4): the
+    log-sum-exp over classes of the negative half squared Mahalanobis distances, instead of the distance
+    to the closest class alone. No hyperparameters.
+    """
+
+    name = "gem"
+    paper = ("Morteza, Li, Provable Guarantees for Understanding Out-of-distribution Detection, AAAI 2022 "
+             "(GEM score)")
+
+    def _fit(self, ctx: FitContext) -> None:
+        self.gaussians_ = Mahalanobis().fit(ctx)
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        h = feats.penultimate
+        return torch.cat([torch.logsumexp(-0.5 * self.gaussians_.distances(h[i:i + 4096]), dim=1)
+                          for i in range(0, h.shape[0], 4096)])
+
+
+@register
+class MahalanobisPP(Detector):
+    """Mahalanobis++: the Mahalanobis score of the L2-normalised penultimate vector ``h / ||h||``.
+
+    The paper (Sec. 3-4) shows that feature norms vary strongly within a class and violate the shared-
+    covariance Gaussian assumption; normalising every feature (training and test) to unit norm before
+    fitting the class means and the tied covariance fixes it. The score is then exactly
+    :class:`Mahalanobis`'s ``max_c -(z - mu_c)^T Sigma^-1 (z - mu_c)`` on ``z = h / ||h||``. No
+    hyperparameters (no input pre-processing).
+    """
+
+    name = "mahalanobispp"
+    paper = ("Mueller, Hein, Mahalanobis++: Improving OOD Detection via Feature Normalization, ICML 2025 "
+             "(arXiv:2505.18032)")
+
+    def _fit(self, ctx: FitContext) -> None:
+        t = ctx.train
+        unit = FeatureSet(t.logits, _unit_rows(t.penultimate).float(), t.labels)
+        self.gaussians_ = Mahalanobis().fit(dataclasses.replace(ctx, train=unit))
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        return self.gaussians_._score_features(_unit_rows(feats.penultimate))
+
+
+@register
+class GMM(Detector):
+    """Gaussian mixture density of the penultimate features: ``log p(h)`` under a ``K``-component GMM.
+
+    A full-covariance Gaussian mixture fitted by EM (scikit-learn ``GaussianMixture``) to the ID training
+    features, one component per class (``n_components=None``), started from the class means; the score is
+    the log-likelihood of the test feature. Unlike :class:`Mahalanobis` / :class:`GEM` (class means and
+    one covariance from the labels), each component has its own covariance and weight, fitted without
+    labels. This is the penultimate-layer GMM baseline of OpenOOD v1.5 (``gmm``, after Lee et al. 2018's
+    generative view); OpenOOD's version concatenates several layers' statistics after PCA, which oodforge's
+    single cached forward pass does not keep. ``max_train=10000`` caps the images EM runs on (random,
+    seeded by ``FitContext.seed``; EM costs ``O(N K D^2)`` per step); ``reg_covar`` is added to every
+    covariance's diagonal (scikit-learn's default 1e-6).
+    """
+
+    name = "gmm"
+    paper = ("Gaussian mixture model of the features, fitted by EM (Dempster, Laird, Rubin, J. R. Stat. Soc. B "
+             "1977), as OpenOOD v1.5's gmm baseline (Zhang et al., OpenOOD v1.5, arXiv:2306.09301)")
+    param_ranges = {"n_components": "[1, inf)", "max_train": "[1, inf)", "reg_covar": "(0, inf)",
+                    "max_iter": "[1, inf)"}
+
+    def __init__(self, n_components: int | None = None, max_train: int = 10000, reg_covar: float = 1e-6,
+                 max_iter: int = 100):
+        self.n_components = n_components
+        self.max_train = max_train
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+
+    def _fit(self, ctx: FitContext) -> None:
+        from sklearn.mixture import GaussianMixture
+
+        h = ctx.train.penultimate
+        y = ctx.train.labels
+        idx = np.arange(h.shape[0])
+        if h.shape[0] > self.max_train:
+            idx = np.sort(np.random.default_rng(ctx.seed).choice(h.shape[0], int(self.max_train), replace=False))
+        x = h[torch.from_numpy(idx)].double().numpy()
+        labels = y[torch.from_numpy(idx)].numpy()
+        k = int(self.n_components) if self.n_components is not None else int(ctx.train.logits.shape[1])
+        if k > len(x):
+            raise ValueError(f"gmm: n_components={k} exceeds the {len(x)} training features")
+        init = None
+        if self.n_components is None and labels.min() >= 0 and len(np.unique(labels)) == k:
+            init = np.stack([x[labels == c].mean(axis=0) for c in np.unique(labels)])
+        self.mixture_ = GaussianMixture(k, covariance_type="full", reg_covar=float(self.reg_covar),
+                                        max_iter=int(self.max_iter), means_init=init,
+                                        random_state=int(ctx.seed)).fit(x)
+
+    def _score(self, feats: FeatureSet) -> np.ndarray:
+        h = feats.penultimate
+        return np.concatenate([self.mixture_.score_samples(h[i:i + 4096].double().numpy())
+                               for i in range(0, h.shape[0], 4096)]) if h.shape[0] else np.zeros(0)
+
+
+@register
+class SSD(Detector):
+    """SSD: ``-min_m (z - mu_m)^T Sigma_m^-1 (z - mu_m)`` over k-means clusters of the normalised ID features.
+
+    The paper's label-free detector (Sec. 3, Eq. 1): the L2-normalised penultimate vectors ``z = h / ||h||``
+    of the ID training set are clustered by k-means (``clusters``, default 1, the paper's choice; scikit-
+    learn ``KMeans``, seeded by ``FitContext.seed``), each cluster gets its own mean and covariance, and a
+    test feature scores by its Mahalanobis distance to the closest cluster. It needs no labels; with one
+    cluster it models all ID data as one Gaussian. (The paper's self-supervised encoder is replaced by
+    the classifier under test; its label-aware SSD+ is :class:`Mahalanobis`.) Covariances are
+    pseudo-inverted as for ``mahalanobis``.
+    """
+
+    name = "ssd"
+    paper = "Sehwag, Chiang, Mittal, SSD: A Unified Framework for Self-Supervised Outlier Detection, ICLR 2021"
+    param_ranges = {"clusters": "[1, inf)"}
+
+    def __init__(self, clusters: int = 1):
+        self.clusters = clusters
+
+    def _fit(self, ctx: FitContext) -> None:
+        z = _unit_rows(ctx.train.penultimate)
+        if int(self.clusters) == 1:
+            assign = np.zeros(len(z), dtype=np.int64)
+        else:
+            from sklearn.cluster import KMeans
+
+            if int(self.clusters) > len(z):
+                raise ValueError(f"ssd: clusters={self.clusters} exceeds the {len(z)} training features")
+            assign = KMeans(int(self.clusters), n_init=10, random_state=int(ctx.seed)).fit_predict(z.numpy())
+        self.clusters_ = []
+        for m in np.unique(assign):
+            members = torch.from_numpy(np.flatnonzero(assign == m))
+            one = FeatureSet(ctx.train.logits[members], z[members].float(), torch.zeros(len(members), dtype=torch.long))
+            self.clusters_.append(Mahalanobis().fit(dataclasses.replace(ctx, train=one)))
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        z = _unit_rows(feats.penultimate)
+        d = torch.stack([g.distances(z)[:, 0] for g in self.clusters_], dim=1)
+        return -d.min(dim=1).values

@@ -1,4 +1,4 @@
-"""Activation shaping before the last layer, then the energy score: ASH, SCALE and VRA.
+"""Activation shaping before the last layer, then the energy score: ASH, SCALE, VRA and OptFS.
 
 ASH and SCALE shape, *per image*, the activations that enter the classifier head. As published
 (the ASH authors' ``resnet_imagenet.py`` / ``densenet.py`` call ``apply_ash`` on the output of the
@@ -26,7 +26,7 @@ from .activation_shaping import _check_head
 from .base import Detector, FitContext, register
 from .logit_based import energy_score
 
-__all__ = ["ASH", "Scale", "VRA", "require_feature_map", "top_k_prune", "ASH_VARIANTS", "ASH_PERCENTILES", "WHERE"]
+__all__ = ["ASH", "Scale", "VRA", "OptFS", "require_feature_map", "top_k_prune", "ASH_VARIANTS", "ASH_PERCENTILES", "WHERE"]
 
 ASH_VARIANTS = ("p", "b", "s")
 #: the authors' CIFAR settings per variant (paper Table 2 and their ``cifar10_config.yml`` /
@@ -245,3 +245,54 @@ class VRA(Detector):
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         logits = self.rectify(feats.penultimate) @ self.weight_.T + self.bias_
         return energy_score(logits, float(self.temperature))
+
+
+@register
+class OptFS(Detector):
+    """OptFS: piecewise-constant feature shaping fitted on ID data, then the energy score.
+
+    The paper's optimal shaping function (Sec. 3, its closed-form optimum) is a step function ``theta`` of
+    the activation value: the range between the ``1e-3`` and ``1 - 1e-3`` quantiles of all ID training
+    activations is cut into ``bins = 100`` intervals of equal width, and ``theta_k`` is the mean over
+    ID training images of ``sum_j 1[h_j in bin k] w_{yhat, j} h_j`` (the contribution of bin ``k``'s
+    activations to the predicted class's logit), normalised to ``||theta|| = 1000`` as in the authors'
+    code. A test feature is shaped unit by unit, ``h'_j = theta_{bin(h_j)} h_j`` (0 outside the range),
+    and scored with ``logsumexp(W h' + b)``. No OOD data; no hyperparameter besides ``bins``.
+    """
+
+    name = "optfs"
+    paper = ("Zhao, Xu, Gupta, Asthana, Zheng, Gould, Towards Optimal Feature-Shaping Methods for "
+             "Out-of-Distribution Detection, ICLR 2024")
+    param_ranges = {"bins": "[1, inf)"}
+
+    def __init__(self, bins: int = 100):
+        self.bins = bins
+
+    def _fit(self, ctx: FitContext) -> None:
+        h = ctx.train.penultimate
+        self.weight_, self.bias_ = _check_head(ctx, h.shape[1], self.name)
+        x = h.double().numpy()
+        lo, hi = np.quantile(x, 1e-3), np.quantile(x, 1 - 1e-3)
+        if not hi > lo:
+            raise ValueError("optfs: the ID training activations are constant; there is nothing to shape")
+        self.width_ = float((hi - lo) / int(self.bins))
+        self.left_ = np.arange(lo, hi, self.width_)
+        contrib = x * self.weight_.numpy()[ctx.train.logits.argmax(dim=1).numpy()]
+        theta = np.array([(contrib * ((x >= b) & (x < b + self.width_))).sum(axis=1).mean() for b in self.left_])
+        norm = np.linalg.norm(theta)
+        if norm == 0:
+            raise ValueError("optfs: every bin's contribution to the predicted logits is zero")
+        self.theta_ = theta / norm * 1000.0
+
+    def shape(self, h: torch.Tensor) -> torch.Tensor:
+        """``theta_{bin(h_j)} h_j`` unit by unit (float64)."""
+        h = h.double()
+        out = torch.zeros_like(h)
+        for b, t in zip(self.left_, self.theta_):
+            out += ((h >= b) & (h < b + self.width_)) * h * float(t)
+        return out
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        h = feats.penultimate
+        return torch.cat([energy_score(self.shape(h[i:i + 4096]) @ self.weight_.T + self.bias_)
+                          for i in range(0, h.shape[0], 4096)]) if h.shape[0] else torch.zeros(0, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Detectors that read only the softmax of the logits: entropy, GEN, temperature-scaled MSP and KL matching.
+"""Detectors that read only the softmax of the logits: entropy, GEN, temperature-scaled MSP, KL matching and DOCTOR.
 
 Everything is computed in float64 from the cached logits (``log_softmax`` for stability); no
 forward pass. ``tempscale`` and ``klm`` fit a few numbers on ID data (a temperature, class
@@ -14,7 +14,7 @@ from scipy.optimize import minimize_scalar
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
 
-__all__ = ["Entropy", "GEN", "TempScale", "KLMatching", "fit_temperature", "id_fit_set"]
+__all__ = ["Entropy", "GEN", "TempScale", "KLMatching", "Doctor", "fit_temperature", "id_fit_set"]
 
 
 def id_fit_set(ctx: FitContext) -> FeatureSet:
@@ -151,3 +151,27 @@ class KLMatching(Detector):
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         return -self.kl_to_templates(feats.logits).min(dim=1).values
+
+
+@register
+class Doctor(Detector):
+    """DOCTOR's ``D_alpha``: ``-(1 - g(x)) / g(x)`` with ``g(x) = sum_c softmax(f(x) / T)_c^2`` (higher = ID).
+
+    The paper's Gini-based discriminator (Sec. 3, ``D_alpha``, Eq. 5 with ``alpha = 2``): ``1 - g`` is the
+    probability that two draws from the predicted distribution disagree, so confident predictions have
+    ``g`` near 1. The paper's other discriminator ``D_beta = P_err / (1 - P_err)`` ranks exactly like
+    MSP and is not registered again. ``temperature = 1`` (no input perturbation, the paper's
+    ``epsilon = 0`` setting).
+    """
+
+    name = "doctor"
+    paper = ("Granese, Romanelli, Gorla, Palamidessi, Piantanida, DOCTOR: A Simple Method for Detecting "
+             "Misclassification Errors, NeurIPS 2021 (D_alpha)")
+    param_ranges = {"temperature": "(0, inf)"}
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        g = torch.softmax(feats.logits.double() / float(self.temperature), dim=1).pow(2).sum(dim=1)
+        return -(1.0 - g) / g

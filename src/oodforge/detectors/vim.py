@@ -13,7 +13,7 @@ from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
 from .moments import chunked_map, chunked_mean, second_moment
 
-__all__ = ["ViM", "default_principal_dim"]
+__all__ = ["ViM", "Residual", "default_principal_dim"]
 
 
 def default_principal_dim(feature_dim: int) -> int:
@@ -77,3 +77,19 @@ class ViM(Detector):
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         energy = torch.logsumexp(feats.logits.double(), dim=1)
         return energy - self.alpha_ * chunked_map(self._residual_norm, feats.penultimate)
+
+
+@register
+class Residual(ViM):
+    """Residual: ``-||(h - o)^P_perp||``, ViM's feature-space term alone (higher = ID).
+
+    The paper's "Residual" score (Sec. 3.1, the norm of the feature's component outside the principal
+    subspace, evaluated on its own in Sec. 4): same origin ``o = -W^+ b``, principal subspace and
+    ``principal_dim`` rule as :class:`ViM`, without the energy and the matching constant ``alpha``.
+    """
+
+    name = "residual"
+    paper = "Wang, Li, Feng, Zhang, ViM: Out-Of-Distribution with Virtual-logit Matching, CVPR 2022 (Residual score)"
+
+    def _score(self, feats: FeatureSet) -> torch.Tensor:
+        return -chunked_map(self._residual_norm, feats.penultimate)
