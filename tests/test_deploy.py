@@ -93,8 +93,9 @@ def test_export_folder_format(run):
     from oodforge.deploy.fileformat import sha256_file
 
     for m, folder in run.folders.items():
-        names = sorted(p.name for p in folder.iterdir())
-        assert names == ["detector.safetensors", "guard.json", "model.safetensors"], (m, names)
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # (oodforge's own marker)
+        assert names == ["calibration.safetensors", "detector.safetensors", "guard.json", "model.safetensors"], \
+            (m, names)
         doc = json.loads((folder / "guard.json").read_text())
         assert doc["format"] == "oodforge-guard" and doc["format_version"] == 1
         assert doc["detector"]["name"] == m and doc["target_acceptance"] == TARGET
@@ -303,11 +304,15 @@ def test_calibration_rule_and_input_checks(run):
     from oodforge.deploy import calibrate_threshold
 
     s = np.arange(1.0, 101.0)
-    assert calibrate_threshold(s, 0.95) == 6.0  # 95 of the 100 scores are >= 6
-    assert calibrate_threshold(s, 1.0) == 1.0 and calibrate_threshold(s, 0.001) == 100.0
-    assert calibrate_threshold(np.array([1.0, 2.0, 2.0, 2.0]), 0.5) == 2.0  # ties: 3 of 4 accepted
+    # split conformal: reject below the floor(101 * 0.05) = 5th smallest (4 of the 100 calibration scores)
+    assert calibrate_threshold(s, 0.95) == 5.0
+    assert calibrate_threshold(s, 0.95, rule="quantile") == 6.0  # the earlier rule: 95 of the 100 are >= 6
+    assert calibrate_threshold(s, 1.0, rule="quantile") == 1.0 and calibrate_threshold(s, 0.001) == 100.0
+    assert calibrate_threshold(np.array([1.0, 2.0, 2.0, 2.0]), 0.5) == 2.0  # k = 2; ties: 3 of 4 accepted
     with pytest.raises(ValueError, match="target"):
         calibrate_threshold(s, 0.0)
+    with pytest.raises(ValueError, match="too few.*at least 19"):  # floor(19 * 0.05) = 0: nothing rejected
+        calibrate_threshold(s[:18], 0.95)
     g = run.guards["msp"]
     with pytest.raises(ValueError, match=r"\[1, 28, 28\]"):
         g.predict(torch.zeros(2, 3, 32, 32))
@@ -348,3 +353,184 @@ def test_roundtrip_on_a_toy_suite(arch, methods, tmp_path):
         assert back.threshold == g.threshold and back.detector.name == g.detector.name
         if hasattr(back.detector, "model_"):
             assert back.detector.model_ is back.model
+
+
+# --- guarantees (docs/deploy.md, "Guarantees") ------------------------------------------------------
+
+def test_conformal_rules_by_hand():
+    from scipy.stats import beta, binom
+
+    from oodforge.deploy.conformal import (
+        batch_rejection_p_value,
+        benjamini_hochberg,
+        calibrate,
+        conformal_p_values,
+        min_calibration_size,
+        pac_rank,
+        split_conformal_rank,
+    )
+
+    assert split_conformal_rank(99, 0.05) == 5 and split_conformal_rank(100, 0.05) == 5
+    assert split_conformal_rank(18, 0.05) == 0 and min_calibration_size(0.05) == 19
+    # PAC: the fewest images with (1 - alpha)^n <= delta
+    assert min_calibration_size(0.05, 0.01) == 90 and 0.95 ** 90 <= 0.01 < 0.95 ** 89
+    for n, alpha, delta in ((300, 0.05, 0.1), (1000, 0.05, 0.01), (5000, 0.01, 0.05)):
+        k = pac_rank(n, alpha, delta)
+        # R(s_(k)) ~ Beta(k, n + 1 - k) without ties: k is the largest rank with P(R > alpha) <= delta
+        assert beta.sf(alpha, k, n + 1 - k) <= delta + 1e-12 < beta.sf(alpha, k + 1, n - k)
+        assert binom.cdf(k - 1, n, alpha) == pytest.approx(beta.sf(alpha, k, n + 1 - k), abs=1e-12)
+        assert k < split_conformal_rank(n, alpha)  # the PAC threshold rejects less
+    cal = calibrate(np.arange(1.0, 1001.0), 0.95, confidence=0.99)
+    assert (cal.rule, cal.k, cal.threshold, cal.rejection_bound, cal.delta) == ("pac", 35, 35.0, 0.05, 0.01)
+    with pytest.raises(ValueError, match="300 calibration images are too few.*at least 459"):
+        calibrate(np.arange(300.0), 0.99, confidence=0.99)
+
+    # p = (1 + #{cal <= s}) / (n + 1); ties count against the image
+    c = np.array([1.0, 2.0, 2.0, 3.0])
+    np.testing.assert_allclose(conformal_p_values(c, [0.5, 1.0, 2.0, 2.5, 9.0]), np.array([1, 2, 4, 4, 5]) / 5)
+    # p <= alpha is exactly the split-conformal rejection rule, ties included
+    rng = np.random.default_rng(0)
+    for n in (19, 99, 300):
+        cal_s = rng.integers(0, 30, n).astype(float)
+        test = rng.integers(-5, 35, 500).astype(float)
+        thr = calibrate(cal_s, 0.95).threshold
+        np.testing.assert_array_equal(conformal_p_values(cal_s, test) <= 0.05, test < thr)
+    # BH by its definition: reject p_(1..j) for the largest j with p_(j) <= j q / m
+    p = np.array([0.001, 0.3, 0.012, 0.04, 0.02, 0.9])
+    np.testing.assert_array_equal(benjamini_hochberg(p, 0.1), [True, False, True, True, True, False])
+    np.testing.assert_array_equal(benjamini_hochberg(p, 0.01), [True, False, False, False, False, False])
+    assert not benjamini_hochberg([0.5, 0.6], 0.1).any()
+    for _ in range(20):
+        p = rng.random(30) ** 3
+        q = 0.2
+        j = max([i for i in range(1, 31) if np.sort(p)[i - 1] <= i * q / 30], default=0)
+        np.testing.assert_array_equal(benjamini_hochberg(p, q), p <= (np.sort(p)[j - 1] if j else -1))
+    # batch check: Beta-binomial tail, against a Monte-Carlo estimate of the same law
+    r = rng.beta(5, 96, 50_000)
+    mc = np.mean(rng.binomial(100, r) >= 12)
+    assert batch_rejection_p_value(12, 100, 5, 100) == pytest.approx(mc, abs=0.005)
+
+
+def _pool(run, method):
+    g = run.guards[method]
+    return np.concatenate([g.fit_scores["id_val"], g.fit_scores["id"]])
+
+
+def test_guarantees_over_200_calibration_draws(run):
+    """Real ID scores (a detector's ID val + ID test scores of the quick run) as the population: 200
+    calibration sets drawn from it, each threshold's ID rejection rate computed exactly on the population."""
+    from oodforge.deploy.conformal import calibrate
+
+    pool = np.sort(_pool(run, "energy"))
+    rng = np.random.default_rng(0)
+    n, alpha, delta, draws = 300, 0.05, 0.1, 200
+    rates = {"split-conformal": [], "pac": []}
+    for _ in range(draws):
+        cal = rng.choice(pool, n, replace=True)  # i.i.d. from the population: exchangeable with a new image
+        for rule, conf in (("split-conformal", None), ("pac", 1 - delta)):
+            t = calibrate(cal, 1 - alpha, conf).threshold
+            rates[rule].append(np.searchsorted(pool, t, side="left") / pool.size)  # P(score < t)
+    sc, pac = np.array(rates["split-conformal"]), np.array(rates["pac"])
+    se = sc.std(ddof=1) / np.sqrt(draws)
+    k = int(np.floor((n + 1) * alpha))
+    # marginal: E[rejection] = k / (n + 1) <= alpha (and >= alpha - 1 / (n + 1) without ties)
+    assert sc.mean() <= alpha + 3 * se, (sc.mean(), se)
+    assert sc.mean() >= k / (n + 1) - 1 / pool.size - 3 * se  # not vacuous: it rejects about alpha
+    # PAC: the rejection rate exceeds alpha in at most delta of the draws (plus binomial slack for 200 draws)
+    slack = 3 * np.sqrt(delta * (1 - delta) / draws)
+    assert np.mean(pac > alpha) <= delta + slack, np.mean(pac > alpha)
+    assert np.mean(sc > alpha) > delta + slack  # the marginal guarantee alone would not give this
+    assert pac.mean() < sc.mean()
+
+
+def test_bh_controls_the_false_discovery_rate_over_draws(run):
+    """Calibration and test ID images drawn without replacement from the same real ID scores (exchangeable),
+    mixed with real OOD scores: BH on conformal p-values keeps the mean false discovery proportion <= q."""
+    from oodforge.deploy.conformal import benjamini_hochberg, conformal_p_values
+
+    ood = np.concatenate([run.scores[f"knn/{s}"] for s in run.suite.ood])
+    pool = _pool(run, "knn")
+    rng = np.random.default_rng(1)
+    q, fdp, power = 0.1, [], []
+    for _ in range(200):
+        perm = rng.permutation(pool.size)
+        cal, test_id = pool[perm[:300]], pool[perm[300:400]]
+        test_ood = rng.choice(ood, 100, replace=False)
+        flags = benjamini_hochberg(conformal_p_values(cal, np.concatenate([test_id, test_ood])), q)
+        false = int(flags[:100].sum())
+        fdp.append(false / max(int(flags.sum()), 1))
+        power.append(flags[100:].mean())
+    fdp = np.array(fdp)
+    assert fdp.mean() <= q + 3 * fdp.std(ddof=1) / np.sqrt(fdp.size), fdp.mean()
+    assert np.mean(power) > 0.3  # it does flag OOD images
+
+
+def test_guard_records_its_guarantee_and_calibration_split(run):
+    from safetensors.numpy import load_file
+
+    from oodforge.deploy.conformal import split_conformal_rank
+    from oodforge.deploy.fileformat import CALIBRATION_FILE
+
+    doc = json.loads((run.folders["knn"] / "guard.json").read_text())
+    cal, g = doc["calibration"], run.guards["knn"]
+    n = len(run.suite.id_val)
+    k = split_conformal_rank(n, 1 - TARGET)
+    assert (cal["rule"], cal["n"], cal["k"], cal["delta"]) == ("split-conformal", n, k, None)
+    assert cal["alpha"] == pytest.approx(0.01) and cal["rejection_bound"] == pytest.approx(k / (n + 1))
+    assert "probability <=" in cal["guarantee"]
+    stored = load_file(str(run.folders["knn"] / CALIBRATION_FILE))["scores"]
+    np.testing.assert_array_equal(stored, np.sort(g.fit_scores["id_val"]))
+    assert doc["threshold"] == stored[k - 1]
+    prov = doc["provenance"]["calibration"]
+    assert prov["set"] == "id_val" and prov["fit_data"] == ["id_train"]
+    if "shared_images" in prov:  # content fingerprints (oodforge.data.base.row_fingerprints)
+        assert prov["shared_images"] == {"id_train": 0}
+
+
+def test_pac_guard_roundtrip_and_cli_refusal(run, tmp_path):
+    from oodforge.deploy import GuardedClassifier
+    from oodforge.deploy.conformal import pac_rank
+    from oodforge.models.features import default_cache_dir
+
+    g = GuardedClassifier.fit(run.model, run.suite, "energy", target=0.95, confidence=0.99,
+                              cache_dir=default_cache_dir())
+    k = pac_rank(300, 0.05, 0.01)
+    assert g.calibration["rule"] == "pac" and g.calibration["k"] == k
+    assert g.threshold == np.sort(g.fit_scores["id_val"])[k - 1]
+    back = GuardedClassifier.load(g.save(tmp_path / "pac.oodf"))
+    assert back.calibration == json.loads(json.dumps(g.calibration)) and back.threshold == g.threshold
+    # 300 quick validation images cannot give 99 % acceptance with confidence 0.99: refused before any work
+    r = _invoke(["export", "--suite", "fashion6", "--quick", "--method", "energy", "--target", 0.99,
+                 "--confidence", 0.99, "--out", tmp_path / "x"])
+    assert r.exit_code == 2 and "needs at least 459" in r.output and "Traceback" not in r.output
+    r = _invoke(["predict", run.folders["knn"], tmp_path, "--fdr", 1.5])
+    assert r.exit_code == 2 and "--fdr" in r.output
+
+
+def test_predict_p_values_fdr_and_exchangeability_warning(run, tmp_path):
+    from oodforge.deploy.conformal import benjamini_hochberg, conformal_p_values
+
+    s = run.suite
+    _write_pngs(tmp_path / "mix" / "id", s.id_test, range(1, 600, 15), "id")
+    for name in ("digits", "photos"):
+        _write_pngs(tmp_path / "mix" / name, s.ood[name], range(0, 300, 15), name)
+    g = run.guards["knn"]
+    r = _invoke(["predict", run.folders["knn"], tmp_path / "mix", "--json", "--fdr", 0.1])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    rows, summary = lines[:-1], lines[-1]["summary"]
+    scores = np.array([row["id_score"] for row in rows])
+    p = np.array([row["p_value"] for row in rows])
+    np.testing.assert_allclose(p, conformal_p_values(g.calibration_scores, scores), rtol=0, atol=0)
+    alpha = g.calibration["alpha"]
+    assert all(row["accepted"] == (row["p_value"] > alpha + 1e-12) for row in rows)  # split conformal <=> p
+    flags = np.array([row["ood_fdr"] for row in rows])
+    np.testing.assert_array_equal(flags, benjamini_hochberg(p, 0.1))
+    is_id = np.array(["/id/" in row["file"] for row in rows])
+    assert summary["flagged_ood"] == flags.sum() > 0 and summary["rule"] == "split-conformal"
+    assert summary["rejection_bound"] == g.calibration["rejection_bound"]
+    assert (flags & is_id).sum() / flags.sum() <= 0.1  # the measured FDR on this folder
+    assert "warning:" in r.stderr and "exchangeable" in r.stderr  # 40 OOD images of 80: far too many rejected
+    text = _invoke(["predict", run.folders["knn"], tmp_path / "mix" / "id"])
+    assert text.exit_code == 0 and "warning:" not in text.stderr
+    assert "split conformal, n = 300" in text.stdout.splitlines()[-1]

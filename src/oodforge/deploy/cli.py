@@ -33,8 +33,12 @@ def export(
                                               "`oodforge train`). Default: the one `oodforge bench` uses (zoo / cache)."),
     outliers: Optional[Path] = typer.Option(None, "--outliers", help="Outlier store (from `oodforge synth`) for "
                                             "detectors trained on synthetic outliers (shift)."),
-    target: float = typer.Option(0.95, "--target", help="Target ID acceptance rate: the threshold accepts this "
-                                 "fraction of the ID validation images."),
+    target: float = typer.Option(0.95, "--target", help="Target ID acceptance rate 1 - alpha: by default the "
+                                 "split-conformal threshold on the ID validation images, which rejects an "
+                                 "exchangeable ID image with probability <= alpha (docs/deploy.md)."),
+    confidence: Optional[float] = typer.Option(None, "--confidence", help="PAC threshold instead: the ID rejection "
+                                               "rate is <= 1 - target with this probability (1 - delta, e.g. 0.99) "
+                                               "over the calibration draw; needs enough ID validation images."),
     onnx: bool = typer.Option(False, "--onnx", help="Also write guard.onnx (classifier + detector as one graph; "
                               "logit/penultimate/head-based detectors, mahalanobis, vim and shift only)."),
     quick: bool = typer.Option(False, "--quick", help="The suite's quick subsets (as `oodforge bench --quick`)."),
@@ -64,9 +68,12 @@ def export(
                                  "(*.toml)", param_hint="--suite")
     _check_export_method(method, outliers, onnx)
     check_model_options(user_model, checkpoint, weights, mean, std)
-    if not 0 < target <= 1:
-        raise typer.BadParameter(f"must be in (0, 1], got {target}", param_hint="--target")
+    if not 0 < target < 1:
+        raise typer.BadParameter(f"must be in (0, 1), got {target}", param_hint="--target")
+    if confidence is not None and not 0 < confidence < 1:
+        raise typer.BadParameter(f"must be in (0, 1), got {confidence}", param_hint="--confidence")
     s = load_suite(suite, data_root=data_root, seed=seed, quick=quick)
+    _check_calibration_size(s, target, confidence)
     if user_model is not None:
         from ..checks import check_suite_fits_model
         from ..models.cli import user_model_from_options
@@ -83,7 +90,7 @@ def export(
     t0 = time.time()
     guard = GuardedClassifier.fit(model, s, method, outliers=store, target=target, device=device,
                                   batch_size=batch_size, cache_dir=None if no_cache else default_cache_dir(),
-                                  seed=seed, progress=sys.stderr.isatty())
+                                  seed=seed, progress=sys.stderr.isatty(), confidence=confidence)
     guard.provenance.update({"checkpoint": info.get("checkpoint"), "zoo": info.get("zoo"), "quick": quick,
                              **{k: info[k] for k in ("user_model", "weights") if k in info},
                              "outlier_store": str(outliers) if outliers else None,
@@ -95,6 +102,20 @@ def export(
     guard.save(out, onnx=onnx)
     _echo_rates(method, guard, target, time.time() - t0)
     typer.echo(f"wrote {out}" + (" (with guard.onnx)" if onnx else ""))
+
+
+def _check_calibration_size(s, target: float, confidence: Optional[float]) -> None:
+    """The rule needs enough ID validation images to reject anything (checked before a model is trained)."""
+    from .conformal import min_calibration_size
+
+    n = 0 if s.id_val is None else len(s.id_val)
+    need = min_calibration_size(1 - target, None if confidence is None else 1 - confidence)
+    if n < need:
+        rule = (f"the PAC threshold (--confidence {confidence})" if confidence is not None
+                else "the split-conformal threshold")
+        _fail(f"--target {target}: the suite's ID validation split has {n} images, {rule} needs at least {need} "
+              "to guarantee the target (docs/deploy.md, 'Guarantees'); lower --target"
+              + (" or --confidence" if confidence is not None else "") + " or use a larger suite (not --quick)")
 
 
 def _check_export_method(method: str, outliers: Optional[Path], onnx: bool) -> None:
@@ -133,6 +154,8 @@ def _echo_rates(method: str, guard, target: float, seconds: float) -> None:
     typer.echo(f"{method}: threshold {guard.threshold:.6g} accepts {100 * r['id_val_acceptance']:.1f} % of ID val "
                f"(target {100 * target:.1f} %), {100 * r['id_test_acceptance']:.1f} % of ID test "
                f"({seconds:.1f} s)")
+    if guard.calibration:
+        typer.echo(f"  guarantee: {guard.calibration['guarantee']}")
     for name_, fpr in r["ood_fpr"].items():
         typer.echo(f"  FPR on {name_:<18} {100 * fpr:6.2f} %  (accepted as ID)")
 
@@ -156,16 +179,24 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (last line: the summary).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, ...")] = "cpu",
+    fdr: Annotated[Optional[float], typer.Option("--fdr", help="Also flag images as OOD with Benjamini-Hochberg on "
+                                                 "their conformal p-values, controlling the false discovery rate "
+                                                 "(share of ID images among the flagged) at this level, e.g. 0.1; "
+                                                 "the output comes after all images are scored.")] = None,
 ) -> None:
-    """Classify images or abstain: one line per image (file, class, confidence, ID score, decision)."""
+    """Classify images or abstain: one line per image (file, class, confidence, ID score, p-value, decision)."""
+    import numpy as np
     import torch
 
     from ..data.loaders import load_image_file
     from ..progress import progress_bar
+    from .conformal import benjamini_hochberg
     from .guard import GuardedClassifier
 
     if batch_size < 1:
         raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
+    if fdr is not None and not 0 < fdr < 1:
+        raise typer.BadParameter(f"must be in (0, 1), got {fdr}", param_hint="--fdr")
     try:
         g = GuardedClassifier.load(guard, device)
         files = collect_images(list(images))
@@ -173,9 +204,14 @@ def predict(
         _fail(str(e))
     if not files:
         _fail("no PNG or JPEG images found in " + ", ".join(map(str, images)))
+    has_p = g.calibration_scores is not None
+    if fdr is not None and not has_p:
+        _fail(f"--fdr needs conformal p-values, but {guard} holds no calibration scores (exported by an older "
+              "oodforge): re-export it with `oodforge export`")
     c, h, w = g.image_shape
-    n_acc = 0
     t0 = time.time()
+    rows: list[dict] = []  # with --fdr: every row, printed once all p-values are known
+    accepted, n_acc = [], 0
     bar = progress_bar(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
@@ -185,29 +221,80 @@ def predict(
             bar.close()
             _fail(str(e))
         p = g.predict(x, batch_size=batch_size)
+        pv = g.p_values(p.id_score) if has_p else [None] * len(chunk)
         for j, f in enumerate(chunk):
-            name = g.class_names[int(p.classes[j])]
             ok = bool(p.accepted[j])
             n_acc += ok
-            if as_json:
-                line = json.dumps({"file": str(f), "class": name, "class_index": int(p.classes[j]),
-                                   "confidence": float(p.confidence[j]), "id_score": float(p.id_score[j]),
-                                   "accepted": ok})
-            else:
-                line = (f"{f}\t{name}\t{p.confidence[j]:.4f}\t{p.id_score[j]:.8g}\t"
-                        f"{'accepted' if ok else 'abstained'}")
+            accepted.append(ok)
+            row = {"file": str(f), "class": g.class_names[int(p.classes[j])], "class_index": int(p.classes[j]),
+                   "confidence": float(p.confidence[j]), "id_score": float(p.id_score[j]),
+                   "p_value": None if pv[j] is None else float(pv[j]), "accepted": ok}
+            if fdr is not None:
+                rows.append(row)
+                continue
             if not bar.disable:
                 bar.clear()
-            typer.echo(line)
+            typer.echo(_predict_line(row, as_json))
         bar.update(len(chunk))
     bar.close()
+    n_flag = None
+    if fdr is not None:
+        flags = benjamini_hochberg(np.array([r["p_value"] for r in rows]), fdr)
+        n_flag = int(flags.sum())
+        for row, flag in zip(rows, flags):
+            typer.echo(_predict_line({**row, "ood_fdr": bool(flag)}, as_json))
     n = len(files)
     dt = time.time() - t0
+    cal = g.calibration or {}
     if as_json:
-        typer.echo(json.dumps({"summary": {"images": n, "accepted": n_acc, "abstained": n - n_acc,
-                                           "threshold": g.threshold, "target_acceptance": g.target,
-                                           "seconds": round(dt, 3)}}))
+        summary = {"images": n, "accepted": n_acc, "abstained": n - n_acc, "threshold": g.threshold,
+                   "target_acceptance": g.target, "rule": cal.get("rule"),
+                   "rejection_bound": cal.get("rejection_bound"), "guarantee": cal.get("guarantee"),
+                   "seconds": round(dt, 3)}
+        if fdr is not None:
+            summary.update({"fdr": fdr, "flagged_ood": n_flag})
+        typer.echo(json.dumps({"summary": summary}))
     else:
+        bound = f"; the guard {cal['guarantee']}" if cal.get("guarantee") else ""
+        flagged = f"; BH at FDR {fdr:g} flags {n_flag} as OOD" if fdr is not None else ""
         typer.echo(f"# {n} images: {n_acc} accepted, {n - n_acc} abstained ({100 * (n - n_acc) / n:.1f} %) at "
                    f"threshold {g.threshold:.8g} ({g.detector.name}; target ID acceptance "
-                   f"{100 * (g.target or 0):.1f} %); {n / max(dt, 1e-9):.0f} images/s")
+                   f"{100 * (g.target or 0):.1f} %{bound}){flagged}; {n / max(dt, 1e-9):.0f} images/s")
+    warning = exchangeability_warning(n - n_acc, n, cal)
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
+
+
+def _predict_line(row: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(row)
+    p = "-" if row["p_value"] is None else f"{row['p_value']:.4g}"
+    line = (f"{row['file']}\t{row['class']}\t{row['confidence']:.4f}\t{row['id_score']:.8g}\t{p}\t"
+            f"{'accepted' if row['accepted'] else 'abstained'}")
+    if "ood_fdr" in row:
+        line += "\t" + ("flagged-ood" if row["ood_fdr"] else "-")
+    return line
+
+
+#: warn when a batch's rejections are this unlikely for exchangeable ID images (one-sided Beta-binomial test)
+EXCHANGEABILITY_P = 1e-3
+
+
+def exchangeability_warning(rejected: int, m: int, calibration: dict) -> str | None:
+    """One warning line when ``rejected`` of ``m`` images is far more than exchangeable ID images give.
+
+    Given the calibration set, each exchangeable ID image is rejected with probability
+    ``R ~ Beta(k, n + 1 - k)`` (threshold = the ``k``-th smallest of ``n`` calibration scores), so the
+    count is Beta-binomial; below :data:`EXCHANGEABILITY_P` the batch is not (only) exchangeable ID data.
+    """
+    from .conformal import batch_rejection_p_value
+
+    k, n = calibration.get("k"), calibration.get("n")
+    if not k or not n or m == 0:
+        return None
+    p = batch_rejection_p_value(rejected, m, k, n)
+    if p >= EXCHANGEABILITY_P:
+        return None
+    return (f"warning: {rejected} of {m} images rejected ({100 * rejected / m:.1f} %), far more than the "
+            f"{100 * k / (n + 1):.1f} % expected of ID images exchangeable with the calibration split (p = {p:.1g}): "
+            "the batch holds OOD images or comes from a shifted source, where the guarantee does not hold")

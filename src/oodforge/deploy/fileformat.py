@@ -1,16 +1,19 @@
 """The export folder ``NAME.oodf/`` of a guarded classifier (format version 1).
 
-=======================  ===================================================================
-file                     content
-=======================  ===================================================================
-``model.safetensors``    the classifier's state dict (normalisation buffers included)
-``detector.safetensors`` the detector's fitted state, flattened with dotted keys
-                         (``det_a_.means_``, ``net_.fc1.weight``); see :mod:`.state`
-``guard.json``           format + version, detector name / params / state layout, threshold,
-                         target, achieved rates, model architecture, preprocessing, class
-                         names, provenance, the sha256 of every other file and of itself
-``guard.onnx``           optional: classifier + detector as one ONNX graph (see :mod:`.onnx`)
-=======================  ===================================================================
+=============================  ======================================================================
+file                           content
+=============================  ======================================================================
+``model.safetensors``          the classifier's state dict (normalisation buffers included)
+``detector.safetensors``       the detector's fitted state, flattened with dotted keys
+                               (``det_a_.means_``, ``net_.fc1.weight``); see :mod:`.state`
+``calibration.safetensors``    the sorted ID-validation scores the threshold was set on (``scores``,
+                               float64), for conformal p-values; absent in older exports (no p-values)
+``guard.json``                 format + version, detector name / params / state layout, threshold,
+                               target, calibration rule and guarantee, achieved rates, model
+                               architecture, preprocessing, class names, provenance, the sha256 of
+                               every other file and of itself
+``guard.onnx``                 optional: classifier + detector as one ONNX graph (see :mod:`.onnx`)
+=============================  ======================================================================
 
 ``guard.json``'s own checksum (``manifest_sha256``) is the sha256 of the canonical JSON
 (sorted keys, no spaces) of the document without that field. :func:`read_guard` checks the
@@ -29,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -37,6 +41,7 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MODEL_FILE, DETECTOR_FILE, MANIFEST_FILE, ONNX_FILE = "model.safetensors", "detector.safetensors", "guard.json", \
     "guard.onnx"
+CALIBRATION_FILE = "calibration.safetensors"  # optional within format version 1 (older exports lack it)
 
 
 class GuardFileError(ValueError):
@@ -90,6 +95,10 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         save_file(_model_state(guard.model), str(tmp / MODEL_FILE))
         save_file(det_tensors, str(tmp / DETECTOR_FILE), metadata={"format": FORMAT})
         files = [MODEL_FILE, DETECTOR_FILE]
+        if getattr(guard, "calibration_scores", None) is not None:
+            save_file({"scores": torch.from_numpy(np.ascontiguousarray(guard.calibration_scores, np.float64))},
+                      str(tmp / CALIBRATION_FILE), metadata={"format": FORMAT})
+            files.append(CALIBRATION_FILE)
         onnx_info = None
         if onnx:
             from .onnx import export_onnx
@@ -107,6 +116,7 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
             "detector": det_manifest,
             "threshold": guard.threshold, "target_acceptance": guard.target,
             "accept_rule": "id_score >= threshold",
+            "calibration": getattr(guard, "calibration", None),
             "rates": guard.rates,
             "model": model_doc,
             "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
@@ -210,8 +220,9 @@ def read_manifest(path: str | Path) -> dict:
     return doc
 
 
-def read_guard(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, object, dict, Path]:
-    """The verified parts of an export folder: ``(model, fitted detector, guard.json document, folder)``.
+def read_guard(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, object, dict, Path, np.ndarray | None]:
+    """The verified parts of an export folder: ``(model, fitted detector, guard.json document, folder,
+    calibration scores or None)``.
 
     :meth:`oodforge.deploy.guard.GuardedClassifier.load` assembles them (this module stays below it).
     """
@@ -244,4 +255,10 @@ def read_guard(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
     except Exception as e:
         raise GuardFileError(f"{folder / DETECTOR_FILE} cannot be restored as detector "
                              f"{doc['detector'].get('name')!r}: {type(e).__name__}: {e}") from None
-    return model, detector, doc, folder
+    cal = None
+    if CALIBRATION_FILE in doc["files"]:
+        try:
+            cal = load_file(str(folder / CALIBRATION_FILE))["scores"].numpy()
+        except Exception as e:
+            raise GuardFileError(f"{folder / CALIBRATION_FILE} cannot be read as calibration scores: {e}") from None
+    return model, detector, doc, folder, cal

@@ -4,15 +4,19 @@
 detector's ID score (higher = more in-distribution) and whether the image is *accepted*
 (``id_score >= threshold``); a rejected image is an abstention.
 
-Calibration rule: the threshold is the score such that the ``target`` fraction of the held-out ID
-validation scores (``suite.id_val``, never the images the detector was fitted on, never OOD data)
-are ``>=`` it, i.e. the ``ceil(target * n)``-th largest of the ``n`` validation scores.
+Calibration (:mod:`.conformal`): the threshold is set on the held-out ID validation split
+``suite.id_val``, which no part of the guard was fitted on (the detector is fitted on ``suite.id_train``,
+disjoint by construction and checked by image content) and which holds no OOD data. By default it is
+the split-conformal threshold, the ``floor((n + 1) alpha)``-th smallest of the ``n`` validation scores
+(``alpha = 1 - target``): an exchangeable ID image is rejected with probability ``<= alpha``. With
+``confidence = 1 - delta`` it is the PAC threshold: the ID rejection rate is ``<= alpha`` with probability
+``>= 1 - delta`` over the calibration draw. The sorted calibration scores are kept with the guard, so
+:meth:`GuardedClassifier.p_values` gives each image's conformal p-value.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -37,21 +41,17 @@ class Prediction(NamedTuple):
     accepted: np.ndarray  # bool: id_score >= threshold (False = abstain)
 
 
-def calibrate_threshold(id_val_scores: np.ndarray, target: float) -> float:
-    """The score ``t`` such that the ``target`` fraction of ``id_val_scores`` are ``>= t``.
+def calibrate_threshold(id_val_scores: np.ndarray, target: float, confidence: float | None = None,
+                        rule: str | None = None) -> float:
+    """The threshold of :func:`oodforge.deploy.conformal.calibrate` (accept ``score >= threshold``).
 
-    ``t`` is the ``k``-th largest score with ``k = ceil(target * n)`` (at least 1), so at least
-    ``target * n`` validation images are accepted (more only when scores tie at ``t``).
+    Default: split conformal, the ``floor((n + 1)(1 - target))``-th smallest score; with ``confidence``,
+    the PAC threshold; ``rule="quantile"``: the ``ceil(target * n)``-th largest score (oodforge's earlier
+    rule, no guarantee).
     """
-    if not 0 < float(target) <= 1:
-        raise ValueError(f"target acceptance rate must be in (0, 1], got {target}")
-    s = np.asarray(id_val_scores, np.float64).ravel()
-    if s.size == 0:
-        raise ValueError("cannot calibrate a threshold on zero ID validation scores")
-    if not np.isfinite(s).all():
-        raise ValueError("the detector gave non-finite ID validation scores; cannot calibrate a threshold")
-    k = min(max(int(math.ceil(float(target) * s.size - 1e-9)), 1), s.size)
-    return float(np.sort(s)[::-1][k - 1])
+    from .conformal import calibrate
+
+    return calibrate(id_val_scores, target, confidence, rule).threshold
 
 
 def acceptance_rate(scores: np.ndarray, threshold: float) -> float:
@@ -100,6 +100,30 @@ def parse_method_spec(method: str) -> tuple[str, dict]:
     return parse_method(method)
 
 
+def calibration_provenance(suite: Suite, outliers: FeatureSet | None = None) -> dict:
+    """Which split calibrates and that it is disjoint from everything the detector was fitted on.
+
+    The calibration split is ``suite.id_val`` (held-out ID images). It is compared by image *content*
+    (:meth:`oodforge.data.base.ArrayDataset.fingerprints`) with the detector's fit data, ``suite.id_train``
+    and the outlier store; ``shared_images`` counts validation images whose exact pixels also occur there
+    (0 for the embedded suites; duplicates inside a user's source data would show here).
+    """
+    val = suite.id_val
+    doc = {"set": "id_val", "identity": val.identity, "n": len(val),
+           "fit_data": ["id_train"] + (["outliers"] if outliers is not None else []),
+           "disjoint_by": "construction (oodforge.data.suites.with_validation_split)"}
+    fingerprints = getattr(val, "fingerprints", None)
+    if callable(fingerprints):
+        fp = fingerprints()
+        shared = {"id_train": int(np.isin(fp, suite.id_train.fingerprints()).sum())}
+        store = getattr(outliers, "images", None) if outliers is not None else None
+        if callable(getattr(store, "fingerprints", None)):
+            shared["outliers"] = int(np.isin(fp, store.fingerprints()).sum())
+        doc.update({"disjoint_by": "construction, checked by image content (64-bit BLAKE2b per image)",
+                    "shared_images": shared})
+    return doc
+
+
 class GuardedClassifier:
     """Classifier + fitted detector + threshold; see the module docstring.
 
@@ -109,7 +133,8 @@ class GuardedClassifier:
 
     def __init__(self, model: Classifier, detector: Detector, threshold: float, *, target: float | None = None,
                  class_names: list[str] | None = None, image_shape: tuple[int, int, int] | None = None,
-                 rates: dict | None = None, provenance: dict | None = None, device: str = "cpu") -> None:
+                 rates: dict | None = None, provenance: dict | None = None, device: str = "cpu",
+                 calibration: dict | None = None, calibration_scores: np.ndarray | None = None) -> None:
         if not getattr(detector, "fitted_", False):
             raise ValueError(f"detector {detector.name!r} is not fitted")
         self.model = model.to(device).eval()
@@ -121,16 +146,24 @@ class GuardedClassifier:
         self.rates = rates or {}
         self.provenance = provenance or {}
         self.device = device
+        #: ``guard.json["calibration"]``: rule, n, k, alpha, delta, the guaranteed bound (:class:`.conformal.Calibration`)
+        self.calibration = calibration
+        #: the sorted ID-validation scores the threshold was set on (for conformal p-values); None for old exports
+        self.calibration_scores = None if calibration_scores is None else np.sort(
+            np.asarray(calibration_scores, np.float64).ravel())
 
     # --- building --------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: Classifier, suite: Suite, method: str | Detector, outliers: ArrayDataset | None = None,
             target: float = 0.95, device: str = "cpu", batch_size: int = 256, cache_dir: str | Path | None = None,
-            seed: int = 0, progress: bool = False, extra: dict | None = None) -> GuardedClassifier:
+            seed: int = 0, progress: bool = False, extra: dict | None = None, confidence: float | None = None,
+            rule: str | None = None) -> GuardedClassifier:
         """Fit ``method`` as :func:`oodforge.bench.run_bench` does, calibrate on ``suite.id_val`` and
         record the achieved ID-test acceptance rate and the FPR on every OOD set.
 
-        ``method`` is a bench method spec (``"knn:k=10"``) or an unfitted detector.
+        ``method`` is a bench method spec (``"knn:k=10"``) or an unfitted detector. ``confidence``
+        (``1 - delta``) selects the PAC threshold instead of the split-conformal one; ``rule`` is one of
+        :data:`.conformal.RULES`. A validation split too small for the rule fails before the detector is fitted.
         """
         from .. import __version__
         from ..bench import _FeatureCache, _with_images, check_fit_inputs
@@ -139,6 +172,14 @@ class GuardedClassifier:
         if suite.id_val is None or len(suite.id_val) == 0:
             raise ValueError(f"suite {suite.name!r} has no ID validation split (suite.id_val): the threshold is "
                              "calibrated on held-out ID images (see oodforge.data.suites.with_validation_split)")
+        from .conformal import calibrate, min_calibration_size
+
+        rule = rule or ("pac" if confidence is not None else "split-conformal")
+        if rule != "quantile" and float(target) < 1:  # too few calibration images: say so before any work
+            alpha, delta = 1 - float(target), None if confidence is None else 1 - float(confidence)
+            need = min_calibration_size(alpha, delta)
+            if len(suite.id_val) < need:
+                calibrate(np.zeros(len(suite.id_val)), target, confidence, rule)  # raises, naming the minimum
         if isinstance(method, str):
             name, params = parse_method_spec(method)
             det, spec = create(name, **params), method
@@ -168,7 +209,8 @@ class GuardedClassifier:
             det.fit(ctx)
         with _quiet(det):
             s_val = det.score(val)
-            threshold = calibrate_threshold(s_val, target)
+            cal = calibrate(s_val, target, confidence, rule)
+            threshold = cal.threshold
             test_fs = _with_images(cache.get(suite.id_test, fmap), suite.id_test)
             s_id = det.score(test_fs)
             s_ood = {n: det.score(_with_images(cache.get(ds, fmap), ds)) for n, ds in suite.ood.items()}
@@ -178,11 +220,12 @@ class GuardedClassifier:
                  "ood_fpr": {n: acceptance_rate(s, threshold) for n, s in s_ood.items()}}
         provenance = {"suite": suite.name, "method": spec, "seed": seed, "oodforge": __version__,
                       "torch": torch.__version__, "weights_hash": weights_hash(model), "id_test_accuracy": acc,
-                      "calibration": {"set": "id_val", "identity": suite.id_val.identity, "n": len(suite.id_val)},
+                      "calibration": calibration_provenance(suite, out_fs),
                       "sets": {"id_test": len(suite.id_test), **{n: len(ds) for n, ds in suite.ood.items()}},
                       "metrics": {n: evaluate(s_id, s) for n, s in s_ood.items()}}
         guard = cls(model, det, threshold, target=float(target), class_names=suite.class_names,
-                    image_shape=suite.image_shape, rates=rates, provenance=provenance, device=device)
+                    image_shape=suite.image_shape, rates=rates, provenance=provenance, device=device,
+                    calibration=cal.as_dict(), calibration_scores=s_val)
         guard.fit_scores = {"id_val": s_val, "id": s_id, **s_ood}  # the arrays the rates come from
         return guard
 
@@ -232,6 +275,16 @@ class GuardedClassifier:
     def scores(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         return self.predict(images, batch_size).id_score
 
+    def p_values(self, id_score: np.ndarray) -> np.ndarray:
+        """Conformal p-values ``(1 + #{cal <= s}) / (n + 1)`` of ID scores (small = evidence of OOD;
+        :func:`.conformal.conformal_p_values`). ``p <= alpha`` is the split-conformal rejection rule."""
+        from .conformal import conformal_p_values
+
+        if self.calibration_scores is None:
+            raise ValueError("this guarded classifier holds no calibration scores (exported by an older oodforge): "
+                             "re-export it with `oodforge export` to get conformal p-values")
+        return conformal_p_values(self.calibration_scores, id_score)
+
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str | Path, onnx: bool = False) -> Path:
         """Write the export folder (see :mod:`oodforge.deploy.fileformat`); ``onnx`` also writes ``guard.onnx``."""
@@ -244,11 +297,12 @@ class GuardedClassifier:
         """Read an export folder, verifying its format version and every file's sha256."""
         from .fileformat import read_guard
 
-        model, detector, doc, folder = read_guard(path, device)
+        model, detector, doc, folder, cal_scores = read_guard(path, device)
         pre = doc["preprocessing"]
         guard = cls(model, detector, doc["threshold"], target=doc.get("target_acceptance"),
                     class_names=doc.get("class_names"), image_shape=(pre["channels"], *pre["image_size"]),
-                    rates=doc.get("rates"), provenance=doc.get("provenance"), device=device)
+                    rates=doc.get("rates"), provenance=doc.get("provenance"), device=device,
+                    calibration=doc.get("calibration"), calibration_scores=cal_scores)
         guard.manifest = doc
         guard.path = folder
         return guard
