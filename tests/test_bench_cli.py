@@ -57,6 +57,18 @@ def test_bench_quick_writes_reproducible_artifacts(tmp_path):
             assert m == evaluate(id_s, ood_s)
     report = (out / "report.md").read_text()
     assert "near avg" in report and "far avg" in report and "ID accuracy" in report
+    # the report recommends the protocol's pick on validation numbers (held-out forgers, on by default), and
+    # `export --from-run` ships that same detector
+    from oodforge.protocol import pick
+
+    chosen = pick(res, among="all")
+    assert chosen is not None and set(res["validation_heldout"]) == set(res["methods"])
+    assert f"The protocol's pick among this run's methods is `{chosen.key}`" in report
+    guard = tmp_path / "guard.oodf"
+    proc3 = run_cli("export", "--suite", "fashion6", "--from-run", str(out), "--quick", "--out", str(guard))
+    assert proc3.returncode == 0, proc3.stderr[-3000:]
+    assert f"shipping {chosen.key} from" in proc3.stdout
+    assert chosen.key.split(":")[0] in (guard / "guard.json").read_text()
     assert len(list((out / "plots").glob("roc_*.png"))) == 6
     assert len(list((out / "plots").glob("hist_*.png"))) == 6
     # far-OOD sets are easy in feature space for a trained classifier: a broken pipeline (wrong sign,

@@ -17,7 +17,7 @@ LAYERS = [
     {"detectors", "outliers", "hub"},
     {"synth", "ssod", "oe", "synood"},  # method packages: never each other
     {"bench", "keys", "protocol", "report", "zoo"},
-    {"workflows", "demo", "deploy"},
+    {"workflows", "demo", "deploy", "api"},  # api: oodforge.fit / evaluate / guard (the root re-exports it lazily)
     {"cli"},  # and every package's own cli.py (the command functions cli.py wires)
 ]
 METHODS = LAYERS[4]

@@ -26,8 +26,12 @@ def _fail(msg: str) -> None:
 def export(
     suite: str = typer.Option(..., "--suite", help="Suite the classifier was trained on: fashion, fashion6, scenes or a suite file (*.toml) "
                               "(its ID train split fits the detector, its ID validation split calibrates the threshold)."),
-    method: str = typer.Option(..., "--method", help="One detector, with parameters as in `oodforge bench` "
-                               "(e.g. 'knn:k=10', 'shift')."),
+    method: Optional[str] = typer.Option(None, "--method", help="One detector, with parameters as in `oodforge "
+                                         "bench` (e.g. 'knn:k=10', 'shift'); or give --from-run."),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help="A `oodforge bench` output folder: ship the "
+                                            "detector its report.md recommends, the protocol's pick on validation "
+                                            "data (docs/protocol.md); fills --method, and --checkpoint / --outliers "
+                                            "when not given."),
     out: Path = typer.Option(..., "--out", help="Export folder to write, e.g. guard.oodf (replaced if it exists)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Classifier checkpoint folder (from "
                                               "`oodforge train`). Default: the one `oodforge bench` uses (zoo / cache)."),
@@ -66,6 +70,8 @@ def export(
     if not is_suite(suite):
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
+    if method is None or from_run is not None:
+        method, checkpoint, outliers = shipped_method(from_run, method, checkpoint, outliers)
     _check_export_method(method, outliers, onnx)
     check_model_options(user_model, checkpoint, weights, mean, std)
     if not 0 < target < 1:
@@ -298,3 +304,38 @@ def exchangeability_warning(rejected: int, m: int, calibration: dict) -> str | N
     return (f"warning: {rejected} of {m} images rejected ({100 * rejected / m:.1f} %), far more than the "
             f"{100 * k / (n + 1):.1f} % expected of ID images exchangeable with the calibration split (p = {p:.1g}): "
             "the batch holds OOD images or comes from a shifted source, where the guarantee does not hold")
+
+
+def shipped_method(run: Optional[Path], method: Optional[str], checkpoint: Optional[Path],
+                   outliers: Optional[Path]) -> tuple[str, Optional[Path], Optional[Path]]:
+    """``(method spec, checkpoint, outlier store)`` of the detector a bench run recommends: the protocol's pick
+    over every method of the run on validation numbers (:func:`oodforge.protocol.pick` with ``among="all"``,
+    the same as its report.md), never the best test AUROC. Explicit ``--checkpoint`` / ``--outliers`` win."""
+    import json
+
+    from ..keys import split_key
+    from ..protocol import pick
+
+    if run is None:
+        raise typer.BadParameter("give the detector to ship (e.g. --method vim), or --from-run RUN (an `oodforge "
+                                 "bench` folder) to ship the protocol's pick", param_hint="--method")
+    if method is not None:
+        raise typer.BadParameter("give either --method or --from-run, not both", param_hint="--from-run")
+    path = run / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{path}: cannot read a bench run's results ({e}); give an `oodforge bench --out` "
+                                 "folder", param_hint="--from-run") from None
+    chosen = pick(res, among="all")
+    if chosen is None:
+        raise typer.BadParameter(f"{path}: the run has no validation numbers to pick on; re-run bench without "
+                                 "--no-heldout-val, or give --method", param_hint="--from-run")
+    spec, source, label = split_key(chosen.key)
+    model = (res.get("models") or {}).get(label or "plain") or {}
+    if checkpoint is None and model.get("checkpoint"):
+        checkpoint = Path(model["checkpoint"])
+    if outliers is None and source is not None and model.get("outlier_store"):
+        outliers = Path(model["outlier_store"])
+    typer.echo(f"shipping {chosen.key} from {run}: the protocol's pick, {chosen.describe()}")
+    return spec, checkpoint, outliers
