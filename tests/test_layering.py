@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "oodforge"
 
 #: lowest first; a module may import its own layer or lower ones
 LAYERS = [
-    {"", "progress", "metrics", "checks", "outdir"},
+    {"", "progress", "metrics", "selective", "intervals", "checks", "outdir"},
     {"data"},
     {"models"},
     {"detectors", "outliers", "hub"},
-    {"synth", "ssod", "oe", "synood"},  # method packages: never each other
+    {"synth", "ssod", "oe", "synood", "recipes"},  # method packages: never each other
     {"bench", "keys", "protocol", "report", "zoo"},
     {"workflows", "demo", "deploy", "api"},  # api: oodforge.fit / evaluate / guard (the root re-exports it lazily)
     {"cli"},  # and every package's own cli.py (the command functions cli.py wires)

@@ -32,7 +32,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge"))
 
 
-TRAIN_METHODS = ("plain", "ssod", "oe")
+TRAIN_METHODS = ("plain", "ssod", "oe")  # and the recipes of oodforge.recipes (recipes.is_recipe)
+#: a recipe fine-tuned from a checkpoint (``init_from``): SGD (Nesterov) lr 0.01 cosine, the learning rate of
+#: the zoo's OE fine-tune (OE_RECIPE), picked on validation data; from scratch a recipe takes the plain recipe
+RECIPE_FINETUNE = {"optimizer": "sgd", "lr": 0.01, "schedule": "cosine", "weight_decay": 5e-4}
 #: the outlier-exposure recipe the protocol picked on validation data (docs/protocol.md): the zoo's OE
 #: models and the demo's in-place fine-tuning use it
 OE_RECIPE = {"oe_loss": "energy", "lr": 0.01, "epochs": 1}
@@ -72,17 +75,29 @@ class TrainPlan:
     oe_lambda: float | None = None
     m_in: float | None = None
     m_out: float | None = None
+    recipe_options: dict | None = None  # a recipe's (oodforge.recipes) options; None = the papers' defaults
 
     def key(self, suite: Suite) -> str:
-        blob = json.dumps({**self.__dict__, "train": suite.id_train.identity, "shape": suite.image_shape},
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "recipe_options" and v is None)}
+        blob = json.dumps({**fields, "train": suite.id_train.identity, "shape": suite.image_shape},
                           sort_keys=True)
         return f"{suite.name}-{self.method}-{self.arch}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def train_config(self) -> TrainConfig:
         """The loop settings: explicit fields win over the method's defaults."""
-        if self.method not in TRAIN_METHODS:
-            raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(TRAIN_METHODS)}")
-        if self.method == "ssod":
+        from . import recipes
+
+        is_recipe = recipes.is_recipe(self.method)
+        if self.method not in TRAIN_METHODS and not is_recipe:
+            raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(TRAIN_METHODS)}, "
+                             f"or a recipe: {', '.join(recipes.LOSSES[1:])}, optionally '+pixmix'")
+        if self.recipe_options and not is_recipe:
+            raise ValueError(f"recipe options are for the recipes of oodforge.recipes, not method {self.method!r}")
+        if is_recipe:
+            self.resolved_options()  # refuse unknown or foreign options before any data is loaded
+        if is_recipe and self.init_from:
+            defaults = dict(RECIPE_FINETUNE)
+        elif self.method == "ssod":
             from .ssod.train import CPU_DEFAULT, CPU_FINETUNE
 
             base = CPU_FINETUNE if self.init_from else CPU_DEFAULT
@@ -101,7 +116,19 @@ class TrainPlan:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, flip=self.flip,
                            **chosen).validate()
 
-    def objective(self):
+    def objective(self, image_shape: tuple[int, int, int] | None = None):
+        from . import recipes
+
+        if recipes.is_recipe(self.method):
+            if image_shape is None:
+                raise ValueError(f"recipe {self.method!r} needs the training images' shape")
+            outliers = None
+            if self.outliers:
+                from .outliers.store import OutlierStore
+
+                outliers = OutlierStore(self.outliers).load()
+            return recipes.build_objective(self.method, self.resolved_options(), image_shape, seed=self.seed,
+                                           outliers=outliers, pictures_dir=cache_root() / "pictures")
         if self.method == "ssod":
             from .ssod.train import SSODObjective
 
@@ -115,6 +142,23 @@ class TrainPlan:
                                    m_in=self.m_in, m_out=self.m_out, seed=self.seed)
         return CrossEntropy()
 
+    def resolved_options(self) -> dict | None:
+        """A recipe's options with the papers' defaults filled in (recorded in the checkpoint's plan)."""
+        from . import recipes
+
+        if not recipes.is_recipe(self.method):
+            return None
+        return recipes.resolve_options(self.method, self.recipe_options, bool(self.outliers))
+
+    def arch_to_build(self) -> str:
+        """The architecture the method trains: ``ssod:<arch>`` / ``rotpred:<arch>`` wrap the backbone."""
+        from . import recipes
+
+        if self.method == "ssod":
+            return f"ssod:{self.arch}"
+        prefix = recipes.wrapper_prefix(self.method) if recipes.is_recipe(self.method) else None
+        return f"{prefix}:{self.arch}" if prefix else self.arch
+
 
 def normalisation(suite: Suite) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std of the ID training images (stored in the model)."""
@@ -127,8 +171,9 @@ def normalisation(suite: Suite) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
     """Copy a trained checkpoint's weights into ``model`` (before fine-tuning).
 
-    Same architecture: every weight. A plain checkpoint into an SSOD model: the backbone (the OOD
-    head starts fresh), which is how the zoo's SSOD models start. Returns the source's metadata.
+    Same architecture: every weight. A plain checkpoint into a wrapped model (SSOD, RotPred): the
+    backbone (the extra head starts fresh), which is how the zoo's SSOD models start. Returns the
+    source's metadata.
     """
     from .models.checkpoint import weights_hash
 
@@ -137,7 +182,8 @@ def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
         raise ValueError(f"--init-from {checkpoint}: it has {src.num_classes} classes / {src.in_channels} channels, "
                          f"the model to train has {model.num_classes} / {model.in_channels}")
     target = model
-    if getattr(model, "arch", "") != meta["arch"] and getattr(model, "arch", "").startswith("ssod:"):
+    wrapped = ":" in getattr(model, "arch", "") and hasattr(model, "backbone")
+    if getattr(model, "arch", "") != meta["arch"] and wrapped:
         target = model.backbone  # type: ignore[attr-defined]
     if getattr(target, "arch", "") != meta["arch"]:
         raise ValueError(f"--init-from {checkpoint} holds a {meta['arch']!r} model; the model to train is "
@@ -154,9 +200,9 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
     The seed is set before the model is built, so the same plan gives bit-identical weights on the
     same machine and thread count. ``state_dir`` makes the run resumable per epoch.
     """
-    config, objective = plan.train_config(), plan.objective()
+    config, objective = plan.train_config(), plan.objective(suite.id_train.image_shape)
     mean, std = normalisation(suite)
-    arch = f"ssod:{plan.arch}" if plan.method == "ssod" else plan.arch
+    arch = plan.arch_to_build()
     seed_everything(plan.seed)
     model = build_model(arch, suite.num_classes, suite.image_shape[0], mean, std)
     init = initialise_from(model, plan.init_from) if plan.init_from else None
@@ -165,7 +211,8 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
                            state_dir=state_dir, log=log)
     meta = {"class_names": suite.class_names, "suite": suite.name, "train_set": suite.id_train.identity,
             "input_shape": list(suite.id_train.image_shape),
-            "plan": plan.__dict__, "train_seconds": round(time.time() - t0, 1), "init_from": init,
+            "plan": {**plan.__dict__, "recipe_options": plan.resolved_options()},
+            "train_seconds": round(time.time() - t0, 1), "init_from": init,
             "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str, dict))}}
     return model.eval(), meta
 

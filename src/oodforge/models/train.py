@@ -9,8 +9,11 @@ A training run is ``run_training(model, dataset, objective, config)``:
 * an :class:`Objective` is the loss hook: given a batch it returns the loss to minimise, the
   logits (for the running accuracy) and numbers to log. :class:`CrossEntropy` is the plain
   classifier; ``oodforge.ssod.objective.SSODObjective`` (Eq. 14 of Pei 2024) and
-  ``oodforge.oe.objective.OutlierExposure`` (Hendrycks et al. 2019; Liu et al. 2020) are the
+  ``oodforge.oe.objective.OutlierExposure`` (Hendrycks et al. 2019; Liu et al. 2020) and the
+  no-outlier recipes of ``oodforge.recipes`` (LogitNorm, T2FNorm, RotPred, MixOE) are the
   others. A comparison "SSOD vs plain" or "OE vs plain" therefore changes only the loss.
+* a :class:`BatchTransform` is the augmentation hook (PixMix); :class:`Augmented` composes one
+  with any objective, so "LogitNorm + PixMix" is ``Augmented(LogitNorm(), PixMix(...))``.
 
 Every random draw (shuffling, augmentation, an objective's own sampling) comes from generators
 seeded by ``config.seed``; with ``state_dir`` the loop writes an atomic per-epoch state
@@ -177,6 +180,70 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:  # noqa: B027
         pass
+
+
+class BatchTransform:
+    """A seeded data augmentation applied to a whole batch inside the loop (after crop / flip).
+
+    The hook for augmentations that mix images (PixMix); they compose with any loss through
+    :class:`Augmented`. :meth:`__call__` maps ``(images in [0, 1], labels) -> images``; the random
+    state travels across a resumed run through :meth:`state_dict` / :meth:`load_state_dict`, and
+    :meth:`describe` goes into the checkpoint's metadata.
+    """
+
+    name = "transform"
+
+    def bind(self, dataset: ArrayDataset) -> None:  # noqa: B027
+        """Check the data fit this transform (raise ``ValueError``)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"transform": self.name}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027
+        pass
+
+
+class Augmented(Objective):
+    """``objective`` on batches first passed through ``transform``: an augmentation composed with a loss.
+
+    The loop's crop / flip runs first (as in the PixMix reference code, whose base transform precedes
+    the mixing), then ``transform``, then the loss (so RotPred rotates mixed images, as OpenOOD's
+    RotPred + PixMix does). ``augment`` (the loop's crop / flip) is passed on unchanged.
+    """
+
+    def __init__(self, objective: Objective, transform: BatchTransform):
+        self.inner, self.transform = objective, transform
+        self.name = f"{objective.name}+{transform.name}"
+
+    def bind(self, model, dataset, config) -> None:
+        self.transform.bind(dataset)
+        self.inner.bind(model, dataset, config)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.inner.start_epoch(epoch)
+
+    def loss(self, model, x, y, augment) -> StepLoss:
+        mixed = self.transform(x, y)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            mixed = mixed.contiguous(memory_format=torch.channels_last)
+        return self.inner.loss(model, mixed, y, augment)
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "augmentation": self.transform.describe()}
+
+    def state_dict(self) -> dict:
+        return {"objective": self.inner.state_dict(), "transform": self.transform.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.inner.load_state_dict(state.get("objective", {}))
+            self.transform.load_state_dict(state.get("transform", {}))
 
 
 class CrossEntropy(Objective):
