@@ -151,10 +151,8 @@ class Detector:
 
     def fit(self, ctx, model: torch.nn.Module | None = None, **data_options) -> Detector:
         """Fit on a :class:`FitContext`, or on data with ``model=`` (``val=``, ``outliers=``, ``device=``,
-        ``seed=``, ``batch_size=``, ``cache_dir=``: :func:`.inputs.fit_context` builds the FitContext)."""
+        ``seed=``, ``batch_size=``, ``cache_dir=``: :func:`fit_context` builds the FitContext)."""
         if not isinstance(ctx, FitContext):
-            from .inputs import fit_context
-
             ctx = fit_context(self, ctx, model, **data_options)
         elif model is not None or data_options:
             raise TypeError(f"{self.name}: fit(FitContext) takes no other arguments; the FitContext holds them")
@@ -199,6 +197,19 @@ class Detector:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def fit_context(det: Detector, data, model, *, val=None, outliers=None, device: str = "cpu", seed: int = 0,
+                extra: dict | None = None, batch_size: int = 256, cache_dir=None, progress: bool = False) -> FitContext:
+    """A :class:`FitContext` for ``det`` from training data (and optional held-out ID data and synthetic
+    outliers), each a dataset, a torch Dataset / DataLoader or a FeatureSet (:func:`.inputs.features_for`)."""
+    from .inputs import features_for
+
+    opts = {"device": device, "batch_size": batch_size, "cache_dir": cache_dir, "progress": progress}
+    return FitContext(model=model, train=features_for(det, model, data, train=True, **opts),
+                      outliers=None if outliers is None else features_for(det, model, outliers, train=True, **opts),
+                      val=None if val is None else features_for(det, model, val, **opts),
+                      device=device, seed=seed, extra=dict(extra or {}))
 
 
 def clone(detector: Detector) -> Detector:

@@ -4,7 +4,7 @@ A detector reads :class:`~oodforge.models.featureset.FeatureSet` s inside a :cla
 :func:`features_for` computes the FeatureSet a detector needs from a dataset (an oodforge dataset, a torch
 ``Dataset`` or ``DataLoader``: :mod:`oodforge.models.torchdata`), with the feature maps only when it reads
 them and the images attached when it needs the pixels (``needs_inputs``), as :mod:`oodforge.bench` does.
-:func:`fit_context` builds the FitContext for the user from data or FeatureSets.
+:func:`~.base.fit_context` builds the FitContext for the user from data or FeatureSets with it.
 """
 
 from __future__ import annotations
@@ -34,19 +34,4 @@ def features_for(det, model, data, *, train: bool = False, device: str = "cpu", 
     return FeatureSet(fs.logits, fs.penultimate, fs.labels, fs.feature_map, images=images)
 
 
-def fit_context(det, data, model, *, val=None, outliers=None, device: str = "cpu", seed: int = 0,
-                extra: dict | None = None, batch_size: int = 256, cache_dir: str | Path | None = None,
-                progress: bool = False):
-    """A :class:`~.base.FitContext` for ``det`` from training data (and optional ID validation data and
-    synthetic outliers), each a dataset, a torch Dataset / DataLoader or a FeatureSet."""
-    from .base import FitContext
-
-    opts = {"device": device, "batch_size": batch_size, "cache_dir": cache_dir, "progress": progress}
-    train = features_for(det, model, data, train=True, **opts)
-    val_fs = None if val is None else features_for(det, model, val, **opts)
-    out_fs = None if outliers is None else features_for(det, model, outliers, train=True, **opts)
-    return FitContext(model=model, train=train, outliers=out_fs, val=val_fs, device=device, seed=seed,
-                      extra=dict(extra or {}))
-
-
-__all__ = ["features_for", "fit_context"]
+__all__ = ["features_for"]
