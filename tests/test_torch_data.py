@@ -248,3 +248,34 @@ def test_every_post_hoc_detector_fits_and_scores_from_a_dataloader_as_from_array
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"{name} {kw}")
         assert np.ptp(want) > 0, name  # not a constant score
         print(f"{name} {kw}: {time.perf_counter() - t0:.2f} s")
+
+
+def test_a_suite_of_torch_data_runs_through_bench_and_the_guard(reference):
+    """Suites whose splits are torch DataLoaders (torch_images(loader, model)) go through run_bench and
+    GuardedClassifier.fit, with the same scores as the same images in ArrayDatasets."""
+    from oodforge.bench import BenchJob, run_bench
+    from oodforge.data.base import Suite
+    from oodforge.deploy import GuardedClassifier
+    from oodforge.models.torchdata import torch_images
+
+    x, y, model, _ = reference
+    pre = wrap(tiny_resnet(), head="fc", features="layer4", mean=MEAN, std=STD, input_size=(12, 12),
+               preprocessed=True)
+    xo, _ = images(16, seed=1)
+    parts = {"train": (x[:24], y[:24]), "test": (x[24:36], y[24:36]), "val": (x[36:], y[36:]),
+             "ood": (xo, torch.full((16,), -1))}
+    tf = Compose(to_tensor, normalize)
+    loaders = {k: torch_images(DataLoader(Photos(a, b, tf), batch_size=8), pre) for k, (a, b) in parts.items()}
+    arrays = {k: ArrayDataset(a, b) for k, (a, b) in parts.items()}
+
+    def suite(d):
+        return Suite("mine", d["train"], d["test"], {"o": d["ood"]}, class_names=list("abcd"), id_val=d["val"])
+
+    g_torch = GuardedClassifier.fit(pre, suite(loaders), "energy", target=0.9)
+    g_array = GuardedClassifier.fit(model, suite(arrays), "energy", target=0.9)
+    assert g_torch.threshold == pytest.approx(g_array.threshold, abs=1e-6)
+    for k in ("id_val", "id", "o"):
+        np.testing.assert_allclose(g_torch.fit_scores[k], g_array.fit_scores[k], atol=1e-6)
+    res = run_bench(suite(loaders), [BenchJob(pre, ["msp"])], progress=False, log=lambda *a: None)
+    ref = run_bench(suite(arrays), [BenchJob(model, ["msp"])], progress=False, log=lambda *a: None)
+    assert res["methods"]["msp"]["o"]["auroc"] == pytest.approx(ref["methods"]["msp"]["o"]["auroc"])
