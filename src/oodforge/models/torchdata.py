@@ -319,8 +319,9 @@ class TorchImages:
         got = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         if known is not None and "torch:sha256:" + h.hexdigest()[:24] != known[0]:
             raise RuntimeError(f"{self.name}: the data changed between two reads (random transforms, or the dataset "
-                               "was modified), so its features cannot be cached under its fingerprint; make the "
-                               "transforms deterministic (evaluation transforms) or pass cache_dir=None")
+                               "was modified), so these features are not those of its fingerprint (the identity the "
+                               "cache and the benchmark key them by); use deterministic evaluation transforms, or "
+                               "pass the data to extract_features without cache_dir")
         self._labels = got
 
     def float_images(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
