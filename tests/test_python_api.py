@@ -45,11 +45,13 @@ def test_the_readme_example_runs_verbatim_and_predict_serves_its_guard(tmp_path,
 
     guard = GuardedClassifier.load("guard.oodf")
     assert guard.image_shape == (1, 16, 16) and guard.class_names == [str(i) for i in range(5)]
-    # the calibration rule of the deployment code on the calibration loader's scores
-    from oodforge.deploy.guard import calibrate_threshold
+    # the deployment's calibration rule (split conformal) on the calibration loader's scores, saved with them
+    from oodforge.deploy.conformal import calibrate
 
     calib = detector.score(namespace["calib"])
-    assert guard.threshold == pytest.approx(calibrate_threshold(calib, 0.95))
+    assert guard.threshold == pytest.approx(calibrate(calib, 0.95).threshold)
+    assert guard.calibration["rule"] == "split-conformal" and guard.calibration["n"] == 100
+    np.testing.assert_allclose(guard.calibration_scores, np.sort(calib))
     # images as files: the loaders' pixels before Normalize (the transform without its last step)
     digits, test_idx = namespace["digits"], namespace["known"][300:306]
     Path("my_images").mkdir()
@@ -102,6 +104,8 @@ def test_the_api_agrees_with_the_parts_and_refuses_bad_input(tmp_path):
         oodforge.evaluate(det, loader, [loader])
     with pytest.raises(ValueError, match="not fitted"):
         oodforge.guard(model, create("msp"), loader)
+    with pytest.raises(ValueError, match="calibration"):  # 60 images cannot give a PAC guarantee at 0.999
+        oodforge.guard(model, det, loader, target=0.999, confidence=0.99)
     with pytest.raises(ValueError, match="factory"):  # wrapped in Python without a factory: cannot be rebuilt
         oodforge.guard(model, det, loader, target=0.9).save(tmp_path / "g.oodf")
     assert not (tmp_path / "g.oodf").exists()

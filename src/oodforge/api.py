@@ -102,16 +102,18 @@ def evaluate(detector: Detector, id_data, ood: dict, *, model: torch.nn.Module |
 
 
 def guard(model: torch.nn.Module, detector: Detector, calib, target: float = 0.95, *, ood: dict | None = None,
-          class_names: list[str] | None = None, device: str = "cpu", batch_size: int = 256,
-          cache_dir: str | Path | None = None, progress: bool = False):
+          confidence: float | None = None, rule: str | None = None, class_names: list[str] | None = None,
+          device: str = "cpu", batch_size: int = 256, cache_dir: str | Path | None = None, progress: bool = False):
     """A :class:`~oodforge.deploy.guard.GuardedClassifier`: ``model`` + the fitted ``detector`` + the threshold
-    that accepts the ``target`` fraction of the held-out ID images ``calib`` (the deployment's own rule,
-    :func:`~oodforge.deploy.guard.calibrate_threshold`; never the data the detector was fitted on).
-    ``ood`` (optional ``{name: data}``) records the FPR at that threshold per set. ``.save(path)`` writes the
-    folder ``oodforge export`` writes; a wrapped model needs ``wrap(..., factory="package.module:function")``
-    so that ``oodforge predict`` can build it again."""
+    calibrated on the held-out ID images ``calib`` (never the data the detector was fitted on) by the
+    deployment's own rule, :func:`oodforge.deploy.conformal.calibrate`: split conformal by default (ID images
+    rejected with probability <= 1 - ``target``), the PAC rule with ``confidence``, or ``rule``. ``ood``
+    (optional ``{name: data}``) records the FPR at that threshold per set. ``.save(path)`` writes the folder
+    ``oodforge export`` writes (with the calibration scores, for p-values); a wrapped model needs
+    ``wrap(..., factory="package.module:function")`` so that ``oodforge predict`` can build it again."""
     from . import __version__
-    from .deploy.guard import GuardedClassifier, acceptance_rate, calibrate_threshold
+    from .deploy.conformal import calibrate
+    from .deploy.guard import GuardedClassifier, acceptance_rate
     from .deploy.state import SERIALISABLE, serialisable_detectors
     from .models.checkpoint import weights_hash
 
@@ -123,9 +125,11 @@ def guard(model: torch.nn.Module, detector: Detector, calib, target: float = 0.9
     if not 0 < float(target) <= 1:
         raise ValueError(f"target acceptance rate must be in (0, 1], got {target}")
     calib = _data(model, calib)
+    calibrate(np.zeros(len(calib)), target, confidence, rule)  # too few calibration images: refused before any work
     opts = {"device": device, "batch_size": batch_size, "cache_dir": cache_dir, "progress": progress}
     s_val = detector.score(features_for(detector, model, calib, **opts))
-    threshold = calibrate_threshold(s_val, target)
+    cal = calibrate(s_val, target, confidence, rule)
+    threshold = cal.threshold
     s_ood = {str(n): detector.score(features_for(detector, model, _data(model, d), **opts))
              for n, d in (ood or {}).items()}
     rates = {"id_val_acceptance": acceptance_rate(s_val, threshold),
@@ -139,7 +143,8 @@ def guard(model: torch.nn.Module, detector: Detector, calib, target: float = 0.9
     shape = getattr(calib, "image_shape", None)
     names = class_names or getattr(calib, "class_names", None)
     g = GuardedClassifier(model, detector, threshold, target=float(target), class_names=names, image_shape=shape,
-                          rates=rates, provenance=provenance, device=device)
+                          rates=rates, provenance=provenance, device=device, calibration=cal.as_dict(),
+                          calibration_scores=s_val)
     g.fit_scores = {"id_val": s_val, **s_ood}
     return g
 
