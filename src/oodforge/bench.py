@@ -30,6 +30,7 @@ import torch
 
 from . import __version__
 from .data.base import ArrayDataset, Suite
+from .data.images import pipeline_of
 from .detectors import FitContext, create
 from .keys import method_key, outlier_source
 from .metrics import evaluate
@@ -51,15 +52,27 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
+def normalise_method(spec: str) -> str:
+    """One spelling per method: ``"knn: k = 5"`` -> ``"knn:k=5"`` (spaces around ``:``, ``,`` and ``=`` dropped),
+    so a method asked for twice with other spacing is one method with one result key."""
+    name, colon, rest = spec.partition(":")
+    items = ["=".join(s.strip() for s in part.split("=", 1)) for part in rest.split(",") if part.strip()]
+    return name.strip() + (":" + ",".join(items) if colon and items else "")
+
+
 def split_methods(text: str) -> list[str]:
-    """Split a comma-separated method list where parameters also use commas: ``"msp,knn:k=5,backend=torch"``."""
+    """Split a comma-separated method list where parameters also use commas: ``"msp,knn:k=5,backend=torch"``;
+    each method is :func:`normalise_method`-ed. A list that names no method (``""``, ``","``) is refused."""
     out: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" in part and ":" not in part and out:
             out[-1] += "," + part
         else:
             out.append(part)
-    return out
+    if not out:
+        raise ValueError(f"--methods {text!r} names no method; give e.g. --methods msp,energy,knn:k=10 "
+                         "(or leave the option out for all post-hoc detectors)")
+    return [normalise_method(m) for m in out]
 
 
 def _parse_value(v: str):
@@ -188,11 +201,12 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
             results["timings"][key] = round(time.time() - t1, 3)
             if log:
                 avg = np.mean([r["auroc"] for r in res_m.values()])
-                log(f"  {key:<24} mean AUROC {avg:.4f}  ({time.time() - t1:.1f} s)")
+                log(f"  {key:<24} mean AUROC {100 * avg:.2f}  ({time.time() - t1:.1f} s)")
         # timings: per method, seconds to fit and score it, including the feature pass of any set it was
         # the first to need (features are cached across methods); "job[@label]": the whole job
         results["timings"][f"job{('@' + job.label) if job.label else ''}"] = round(time.time() - t0, 3)
-    results["config"] = {**(config or {}), **run_environment(seed, device)}
+    results["config"] = {**(config or {}), **run_environment(seed, device),
+                         "preprocessing": pipeline_of(suite).to_dict()}  # how image files were read (data.images)
     if out is not None:
         write_artifacts(results, scores, Path(out), suite)
         write_report(results, scores, Path(out))
@@ -231,7 +245,9 @@ def run_environment(seed: int, device: str) -> dict:
 
 def write_artifacts(results: dict, scores: dict[str, np.ndarray], out: Path, suite: Suite | None = None) -> None:
     """``results.json`` and ``scores.npz``, each written to a temp file and renamed (never half-written)."""
-    out.mkdir(parents=True, exist_ok=True)
+    from .outdir import mark_out_dir
+
+    mark_out_dir(out)  # a new or empty folder becomes oodforge's (its stale plots may then be removed)
     clean = {k: v for k, v in results.items() if not k.startswith("_")}
     if suite is not None:
         clean["sets"] = {"id": len(suite.id_test), **{k: len(v) for k, v in suite.ood.items()}}

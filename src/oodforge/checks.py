@@ -46,16 +46,11 @@ def check_device(device: str, option: str = "--device") -> str:
 
 
 def check_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """``path`` will be a folder: it must not be a file and its nearest existing parent must be writable."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"{option} {p} is a file; give a folder path (it is created if missing)")
-    parent = p if p.exists() else next((q for q in p.absolute().parents if q.exists()), Path("/"))
-    if not parent.is_dir():
-        raise InputError(f"{option} {p}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {p}: {parent} is not writable; choose another folder")
-    return p
+    """``path`` becomes this run's output folder (:func:`oodforge.outdir.claim_out_dir`): it must be new, empty or
+    oodforge's; it is created now (an unwritable place fails here, not after the work), marked and locked."""
+    from .outdir import claim_out_dir
+
+    return claim_out_dir(path, option)
 
 
 def check_positive(value: int | float | None, option: str) -> None:

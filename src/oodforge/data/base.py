@@ -143,6 +143,10 @@ class Suite:
     #: (:func:`oodforge.protocol.check_not_test`) refuses fit inputs sharing rows with these test sets, and
     #: exempts only rows the suite's own training data also holds (duplicates inside the source data)
     as_built: dict | None = field(default=None, repr=False, compare=False)
+    #: how the suite's image *files* were decoded (:class:`oodforge.data.images.ImagePipeline`: background colour,
+    #: resize policy); ``predict`` and ``explain`` read files the same way (recorded in results.json and guard.json)
+    #: (``None``: the default pipeline; read it with :func:`oodforge.data.images.pipeline_of`)
+    pipeline: object | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.as_built is None:

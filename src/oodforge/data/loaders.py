@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from oodforge.data.base import ArrayDataset, luma
 from oodforge.data.idx import DatasetFormatError, DatasetNotFoundError, read_idx  # noqa: F401  (re-exported)
+from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline, decode
 from oodforge.data.sampling import stratified_indices  # noqa: F401  (re-exported: one sampler, data/sampling.py)
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "load_image_folder",
     "list_image_folder",
     "image_path",
+    "image_files",
+    "load_image_file",
     "is_plain_image_folder",
     "decode_image",
     "load_cifar",
@@ -171,80 +174,39 @@ def conform(
 # image folders
 
 
-def _high_bit_depth_to_uint8(im, path: Path) -> np.ndarray:
-    """16-bit (and 32-bit integer) grayscale images scaled to 0..255: ``round(v / 257)``, so 65535 -> 255.
-
-    PIL's ``convert("L")`` clips such values at 255 instead, which turns almost every 16-bit image white.
-    Float images are taken as 0..1 and refused outside that range (their scale is unknown).
-    """
-    arr = np.asarray(im, dtype=np.float64)
-    if im.mode == "F":
-        if arr.min() < 0 or arr.max() > 1:
-            raise DatasetFormatError(f"{path}: a floating-point image with values outside 0..1 "
-                                     f"({arr.min():.3g}..{arr.max():.3g}); save it as an 8-bit PNG")
-        return np.round(arr * 255.0).astype(np.uint8)
-    return np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I") or im.mode == "F":
-                arr = _high_bit_depth_to_uint8(im, path)
-            elif im.mode in ("L", "1", "LA"):
-                arr = np.asarray(im.convert("L"))
-            else:
-                arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetFormatError(f"{path}: not a readable image ({e}); remove it or replace it") from e
-    return arr
-
-
-def load_image_file(path: str | os.PathLike, in_channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_image_file(path: str | os.PathLike, in_channels: int, size: tuple[int, int] | None = None,
+                    pipeline: ImagePipeline = DEFAULT_PIPELINE, info: dict | None = None) -> torch.Tensor:
     """One PNG/JPEG/... file as float ``[C, H, W]`` in ``[0, 1]`` with ``in_channels`` channels (1: BT.601
-    luma, 3: RGB, grey replicated), resized to ``size = (H, W)`` when given (area interpolation when
-    shrinking, linear when enlarging; the aspect ratio is not kept). Used by ``predict`` and ``explain``."""
-    import cv2
-
+    luma, 3: RGB, grey replicated), brought to ``size = (H, W)`` by the image pipeline
+    (:mod:`oodforge.data.images`: the same decoding, alpha flattening and resize policy as every image-folder
+    loader, so a file scores as it would in ``bench``). ``info`` receives the file's own channels and size.
+    Used by ``predict`` and ``explain``."""
     path = Path(path)
     if not path.is_file():
         raise DatasetNotFoundError(f"image file {path} does not exist")
     if in_channels not in (1, 3):
         raise ValueError(f"the model expects {in_channels} channels; image files give 1 (grey) or 3 (RGB)")
-    arr = _read_image(path)
-    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    img = _to_channels(np.ascontiguousarray(chw)[None], in_channels)[0].transpose(1, 2, 0)
-    if size is not None and tuple(img.shape[:2]) != tuple(size):
-        shrink = size[0] * size[1] < img.shape[0] * img.shape[1]
-        img = cv2.resize(np.ascontiguousarray(img), (size[1], size[0]),
-                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        img = img[:, :, None] if img.ndim == 2 else img
-    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _square(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (area interpolation when shrinking), then centre-crop."""
-    import cv2
-
-    h, w = img.shape[:2]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    img = cv2.resize(img, (nw, nh), interpolation=interp)
-    y, x = (nh - size) // 2, (nw - size) // 2
-    return img[y : y + size, x : x + size]
+    chw = decode(path, pipeline, size, info)  # info: the file's own channels and size (predict's warning)
+    return torch.from_numpy(np.array(_to_channels(chw[None], in_channels)[0])).float().div_(255.0)  # (a copy: writable)
 
 
 def _images_under(d: str, recursive: bool) -> np.ndarray:
     """Image files under folder ``d`` as paths relative to it, in ``Path`` order (by path components), as a
     numpy bytes array: 600 k paths cost about 10 MB this way, against about 235 MB as ``Path`` objects.
-    Names are read as bytes (no ``str`` copies), so listing a class folder of 60 k images peaks at a few MB."""
+    Names are read as bytes (no ``str`` copies), so listing a class folder of 60 k images peaks at a few MB.
+
+    Symbolic links to folders are followed, as they are for class folders (a folder reached twice, e.g. by a
+    link to one of its parents, is read once)."""
     exts = tuple(e.encode() for e in IMAGE_EXTENSIONS)
     found: list[bytes] = []
     nested = False
-    for top, _dirs, names in os.walk(os.fsencode(d)):
+    seen: set[bytes] = set()
+    for top, dirs, names in os.walk(os.fsencode(d), followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link cycle or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         rel = os.path.relpath(top, os.fsencode(d))
         nested |= rel != b"."
         found += [n if rel == b"." else os.path.join(rel, n) for n in names  # os.walk: names are not folders
@@ -257,6 +219,21 @@ def _images_under(d: str, recursive: bool) -> np.ndarray:
     else:
         found.sort()
     return np.array(found, dtype=bytes) if found else np.empty(0, "S1")
+
+
+def image_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders searched recursively (symbolic links followed) for every extension the
+    image-folder loaders read (:data:`IMAGE_EXTENSIONS`), each folder's files in :func:`list_image_folder`'s
+    order. Used by ``predict``, so it serves exactly the files ``bench`` would read."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(image_path(p, r) for r in _images_under(str(p), True))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DatasetNotFoundError(f"{p} does not exist")
+    return out
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -302,14 +279,13 @@ def image_path(root: Path, rel: bytes) -> Path:
     return root / os.fsdecode(rel)
 
 
-def decode_image(path: Path, size: int | None = None, channels: int | None = None) -> np.ndarray:
-    """One image file as uint8 ``[C, H, W]``: shorter side resized to ``size`` then centre-cropped (when
+def decode_image(path: Path, size: int | tuple[int, int] | None = None, channels: int | None = None,
+                 pipeline: ImagePipeline = DEFAULT_PIPELINE) -> np.ndarray:
+    """One image file as uint8 ``[C, H, W]`` through the image pipeline (:func:`oodforge.data.images.decode`:
+    EXIF orientation, alpha flattened onto the background, resized to ``size`` by the pipeline's policy when
     given), converted to ``channels`` (1: BT.601 luma, 3: RGB; by default as stored, grey = 1)."""
-    img = _read_image(Path(path))
-    if size is not None:
-        img = _square(img, size)
-    chw = to_uint8_nchw(img[None], str(path))
-    return _to_channels(chw, channels)[0] if channels is not None else chw[0]
+    chw = decode(path, pipeline, size)
+    return _to_channels(chw[None], channels)[0] if channels is not None else chw
 
 
 def load_image_folder(
@@ -317,11 +293,13 @@ def load_image_folder(
     size: int | None = None,
     channels: int | None = None,
     progress: bool = True,
+    pipeline: ImagePipeline = DEFAULT_PIPELINE,
 ) -> ArrayDataset:
-    """Images in ``root/<class name>/**/<image>``, read into memory (see :func:`list_image_folder`).
+    """Images in ``root/<class name>/**/<image>``, read into memory (see :func:`list_image_folder`) through the
+    image pipeline (:mod:`oodforge.data.images`; ``pipeline`` sets its background colour and resize policy).
 
-    ``size`` resizes each image (shorter side to ``size``, then a centre crop); without it every
-    image must have the same height and width. ``channels`` (1 or 3) converts; by default it is 1 if
+    ``size`` resizes each image by the pipeline's policy (default: shorter side to ``size``, then a centre
+    crop); without it every image must have the same height and width. ``channels`` (1 or 3) converts; by default it is 1 if
     every image is grayscale, else 3. For folders too large for memory use
     :func:`oodforge.data.streaming.stream_image_folder`.
     """
@@ -332,15 +310,15 @@ def load_image_folder(
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     rel, labels, class_names = list_image_folder(root)
     files = [image_path(root, r) for r in rel]
-    arrays = [decode_image(p, size) for p in progress_bar(files, desc=f"reading {root.name}",
+    arrays = [decode_image(p, size, pipeline=pipeline) for p in progress_bar(files, desc=f"reading {root.name}",
                                                           disable=not progress or len(files) < 500, leave=False)]
     if size is None:
         shapes = {a.shape[1:] for a in arrays}
         if len(shapes) > 1:
             example = {a.shape[1:]: p for a, p in zip(arrays, files, strict=True)}
             detail = ", ".join(f"{p.name} is {h}x{w}" for (h, w), p in list(example.items())[:3])
-            raise DatasetFormatError(f"{root}: images have different sizes ({detail}); resize them all (--image-size N on the "
-                                     "command line, size=N in Python)")
+            raise DatasetFormatError(f"{root}: images have different sizes ({detail}); resize them all (image_size = N in a "
+                                     "suite file, --image-size N with --id-train, size=N in Python)")
     if channels is None:
         channels = 1 if all(a.shape[0] == 1 for a in arrays) else 3
     out = np.stack([_to_channels(a[None], channels)[0] for a in arrays])
@@ -592,6 +570,7 @@ def load_dataset(
     size: int | None = None,
     channels: int | None = None,
     data_root: str | os.PathLike | None = None,
+    pipeline: ImagePipeline = DEFAULT_PIPELINE,
     **kwargs,
 ) -> ArrayDataset:
     """Load a dataset from a name or a path, choosing the loader from what the path is.
@@ -604,7 +583,8 @@ def load_dataset(
 
     ``size`` / ``channels`` then :func:`conform` the result (e.g. to evaluate a 28x28 gray model on
     your own photos; image folders are resized by shorter side and centre-cropped while they are read, so
-    their images may have mixed sizes). Extra ``kwargs`` go to the chosen loader.
+    their images may have mixed sizes; ``pipeline`` is their :class:`~oodforge.data.images.ImagePipeline`).
+    Extra ``kwargs`` go to the chosen loader.
     """
     from oodforge.data.fashion import load_fashion_mnist
 
@@ -626,7 +606,7 @@ def load_dataset(
         elif _looks_like_idx(path):
             ds = load_fashion_mnist(split, data_root=path)
         else:  # shorter side resized to ``size`` and centre-cropped, so folders of mixed sizes load too
-            ds = load_image_folder(path, size=size, channels=channels, **kwargs)
+            ds = load_image_folder(path, size=size, channels=channels, pipeline=pipeline, **kwargs)
     elif name.endswith(".npz"):
         ds = load_npz(path, **kwargs)
     elif name.endswith(".mat"):

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oodforge.data.base import row_fingerprints
+from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline
 from oodforge.data.loaders import DatasetFormatError, decode_image, image_path, list_image_folder
 
 __all__ = ["FileDataset", "LazyImages", "stream_image_folder", "default_workers"]
@@ -50,11 +51,13 @@ class LazyImages:
 
     dtype = torch.uint8
 
-    def __init__(self, root: Path, files: np.ndarray, shape: tuple[int, int, int], size: int | None) -> None:
+    def __init__(self, root: Path, files: np.ndarray, shape: tuple[int, int, int], size: int | None,
+                 pipeline: ImagePipeline = DEFAULT_PIPELINE) -> None:
         self.root = Path(root)
         self.files = files  # paths relative to root, a numpy bytes array (compact; shared by forked workers)
         self._shape = shape
         self._size = size
+        self.pipeline = pipeline
 
     @property
     def shape(self) -> torch.Size:
@@ -68,7 +71,7 @@ class LazyImages:
         return image_path(self.root, self.files[i])
 
     def decode(self, i: int) -> np.ndarray:
-        img = decode_image(self.path(i), self._size, self._shape[0])
+        img = decode_image(self.path(i), self._size, self._shape[0], self.pipeline)
         if img.shape != self._shape:
             raise DatasetFormatError(f"{self.path(i)}: image is {img.shape[1]}x{img.shape[2]} but the dataset's "
                                      f"images are {self._shape[1]}x{self._shape[2]}; give a size to resize them all")
@@ -106,8 +109,8 @@ class FileDataset(Dataset):
 
     def __init__(self, root: Path, files: np.ndarray, labels: np.ndarray, class_names: list[str] | None,
                  shape: tuple[int, int, int], size: int | None, identity: str,
-                 num_workers: int | None = None) -> None:
-        self.images = LazyImages(root, np.asarray(files, dtype=bytes), shape, size)
+                 num_workers: int | None = None, pipeline: ImagePipeline = DEFAULT_PIPELINE) -> None:
+        self.images = LazyImages(root, np.asarray(files, dtype=bytes), shape, size, pipeline)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.labels.shape != (len(files),):
             raise ValueError(f"labels must have shape ({len(files)},), got {tuple(self.labels.shape)}")
@@ -149,7 +152,7 @@ class FileDataset(Dataset):
             identity_suffix = "idx:" + hashlib.sha256(idx.tobytes()).hexdigest()[:12]
         sub = FileDataset(self.images.root, self.images.files[idx], self.labels.numpy()[idx], self.class_names,
                           self.image_shape, self.images._size, f"{self.identity}[{identity_suffix}]",
-                          self.num_workers)
+                          self.num_workers, self.images.pipeline)
         if getattr(self, "_fingerprints", None) is not None:
             sub._fingerprints = self._fingerprints[idx]
         return sub
@@ -158,8 +161,10 @@ class FileDataset(Dataset):
         return f"FileDataset({self.identity!r}, n={len(self)}, shape={self.image_shape}, streamed)"
 
 
-def _file_identity(root: Path, files: np.ndarray, labels: np.ndarray, size, channels: int) -> str:
-    h = hashlib.sha256(f"{size}|{channels}".encode())
+def _file_identity(root: Path, files: np.ndarray, labels: np.ndarray, size, channels: int,
+                   pipeline: ImagePipeline = DEFAULT_PIPELINE) -> str:
+    tag = "" if pipeline == DEFAULT_PIPELINE else f"|{pipeline.tag}"  # default: identities as before
+    h = hashlib.sha256(f"{size}|{channels}{tag}".encode())
     top = str(root)
     for rel in files:
         st = os.stat(os.path.join(top, os.fsdecode(rel)))
@@ -169,10 +174,11 @@ def _file_identity(root: Path, files: np.ndarray, labels: np.ndarray, size, chan
 
 
 def stream_image_folder(root: str | os.PathLike, size: int | None = None, channels: int | None = None,
-                        num_workers: int | None = None) -> FileDataset:
+                        num_workers: int | None = None, pipeline: ImagePipeline = DEFAULT_PIPELINE) -> FileDataset:
     """An image folder (``root/<class>/<image>`` or a flat folder of unlabelled images) read on demand.
 
-    ``size``: shorter side resized to it and centre-cropped (without it every image must already have
+    ``size``: brought to ``size`` x ``size`` by ``pipeline``'s resize policy (default: shorter side resized to it
+    and centre-cropped; :mod:`oodforge.data.images`; without it every image must already have
     the first image's size). ``channels``: 1 or 3; by default 1 when the first ``CHANNEL_PEEK`` images
     are all grey, else 3 (give it explicitly for folders that mix both). Only the file list is read
     here; pixels are decoded when the images are used.
@@ -181,9 +187,9 @@ def stream_image_folder(root: str | os.PathLike, size: int | None = None, channe
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     files, labels, class_names = list_image_folder(root)
-    peek = [decode_image(image_path(root, r), size) for r in files[:CHANNEL_PEEK]]
+    peek = [decode_image(image_path(root, r), size, pipeline=pipeline) for r in files[:CHANNEL_PEEK]]
     if channels is None:
         channels = 1 if all(a.shape[0] == 1 for a in peek) else 3
     shape = (channels, *peek[0].shape[1:])
     return FileDataset(root, files, labels, class_names, shape, size,
-                       _file_identity(root, files, labels, size, channels), num_workers)
+                       _file_identity(root, files, labels, size, channels, pipeline), num_workers, pipeline)

@@ -6,6 +6,8 @@ A suite file (paths are relative to the file's folder)::
     image_size = 32             # optional; default: the ID training images' size
     channels = 3                # optional; default: as the ID training images
     stream = false              # true: read image folders from disk on demand (data larger than memory)
+    background = "#ffffff"      # optional: transparent pixels are flattened onto this colour (default white)
+    resize = "crop"             # optional: crop (shorter side + centre crop, default), letterbox or stretch
 
     [id]
     train = "cifar-10-python.tar.gz"     # any format of oodforge.data.loaders.load_dataset
@@ -21,8 +23,10 @@ A suite file (paths are relative to the file's folder)::
 The same from the command line: ``--id-train PATH --id-test PATH --ood NAME=PATH ... [--near NAME,...]
 [--image-size N] [--stream]``. Every OOD set is brought to the ID images' channels and size (image
 folders: shorter side resized and centre-cropped; arrays: resized), and its labels, if any, are
-dropped. The ID test set must have the ID training set's classes. Every error names the file or
-option and what to do, and is raised before any training.
+dropped. The ID test set must have the ID training set's classes (at least two) and must not be the ID
+training data itself. Image files are read by the one image pipeline (:mod:`oodforge.data.images`) with the
+suite's ``background`` and ``resize``, recorded in ``Suite.pipeline``. Every error names the file or option
+and what to do, and is raised before any training.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ else:  # Python 3.10: the same parser from PyPI (a dependency there)
     import tomli as tomllib
 
 from oodforge.data.base import ArrayDataset, Suite
+from oodforge.data.images import DEFAULT_PIPELINE, ImagePipeline
 from oodforge.data.loaders import (
     DatasetFormatError,
     DatasetNotFoundError,
@@ -52,7 +57,8 @@ from oodforge.data.loaders import (
 __all__ = ["SuiteSpec", "SuiteSpecError", "is_suite_file", "read_suite_file", "spec_from_options", "build_suite",
            "write_example_suite"]
 
-_TOP_KEYS = {"name", "image_size", "channels", "stream", "id", "ood", "groups", "description"}
+_TOP_KEYS = {"name", "image_size", "channels", "stream", "id", "ood", "groups", "description", "background",
+             "resize"}
 
 
 class SuiteSpecError(ValueError):
@@ -71,6 +77,7 @@ class SuiteSpec:
     image_size: int | None = None
     channels: int | None = None
     stream: bool = False
+    pipeline: ImagePipeline = DEFAULT_PIPELINE
     base: Path = Path(".")
     source: str = "the suite options"  # named in error messages
 
@@ -94,6 +101,11 @@ class SuiteSpec:
             if not self.path(p).exists():
                 raise SuiteSpecError(f"{where}: {what} data {self.path(p)} does not exist; fix the path "
                                      "(suite-file paths are relative to the file's folder)")
+        train, test = self.path(self.id_train).resolve(), self.path(self.id_test).resolve()
+        # one CIFAR archive / folder holds both splits; any other data is the same images on both sides
+        if train == test and (is_plain_image_folder(train) or train.suffix.lower() in (".npz", ".mat")):
+            raise SuiteSpecError(f"{where}: the ID test data is the ID training data ({train}); test on images the "
+                                 "classifier and the detectors were not fitted on (a separate folder)")
         return self
 
     @property
@@ -129,9 +141,13 @@ def read_suite_file(path: str | os.PathLike) -> SuiteSpec:
     stream = doc.get("stream", False)
     if not isinstance(stream, bool):
         raise SuiteSpecError(f"suite file {path}: stream must be true or false, got {stream!r}")
+    try:
+        pipeline = ImagePipeline(background=doc.get("background", "#ffffff"), resize=doc.get("resize", "crop"))
+    except ValueError as e:
+        raise SuiteSpecError(f"suite file {path}: {e}") from None
     return SuiteSpec(id_train=str(ids["train"]), id_test=str(ids["test"]), ood=dict(ood), near=near,
                      name=str(doc.get("name", path.stem)), image_size=doc.get("image_size"),
-                     channels=doc.get("channels"), stream=stream, base=path.parent,
+                     channels=doc.get("channels"), stream=stream, pipeline=pipeline, base=path.parent,
                      source=f"suite file {path}").validate()
 
 
@@ -161,9 +177,9 @@ def _load(spec: SuiteSpec, rel: str, split: str, size: int | None, channels: int
             if spec.stream:
                 from oodforge.data.streaming import stream_image_folder
 
-                return stream_image_folder(p, size=size, channels=channels)
-            return load_image_folder(p, size=size, channels=channels)
-        return load_dataset(p, split=split, size=size, channels=channels)
+                return stream_image_folder(p, size=size, channels=channels, pipeline=spec.pipeline)
+            return load_image_folder(p, size=size, channels=channels, pipeline=spec.pipeline)
+        return load_dataset(p, split=split, size=size, channels=channels, pipeline=spec.pipeline)
     except (DatasetFormatError, DatasetNotFoundError) as e:
         raise type(e)(f"{spec.source}, {what}: {e}") from None
 
@@ -187,6 +203,10 @@ def build_suite(spec: SuiteSpec) -> Suite:
     if train.class_names is None or (train.labels < 0).any():
         raise DatasetFormatError(f"{spec.source}: the ID training data {spec.path(spec.id_train)} has no class "
                                  "labels; use an image folder with one sub-folder per class (or labelled arrays)")
+    if len(train.class_names) < 2:
+        raise DatasetFormatError(f"{spec.source}: the ID training data {spec.path(spec.id_train)} has one class "
+                                 f"({train.class_names[0]!r}); a classifier needs at least two, so add a sub-folder "
+                                 "per class (one class is not a classification task to guard)")
     test = _load(spec, spec.id_test, "test", size, c, "ID test")
     if isinstance(test, ArrayDataset) and test.image_shape != train.image_shape:
         test = conform(test, (h, w), c)
@@ -206,7 +226,8 @@ def build_suite(spec: SuiteSpec) -> Suite:
                                      f"images, the ID data {train.image_shape}; give image_size to resize all")
         ood[name] = _unlabelled(ds, "unlabelled")
     return Suite(name=spec.name, id_train=train, id_test=test, ood=ood, groups=spec.groups,
-                 class_names=list(train.class_names), description=f"user suite from {spec.source}")
+                 class_names=list(train.class_names), description=f"user suite from {spec.source}",
+                 pipeline=spec.pipeline)
 
 
 #: the example suite of ``oodforge suites --example DIR``: Fashion-MNIST classes as a user's image folders

@@ -15,8 +15,6 @@ import typer
 
 from ..models.cli import FEATURES, HEAD, MEAN, MODEL, STD, WEIGHTS, check_model_options
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -32,7 +30,8 @@ def export(
                                             "detector its report.md recommends, the protocol's pick on validation "
                                             "data (docs/protocol.md); fills --method, and --checkpoint / --outliers "
                                             "when not given."),
-    out: Path = typer.Option(..., "--out", help="Export folder to write, e.g. guard.oodf (replaced if it exists)."),
+    out: Path = typer.Option(..., "--out", help="Export folder to write, e.g. guard.oodf: new, empty or an earlier "
+                             "export (whose guard files are replaced; a folder with other files is refused)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Classifier checkpoint folder (from "
                                               "`oodforge train`). Default: the one `oodforge bench` uses (zoo / cache)."),
     outliers: Optional[Path] = typer.Option(None, "--outliers", help="Outlier store (from `oodforge synth`) for "
@@ -59,19 +58,23 @@ def export(
     std: Optional[str] = STD,
 ) -> None:
     """Fit one detector, calibrate its threshold on ID validation data and write a guarded classifier."""
+    from ..bench import normalise_method
     from ..checks import check_device, check_out_dir
     from ..data.suites import SUITES, is_suite, load_suite
     from ..models.features import default_cache_dir
     from ..workflows import TrainPlan, get_model
     from .guard import GuardedClassifier
 
-    check_out_dir(out)
     check_device(device)
+    if onnx:
+        _check_onnx_installed()
+    check_out_dir(out)
     if not is_suite(suite):
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
     if method is None or from_run is not None:
         method, checkpoint, outliers = shipped_method(from_run, method, checkpoint, outliers)
+    method = normalise_method(method)  # "knn: k=5" is "knn:k=5"
     _check_export_method(method, outliers, onnx)
     check_model_options(user_model, checkpoint, weights, mean, std)
     if not 0 < target < 1:
@@ -124,6 +127,14 @@ def _check_calibration_size(s, target: float, confidence: Optional[float]) -> No
               + (" or --confidence" if confidence is not None else "") + " or use a larger suite (not --quick)")
 
 
+def _check_onnx_installed() -> None:
+    """``--onnx`` needs the ``onnx`` package: checked before any data is loaded or model trained."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        _fail("--onnx needs the onnx package, which is not installed: pip install onnx (or export without --onnx)")
+
+
 def _check_export_method(method: str, outliers: Optional[Path], onnx: bool) -> None:
     """``--method``: a method spec (not a result key) of a detector that can be saved (and, with ``--onnx``,
     exported to ONNX), with ``--outliers`` when it trains on them; checked before any data is loaded."""
@@ -167,16 +178,53 @@ def _echo_rates(method: str, guard, target: float, seconds: float) -> None:
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for PNG / JPEG files (sorted)."""
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p} does not exist")
-    return files
+    """Files as given, folders searched recursively (symbolic links followed) for every extension the
+    image-folder loaders read (:func:`oodforge.data.loaders.image_files`), so predict serves what bench reads."""
+    from ..data.loaders import image_files
+
+    return image_files(paths)
+
+
+def _read_batch(files: list[Path], guard, strict: bool, skipped: list, mismatched: list):
+    """The readable ``files`` and their float images, read by the guard's image pipeline (the one its
+    calibration images went through); an unreadable file is reported on one line and skipped (``strict``: the
+    run fails on it). ``mismatched`` collects files whose own channel count differs from the guard's."""
+    import torch
+
+    from ..data.images import DEFAULT_PIPELINE
+    from ..data.loaders import load_image_file
+
+    c, h, w = guard.image_shape
+    kept, images = [], []
+    for f in files:
+        info: dict = {}
+        try:
+            images.append(load_image_file(f, c, (h, w), getattr(guard, "pipeline", DEFAULT_PIPELINE), info))
+        except (ValueError, FileNotFoundError) as e:
+            if strict:
+                _fail(f"{e} (without --strict, unreadable files are skipped)")
+            skipped.append(f)
+            typer.secho(f"skipped: {e}", fg=typer.colors.YELLOW, err=True)
+            continue
+        kept.append(f)
+        if info["channels"] != c:
+            mismatched.append(f)
+    return kept, (torch.stack(images) if images else None)
+
+
+def _warn_inputs(files: list[Path], skipped: list[Path], mismatched: list[Path], channels: int) -> None:
+    """One line each: how many files were skipped, and how many have another channel count than the guard's
+    calibration images (grey images given to a colour guard, or colour to a grey one)."""
+    if len(skipped) == len(files):
+        _fail(f"none of the {len(files)} images could be read (see the lines above)")
+    if skipped:
+        typer.secho(f"warning: skipped {len(skipped)} unreadable file(s) of {len(files)} (--strict fails instead)",
+                    fg=typer.colors.YELLOW, err=True)
+    if mismatched:
+        kind = "grey" if channels == 1 else "colour (RGB)"
+        typer.secho(f"warning: {len(mismatched)} of {len(files) - len(skipped)} images (e.g. {mismatched[0]}) are "
+                    f"{'colour' if channels == 1 else 'grey'}, but the guard was calibrated on {kind} images; they "
+                    "were converted, and its threshold may not hold for them", fg=typer.colors.YELLOW, err=True)
 
 
 def predict(
@@ -185,6 +233,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (last line: the summary).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, ...")] = "cpu",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable file instead of "
+                                         "listing and skipping it.")] = False,
     fdr: Annotated[Optional[float], typer.Option("--fdr", help="Also flag images as OOD with Benjamini-Hochberg on "
                                                  "their conformal p-values, controlling the false discovery rate "
                                                  "(share of ID images among the flagged) at this level, e.g. 0.1; "
@@ -192,15 +242,16 @@ def predict(
 ) -> None:
     """Classify images or abstain: one line per image (file, class, confidence, ID score, p-value, decision)."""
     import numpy as np
-    import torch
 
-    from ..data.loaders import load_image_file
     from ..progress import progress_bar
     from .conformal import benjamini_hochberg
     from .guard import GuardedClassifier
 
     if batch_size < 1:
         raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
+    from ..checks import check_device
+
+    check_device(device)
     if fdr is not None and not 0 < fdr < 1:
         raise typer.BadParameter(f"must be in (0, 1), got {fdr}", param_hint="--fdr")
     try:
@@ -209,7 +260,11 @@ def predict(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if not files:
-        _fail("no PNG or JPEG images found in " + ", ".join(map(str, images)))
+        from ..data.loaders import IMAGE_EXTENSIONS
+
+        _fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in " + ", ".join(map(str, images)))
+    skipped: list[Path] = []
+    mismatched: list[Path] = []
     has_p = g.calibration_scores is not None
     if fdr is not None and not has_p:
         _fail(f"--fdr needs conformal p-values, but {guard} holds no calibration scores (exported by an older "
@@ -221,11 +276,11 @@ def predict(
     bar = progress_bar(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        try:
-            x = torch.stack([load_image_file(f, c, (h, w)) for f in chunk])
-        except (ValueError, FileNotFoundError) as e:
-            bar.close()
-            _fail(str(e))
+        kept, x = _read_batch(chunk, g, strict, skipped, mismatched)
+        bar.update(len(chunk) - len(kept))  # the skipped ones
+        chunk = kept
+        if x is None:
+            continue
         p = g.predict(x, batch_size=batch_size)
         pv = g.p_values(p.id_score) if has_p else [None] * len(chunk)
         for j, f in enumerate(chunk):
@@ -243,13 +298,14 @@ def predict(
             typer.echo(_predict_line(row, as_json))
         bar.update(len(chunk))
     bar.close()
+    _warn_inputs(files, skipped, mismatched, c)
     n_flag = None
     if fdr is not None:
         flags = benjamini_hochberg(np.array([r["p_value"] for r in rows]), fdr)
         n_flag = int(flags.sum())
         for row, flag in zip(rows, flags):
             typer.echo(_predict_line({**row, "ood_fdr": bool(flag)}, as_json))
-    n = len(files)
+    n = len(files) - len(skipped)
     dt = time.time() - t0
     cal = g.calibration or {}
     if as_json:

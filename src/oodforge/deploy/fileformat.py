@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.images import DEFAULT_PIPELINE
+
 FORMAT = "oodforge-guard"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -77,9 +79,13 @@ def _jsonable(obj):
 
 
 def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
-    """Write ``guard`` into the folder ``path`` (replaced atomically when it exists)."""
+    """Write ``guard`` into the folder ``path``: a new folder appears whole (written aside, then renamed); into an
+    existing folder, which must be empty or oodforge's (:mod:`oodforge.outdir`), the guard's files are moved one
+    by one (``guard.json`` last, so a killed export leaves a folder its checksums refuse) and no other file is
+    touched: oodforge never deletes what it did not write."""
     from .. import __version__
     from ..models.checkpoint import model_meta
+    from ..outdir import MARKER, is_ours
     from .state import detector_state
 
     out = Path(path)
@@ -89,6 +95,8 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         from .onnx import check_exportable
 
         check_exportable(guard.detector)
+    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+        raise ValueError(f"{out} already holds files oodforge did not write; export into a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -121,7 +129,8 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
             "model": model_doc,
             "preprocessing": {"image_size": [h, w], "channels": c, "layout": "NCHW", "dtype": "float32",
                               "range": [0.0, 1.0], "normalisation": "inside the model (model.mean / model.std)",
-                              "resize": "area when shrinking, linear when enlarging (oodforge.data.loaders.load_image_file)",
+                              "resize": "area when shrinking, linear when enlarging (oodforge.data.images)",
+                              "pipeline": getattr(guard, "pipeline", DEFAULT_PIPELINE).to_dict(),
                               "channel_conversion": "gray" if c == 1 else "RGB"},
             "class_names": guard.class_names,
             "provenance": {**guard.provenance, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -133,13 +142,15 @@ def save_guard(guard, path: str | Path, onnx: bool = False) -> Path:
         doc["manifest_sha256"] = manifest_checksum(doc)
         (tmp / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False))
         _usual_permissions(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not out.exists():
+            (tmp / MARKER).write_text('{"written_by": "oodforge export"}\n')
+            os.replace(tmp, out)
+        else:  # our files only, guard.json last; a guard.onnx of an earlier export goes when this one has none
+            for f in [*files, MANIFEST_FILE]:
+                os.replace(tmp / f, out / f)
+            if ONNX_FILE not in files:
+                (out / ONNX_FILE).unlink(missing_ok=True)
+            tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..data.base import ArrayDataset, Suite
+from ..data.images import ImagePipeline, pipeline_of
 from ..detectors import Detector, FitContext, create
 from ..metrics import evaluate
 from ..models.base import Classifier
@@ -227,6 +228,7 @@ class GuardedClassifier:
                     image_shape=suite.image_shape, rates=rates, provenance=provenance, device=device,
                     calibration=cal.as_dict(), calibration_scores=s_val)
         guard.fit_scores = {"id_val": s_val, "id": s_id, **s_ood}  # the arrays the rates come from
+        guard.pipeline = pipeline_of(suite)  # how the suite's image files were read: predict reads them the same way
         return guard
 
     # --- inference ---------------------------------------------------------------------------
@@ -304,6 +306,7 @@ class GuardedClassifier:
                     rates=doc.get("rates"), provenance=doc.get("provenance"), device=device,
                     calibration=doc.get("calibration"), calibration_scores=cal_scores)
         guard.manifest = doc
+        guard.pipeline = ImagePipeline.from_dict(pre.get("pipeline"))  # (older guards: the default pipeline)
         guard.path = folder
         return guard
 

@@ -55,10 +55,46 @@ def user_model_from_options(spec: str, weights: Optional[Path], head: str, featu
     from .wrap import load_user_model
 
     c, h, w = image_shape
-    model = load_user_model(spec, str(weights) if weights else None, head, features,
-                            parse_floats(mean, "--mean", c), parse_floats(std, "--std", c), (h, w))
+    try:  # wrapping runs the network once on random images of this shape (models.wrap)
+        model = load_user_model(spec, str(weights) if weights else None, head, features,
+                                parse_floats(mean, "--mean", c), parse_floats(std, "--std", c), (h, w))
+    except RuntimeError as e:  # (torch's errors from inside the user's forward; bad input raises ValueError)
+        raise _probe_error(f"--model {spec}", image_shape, e) from None
+    probe_model(model, image_shape, f"--model {spec}")
     return model, {"user_model": spec, "weights": str(weights) if weights else None}
 
 
+def _probe_error(what: str, image_shape: tuple[int, int, int], e: Exception):
+    from ..checks import InputError, one_line
+
+    c, h, w = image_shape
+    return InputError(f"{what} cannot take the suite's images ({c}x{h}x{w}, {c} channel{'s' * (c > 1)}): a dummy "
+                      f"batch fails with {type(e).__name__}: {one_line(e)[:240]}; build it for {c}-channel "
+                      f"{h}x{w} inputs (or set channels / image_size in the suite file)")
+
+
+def probe_model(model, image_shape: tuple[int, int, int], what: str) -> None:
+    """One dummy batch (2 images of the suite's ``image_shape``, zeros) through ``model`` before any extraction:
+    a network built for other inputs (e.g. a first convolution for 3 channels given grey images) fails here in
+    one line instead of with a traceback from inside its forward pass after the data is loaded."""
+    import torch
+
+    from ..checks import InputError
+
+    c, h, w = image_shape
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, c, h, w))
+    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises
+        raise _probe_error(what, image_shape, e) from None
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (2, model.num_classes):
+        raise InputError(f"{what} gives outputs of shape {list(logits.shape)} for a batch of 2; a classifier must "
+                         f"return logits [N, {model.num_classes}]")
+
+
 __all__ = ["MODEL", "WEIGHTS", "HEAD", "FEATURES", "MEAN", "STD", "parse_floats", "check_model_options",
-           "user_model_from_options"]
+           "user_model_from_options", "probe_model"]
