@@ -534,3 +534,29 @@ def test_predict_p_values_fdr_and_exchangeability_warning(run, tmp_path):
     text = _invoke(["predict", run.folders["knn"], tmp_path / "mix" / "id"])
     assert text.exit_code == 0 and "warning:" not in text.stderr
     assert "split conformal, n = 300" in text.stdout.splitlines()[-1]
+
+
+def test_bench_records_selective_metrics_and_report_intervals(run):
+    """results.json["selective"][method] (ID test predictions + the method's ID scores) and report.md's intervals."""
+    from oodforge.intervals import bootstrap_intervals
+    from oodforge.selective import augrc, aurc, selective_metrics
+
+    res = json.loads((run.root / "bench" / "results.json").read_text())
+    scores = dict(np.load(run.root / "bench" / "scores.npz"))
+    with torch.no_grad():
+        pred = run.model.eval()(run.suite.id_test.float_images()).argmax(1)
+    correct = (pred == run.suite.id_test.labels).numpy()
+    assert set(res["selective"]) == set(res["methods"])
+    for key, sel in res["selective"].items():
+        s = scores[f"{key}/id"]
+        assert sel["aurc"] == pytest.approx(aurc(s, correct), abs=1e-12)
+        assert sel["augrc"] == pytest.approx(augrc(s, correct), abs=1e-12)
+        assert sel == pytest.approx(selective_metrics(s, correct), abs=1e-12)
+        assert sel["accuracy"] == pytest.approx(res["id_accuracy"], abs=1e-12)
+        assert sel["coverage_at_90"] >= 0.9 and 0 <= sel["risk_at_95"] <= 1
+    report = (run.root / "bench" / "report.md").read_text()
+    assert "95 % bootstrap intervals" in report
+    iv = bootstrap_intervals(scores["knn/id"], scores["knn/digits"], n_boot=1000, seed=0)
+    r = res["methods"]["knn"]["digits"]
+    assert (f"{100 * r['auroc']:.2f} [{100 * iv['auroc'][0]:.2f}, {100 * iv['auroc'][1]:.2f}] / "
+            f"{100 * r['fpr95']:.2f} [{100 * iv['fpr95'][0]:.2f}, {100 * iv['fpr95'][1]:.2f}]") in report

@@ -5,6 +5,9 @@ A run writes into its output folder:
 
 * ``results.json`` -- ``{"suite", "id_accuracy", "methods": {method: {ood_set: {auroc, fpr95,
   aupr_in, aupr_out}}}, "groups": {"near": [...], "far": [...]}, "models": {...}, "config": {...}}``;
+* ``results.json["selective"][method]`` -- selective classification with the method's ID-test scores as the
+  confidence: ``aurc``, ``augrc``, ``risk_at_90`` / ``accuracy_at_90`` / ``coverage_at_90`` (and ``_95``), see
+  :mod:`oodforge.selective`;
 * ``scores.npz`` -- one array per ``"{method}/{set}"`` (set ``"id"`` = ID test), the exact arrays the
   metrics were computed from, so anyone can recompute them with scikit-learn;
 * ``report.md`` and ``plots/`` -- see :mod:`oodforge.report`.
@@ -38,6 +41,7 @@ from .models.checkpoint import weights_hash
 from .models.features import extract_features
 from .models.featureset import FeatureSet
 from .protocol import check_fit_inputs, check_not_test
+from .selective import selective_metrics
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -160,7 +164,8 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         # one pass per scored set: when any method needs feature maps, take them in the first pass
         want_fmap = any(_needs_feature_map(m) for m in job.methods)
         test = cache.get(suite.id_test, want_fmap)
-        acc = float((test.logits.argmax(1) == suite.id_test.labels).double().mean())
+        correct = (test.logits.argmax(1) == suite.id_test.labels).numpy()  # per ID test image: the selective metrics
+        acc = float(correct.mean())
         if results["id_accuracy"] is None:
             results["id_accuracy"] = acc
         model_info = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
@@ -198,6 +203,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
             for set_name in ood_names:
                 res_m[set_name] = evaluate(scores[f"{key}/id"], scores[f"{key}/{set_name}"])
             results["methods"][key] = res_m
+            results.setdefault("selective", {})[key] = selective_metrics(scores[f"{key}/id"], correct)
             results["timings"][key] = round(time.time() - t1, 3)
             if log:
                 avg = np.mean([r["auroc"] for r in res_m.values()])

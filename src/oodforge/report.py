@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .intervals import bootstrap_intervals
 from .keys import detector_name, split_key
 from .metrics import roc_curve
 
@@ -61,6 +62,35 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             row.append(f"{_fmt(_group_avg(res, gs, 'auroc'))} / {_fmt(_group_avg(res, gs, 'fpr95'))}")
         rows.append(row)
     return header, rows
+
+
+#: bootstrap resamples behind every interval of the report (oodforge.intervals; seeded, so reports reproduce)
+N_BOOT = 1000
+
+
+def interval_section(results: dict, scores: dict[str, np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> list[str]:
+    """Markdown lines: per method and OOD set, AUROC and FPR95 (%) with 95 % percentile-bootstrap intervals
+    (ID and OOD test images resampled apart, :func:`oodforge.intervals.bootstrap_intervals`)."""
+    methods = [m for m in results["methods"] if f"{m}/id" in scores]
+    if not methods:
+        return []
+    sets = list(results["methods"][methods[0]])
+    lines = [f"### 95 % bootstrap intervals ({n_boot:,} resamples, ID and OOD resampled apart, seed {seed})", "",
+             "AUROC [interval] / FPR95 [interval], in %. Two methods whose intervals overlap may still differ "
+             "significantly on the same images: `oodforge.intervals.paired_auroc_difference` tests that.", "",
+             "| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for m in methods:
+        cells = []
+        for s in sets:
+            if f"{m}/{s}" not in scores:
+                cells.append("-")
+                continue
+            iv = bootstrap_intervals(scores[f"{m}/id"], scores[f"{m}/{s}"], n_boot=n_boot, seed=seed)
+            r = results["methods"][m][s]
+            cells.append(f"{100 * r['auroc']:.2f} [{100 * iv['auroc'][0]:.2f}, {100 * iv['auroc'][1]:.2f}] / "
+                         f"{100 * r['fpr95']:.2f} [{100 * iv['fpr95'][0]:.2f}, {100 * iv['fpr95'][1]:.2f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def markdown_table(results: dict) -> str:
@@ -133,7 +163,8 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
     cfg = results.get("config", {})
     md = [f"# oodforge benchmark: suite `{results['suite']}`", "", accs, groups, "",
           "AUROC / FPR95 in % (ID = positive class; FPR95 = share of OOD accepted at the threshold that keeps "
-          "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), ""]
+          "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), "",
+          *interval_section(results, scores)]
     if extra_md:
         md += [extra_md, ""]
     md += export_hint(results, (results.get("config") or {}).get("suite_file"))
