@@ -66,6 +66,24 @@ def bad(tmp_path_factory) -> Path:
     _store(d / "store_other_classes", (1, 28, 28), "fashion-mnist/train[train-minus-val:n5000:seed0]",
            [f"c{i}" for i in range(10)])
     (d / "a_file").write_text("not a folder")
+    # issue 23: a user's folder (never written into), one-class and same-as-test ID data, a huge image, a network
+    # built for another channel count, suite files with a bad background / resize
+    (d / "precious" / "sub").mkdir(parents=True)
+    (d / "precious" / "sub" / "data.txt").write_text("x")
+    for name in ("one_class", "one_class_test"):
+        (d / name / "a").mkdir(parents=True)
+        shutil.copy(d / "two_classes" / "a" / "0.png", d / name / "a" / "0.png")
+    (d / "huge" / "a").mkdir(parents=True)
+    Image.new("1", (11_000, 10_000)).save(d / "huge" / "a" / "0.png")  # 110 megapixels, a few kB on disk
+    (d / "huge" / "b").mkdir()
+    shutil.copy(d / "two_classes" / "a" / "0.png", d / "huge" / "b" / "0.png")
+    (d / "rgbnet.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+                                 "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n")
+    for name, line in (("bad_background", 'background = "transparent-ish"'), ("bad_resize", 'resize = "squash"'),
+                       ("same_train_test", None)):
+        test = "two_classes" if name == "same_train_test" else "one_class_test"
+        (d / f"{name}.toml").write_text((line or "") + f'\n[id]\ntrain = "two_classes"\ntest = "{test}"\n\n'
+                                        '[ood]\nn = "two_classes/a"\n')
     return d
 
 
@@ -164,12 +182,53 @@ MATRIX = [
      "--out"),
     ("export-result-key", ["export", "--suite", "fashion", "--method", "shift[layercam+telea]", "--quick", "--out",
                            "{out}"], "give the method spec 'shift'"),
+    # issue 23: methods that name nothing
+    ("methods-comma", BENCH + ["--methods", ",", "--out", "{out}"], "--methods ',' names no method"),
+    ("methods-empty", BENCH + ["--methods", "", "--out", "{out}"], "--methods '' names no method"),
+    ("methods-blank", BENCH + ["--methods", " , ", "--out", "{out}"], "names no method"),
+    # --out: a user's folder is never written into, an uncreatable one is refused up front
+    ("bench-out-users-folder", BENCH + ["--methods", "msp", "--out", "{d}/precious"], "oodforge did not write (sub)"),
+    ("export-out-users-folder", ["export", "--suite", "fashion", "--method", "msp", "--quick", "--out", "{d}/precious"],
+     "oodforge did not write"),
+    ("train-out-users-folder", TRAIN + ["--out", "{d}/precious"], "oodforge did not write"),
+    ("synth-out-users-folder", SHIFT + ["--data", "fashion", "--quick", "--out", "{d}/precious"],
+     "oodforge did not write"),
+    ("demo-out-users-folder", ["demo", "--quick", "--out", "{d}/precious"], "oodforge did not write"),
+    ("example-out-users-folder", ["suites", "--example", "{d}/precious"], "oodforge did not write"),
+    ("bench-out-proc", BENCH + ["--methods", "msp", "--out", "/proc/oodforge-x"], "cannot create or write"),
+    ("export-out-proc", ["export", "--suite", "fashion", "--method", "msp", "--quick", "--out", "/proc/oodforge-x"],
+     "cannot create or write"),
+    ("train-out-proc", TRAIN + ["--out", "/proc/oodforge-x/ck"], "cannot create or write"),
+    # users' suites that cannot be benchmarked
+    ("one-class-id", ["bench", "--id-train", "{d}/one_class", "--id-test", "{d}/one_class_test", "--ood",
+                      "n={d}/two_classes/a", "--out", "{out}"], "has one class ('a')"),
+    ("id-train-is-id-test", ["bench", "--id-train", "{d}/two_classes", "--id-test", "{d}/two_classes", "--ood",
+                             "n={d}/one_class", "--out", "{out}"], "the ID test data is the ID training data"),
+    ("suite-file-train-is-test", ["bench", "--suite", "{d}/same_train_test.toml", "--out", "{out}"],
+     "the ID test data is the ID training data"),
+    ("suite-file-bad-background", ["bench", "--suite", "{d}/bad_background.toml", "--out", "{out}"],
+     "background must be a colour"),
+    ("suite-file-bad-resize", ["bench", "--suite", "{d}/bad_resize.toml", "--out", "{out}"],
+     "resize must be one of crop, letterbox, stretch"),
+    ("image-size-with-suite-name", BENCH + ["--image-size", "32", "--out", "{out}"], "--image-size"),
+    # crashes that are now one line
+    ("pixel-limit", SHIFT[:-1] + [F6, "--data", "{d}/huge", "--out", "{out}"], "OODFORGE_MAX_PIXELS=110000000"),
+    ("model-other-channels", ["bench", "--suite", "fashion", "--quick", "--model", "rgbnet:build", "--head", "3",
+                              "--features", "0", "--methods", "msp", "--out", "{out}"],
+     "cannot take the suite's images (1x28x28, 1 channel)"),
+    ("export-model-other-channels", ["export", "--suite", "fashion", "--quick", "--model", "rgbnet:build", "--head", "3",
+                                     "--features", "0", "--method", "msp", "--target", "0.9", "--out", "{out}"],
+     "cannot take the suite's images"),
+    ("predict-device-cuda", ["predict", "{d}/nope.oodf", "{d}/two_classes", "--device", "cuda"], "--device cuda"),
+    ("export-device-cuda", ["export", "--suite", "fashion", "--method", "msp", "--quick", "--device", "cuda:3",
+                            "--out", "{out}"], "--device"),
 ]
 
 
 @pytest.mark.parametrize("argv,fragment", [pytest.param(a, f, id=i) for i, a, f in MATRIX])
 def test_bad_input_gets_one_clear_line(argv, fragment, bad, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OODFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(bad))  # the user modules of --model
     out = tmp_path / "out"
     args = [a.format(d=bad, out=out) for a in argv]
     rc = main(args)
@@ -180,10 +239,13 @@ def test_bad_input_gets_one_clear_line(argv, fragment, bad, tmp_path, capsys, mo
     assert fragment in lines[0], lines[0]
     assert not out.exists(), f"partial output left in {out}"
     assert "AUROC" not in captured.out and "auroc" not in captured.out  # no results table
+    # nothing written into, nothing deleted from the user's folder
+    assert sorted(str(p.relative_to(bad / "precious")) for p in (bad / "precious").rglob("*")) == ["sub", "sub/data.txt"]
+    assert (bad / "precious" / "sub" / "data.txt").read_text() == "x"
 
 
 def test_the_matrix_is_large_enough():
-    assert len(MATRIX) >= 30 and len({i for i, _, _ in MATRIX}) == len(MATRIX)
+    assert len(MATRIX) >= 80 and len({i for i, _, _ in MATRIX}) == len(MATRIX)
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
