@@ -406,3 +406,23 @@ def test_model_probe_names_the_channel_mismatch(data, tmp_path, monkeypatch, cap
                         "--features", "features", "--out", out], capsys)
         _one_error(rc, cap, "--model greynet:build cannot take the suite's images (3x32x32, 3 channels)")
         assert not out.exists()
+
+
+def test_killed_runs_half_written_feature_entries_are_removed_and_labels_are_readable(tmp_path):
+    from oodforge.data.base import ArrayDataset
+    from oodforge.models.backbones import build_model
+    from oodforge.models.features import extract_features, readable_identity
+
+    assert readable_identity("imagefolder:train:79ec36c182beb10a[train-minus-val:n6:seed0]") == "train [train-minus-val]"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a finished process: its pid names no running process (for the moment of this test)
+    model = build_model("small_resnet", 3, 1)
+    ds = ArrayDataset(np.zeros((4, 1, 28, 28), np.uint8), np.arange(4) % 3, ["a", "b", "c"], "t/zeros")
+    extract_features(model, ds, cache_dir=tmp_path, progress=False)
+    entry = next(p for p in tmp_path.rglob("logits.npy")).parent
+    stale, alive = (entry.with_name(f"{entry.name}x.tmp{pid}") for pid in (dead.pid, 1))
+    stale.mkdir()
+    alive.mkdir()
+    ds2 = ArrayDataset(np.ones((4, 1, 28, 28), np.uint8), np.arange(4) % 3, ["a", "b", "c"], "t/ones")
+    extract_features(model, ds2, cache_dir=tmp_path, progress=False)
+    assert not stale.exists() and alive.exists()  # pid 1 runs: its entry may still be being written

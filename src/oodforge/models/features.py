@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,30 @@ class _Sink:
         return None
 
 
+def readable_identity(identity: str) -> str:
+    """A dataset identity as a progress label: ``imagefolder:train:79ec36c182beb10a[train-minus-val:n6:seed0]`` ->
+    ``train [train-minus-val]`` (content hashes and loader prefixes dropped, the last subset tag kept)."""
+    base, *tags = identity.replace("]", "").split("[")
+    words = [w for w in base.split(":") if w and w not in ("imagefolder", "stream", "npz", "user")
+             and not re.fullmatch(r"[0-9a-f]{12,}", w)]
+    tag = tags[-1].split(":")[0] if tags else ""
+    return ":".join(words) + (f" [{tag}]" if tag else "")
+
+
+def _remove_stale_tmp(cache_dir: Path) -> None:
+    """Half-written entries (``<entry>.tmp<PID>``) of processes that no longer run (killed runs), in the cache."""
+    for d in cache_dir.glob("*.tmp*"):
+        m = re.fullmatch(r".+\.tmp(\d+)", d.name)
+        if not m or not d.is_dir() or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # alive, under another user
+            pass
+
+
 @torch.no_grad()
 def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool,
              folder: Path | None = None) -> FeatureSet | None:
@@ -80,7 +105,7 @@ def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature
     n = len(dataset)
     sink = _Sink(n, folder)
     start = 0
-    label = getattr(dataset, "name", None) or dataset.identity  # a torch Dataset's identity costs a read
+    label = getattr(dataset, "name", None) or readable_identity(dataset.identity)  # (a torch Dataset: costs a read)
     for x in progress_bar(_batches(dataset, batch_size), total=-(-n // batch_size),
                           desc=f"features {label[:40]}", disable=not progress, leave=False):
         out = model.forward_all(x.to(device))
@@ -133,6 +158,7 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
             return cached
     entry = _cache_entry(cache_dir, model, dataset, feature_map)
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    _remove_stale_tmp(tmp.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
