@@ -272,7 +272,7 @@ def predict(
     c, h, w = g.image_shape
     t0 = time.time()
     rows: list[dict] = []  # with --fdr: every row, printed once all p-values are known
-    accepted, n_acc = [], 0
+    n_acc = 0
     bar = progress_bar(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
@@ -286,7 +286,6 @@ def predict(
         for j, f in enumerate(chunk):
             ok = bool(p.accepted[j])
             n_acc += ok
-            accepted.append(ok)
             row = {"file": str(f), "class": g.class_names[int(p.classes[j])], "class_index": int(p.classes[j]),
                    "confidence": float(p.confidence[j]), "id_score": float(p.id_score[j]),
                    "p_value": None if pv[j] is None else float(pv[j]), "accepted": ok}
