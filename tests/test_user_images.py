@@ -14,6 +14,7 @@ import textwrap
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from oodforge.cli import main
@@ -426,3 +427,48 @@ def test_killed_runs_half_written_feature_entries_are_removed_and_labels_are_rea
     ds2 = ArrayDataset(np.ones((4, 1, 28, 28), np.uint8), np.arange(4) % 3, ["a", "b", "c"], "t/ones")
     extract_features(model, ds2, cache_dir=tmp_path, progress=False)
     assert not stale.exists() and alive.exists()  # pid 1 runs: its entry may still be being written
+
+
+def _tiny_store(root, shape, n: int = 16):
+    from oodforge.outliers.store import OutlierStore
+
+    store = OutlierStore(root, {"method": "test", "image_shape": list(shape), "dataset": "elsewhere",
+                                "class_names": ["a", "b", "c"]})
+    rng = np.random.default_rng(0)
+    with store.writer():
+        store.add_shard(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                        [{"source_index": i, "k": 0, "seed": i, "label": 0} for i in range(n)])
+    return root
+
+
+def test_train_model_trains_the_users_network_plain_and_oe(data, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(data)
+    monkeypatch.setenv("OODFORGE_CACHE", str(tmp_path / "cache"))
+    own = ["--model", "imgnet:build", "--head", "classifier", "--features", "features"]
+    ck = tmp_path / "ck"
+    rc, cap = _run(["train", "--suite", "suite.toml", *own, "--epochs", "1", "--batch-size", "16", "--out", ck], capsys)
+    assert rc == 0, cap.err[-3000:]
+    start = load_file(str(data / "w.safetensors"))  # imgnet:build is seeded: the weights it starts from
+    trained = load_file(str(ck / "weights.safetensors"))
+    assert set(trained) == set(start)  # the user's module's own keys, loadable with --weights
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the loop trained it
+    doc = json.loads((ck / "user_model.json").read_text())
+    assert doc["user_model"]["factory"] == "imgnet:build" and "id_test_accuracy" in doc
+    # the result is used with --model ... --weights, and --checkpoint says so in one line
+    rc, cap = _run(["bench", "--suite", "suite.toml", "--checkpoint", ck, "--methods", "msp", "--out", tmp_path / "b"],
+                   capsys)
+    _one_error(rc, cap, "not an oodforge checkpoint: give it as --model imgnet:build --weights")
+    # outlier exposure fine-tunes the user's trained weights on forged outliers
+    store = _tiny_store(tmp_path / "store", (3, 32, 32))
+    oe = tmp_path / "oe"
+    rc, cap = _run(["train", "--suite", "suite.toml", *own, "--weights", ck / "weights.safetensors", "--method", "oe",
+                    "--outliers", store, "--allow-foreign-outliers", "--epochs", "1", "--batch-size", "16",
+                    "--out", oe], capsys)
+    assert rc == 0, cap.err[-3000:]
+    tuned = load_file(str(oe / "weights.safetensors"))
+    assert any(not torch.equal(tuned[k], trained[k]) for k in trained)
+    rc, cap = _run(["train", "--suite", "suite.toml", *own, "--method", "ssod", "--out", tmp_path / "x"], capsys)
+    _one_error(rc, cap, "--method plain or oe")
+    assert not (tmp_path / "x").exists()

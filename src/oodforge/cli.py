@@ -18,6 +18,8 @@ from .models.cli import (
     STD,
     WEIGHTS,
     check_model_options,
+    check_train_model_options,
+    save_user_model,
     user_model_from_options,
 )
 
@@ -301,6 +303,12 @@ def train(
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
+    user_model: Optional[str] = MODEL,
+    weights: Optional[Path] = WEIGHTS,
+    head: str = HEAD,
+    features: str = FEATURES,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
 ) -> None:
     """Train a classifier (plain or SSOD) on a suite's ID training set and save a checkpoint."""
     from .checks import check_device, check_out_dir, check_store_fits
@@ -329,6 +337,7 @@ def train(
     elif mode is not None:
         raise typer.BadParameter(f"{backbone} trains from scratch; --mode is for the pretrained efficientnet_lite* "
                                  "backbones", param_hint="--mode")
+    check_train_model_options(user_model, weights, mean, std, method, backbone, mode, init_from)
     plan = TrainPlan(arch=arch, epochs=epochs, seed=seed, method=method, alpha=alpha, gamma=gamma,
                      balance=balance, warmup_epochs=warmup_epochs,
                      lr=lr if lr is not None else paper.get("lr"),
@@ -336,7 +345,7 @@ def train(
                      weight_decay=weight_decay if weight_decay is not None else paper.get("weight_decay"),
                      batch_size=batch_size or paper.get("batch_size", 128),
                      input_size=input_size if input_size is not None else paper.get("input_size"),
-                     flip=not no_flip, init_from=str(init_from) if init_from else None,
+                     flip=not no_flip, init_from=str(init_from or weights) if init_from or weights else None,
                      outliers=str(outliers) if outliers else None, oe_loss=oe_loss, oe_lambda=oe_lambda, m_in=m_in,
                      m_out=m_out, recipe_options=_recipe_options(recipe_option))
     plan.train_config()  # validate every setting before loading data
@@ -348,13 +357,20 @@ def train(
         from .outliers.store import OutlierStore
 
         check_store_fits(OutlierStore(outliers), s.id_train, s.class_names, "--outliers", allow_foreign_outliers)
-    model, meta = train_model(s, plan, device, state_dir=out, log=typer.echo)
+    own = None  # --model: the user's network, built and loaded here, trained by the same loop
+    if user_model is not None:
+        own, _ = user_model_from_options(user_model, weights, head, features, mean, std, s.id_train.image_shape,
+                                         seed=seed)
+    model, meta = train_model(s, plan, device, state_dir=out, log=typer.echo, model=own)
     meta["id_test_accuracy"] = accuracy(model, s.id_test, device)
     if s.id_val is not None:
         meta["id_val_accuracy"] = accuracy(model, s.id_val, device)
     meta["command"] = "oodforge train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
     meta["weights_hash"] = weights_hash(model)
-    save_checkpoint(model, out, meta)
+    if own is not None:
+        arch = save_user_model(model, out, meta)
+    else:
+        save_checkpoint(model, out, meta)
     typer.echo(f"{method} {arch}: ID test accuracy {100 * meta['id_test_accuracy']:.2f} % "
                f"({meta['train_seconds']} s); checkpoint {out}")
 

@@ -198,8 +198,11 @@ def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
 
 
 def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bool = True,
-                state_dir: str | Path | None = None, log=None) -> tuple[Classifier, dict]:
+                state_dir: str | Path | None = None, log=None, model: Classifier | None = None) -> tuple[Classifier, dict]:
     """Train a classifier on ``suite.id_train`` with ``plan`` in the one training loop.
+
+    ``model``: a user's own network (``train --model``, :mod:`oodforge.models.wrap`), trained as the caller built
+    and loaded it (``plan.init_from`` then only records where its weights came from); default: ``plan``'s.
 
     The seed is set before the model is built, so the same plan gives bit-identical weights on the
     same machine and thread count. ``state_dir`` makes the run resumable per epoch.
@@ -208,8 +211,10 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
     mean, std = normalisation(suite)
     arch = plan.arch_to_build()
     seed_everything(plan.seed)
-    model = build_model(arch, suite.num_classes, suite.image_shape[0], mean, std)
-    init = initialise_from(model, plan.init_from) if plan.init_from else None
+    own = model is not None
+    if not own:
+        model = build_model(arch, suite.num_classes, suite.image_shape[0], mean, std)
+    init = initialise_from(model, plan.init_from) if plan.init_from and not own else None
     t0 = time.time()
     history = run_training(model, suite.id_train, objective, config, device=device, progress=progress,
                            state_dir=state_dir, log=log)

@@ -56,6 +56,13 @@ def checkpoint_files(path: str | Path, option: str = "checkpoint") -> tuple[Path
     if not folder.is_dir():
         raise FileNotFoundError(f"{option} {path}: no such folder (a checkpoint folder from `oodforge train`)")
     missing = [f for f in (WEIGHTS, META) if not (folder / f).is_file()]
+    if missing and (folder / "user_model.json").is_file():  # written by `train --model` (models.cli)
+        try:
+            use = json.loads((folder / "user_model.json").read_text()).get("use_with", "--model ... --weights ...")
+        except ValueError:
+            use = "--model ... --weights ..."
+        raise FileNotFoundError(f"{option} {path} holds your own network trained by `oodforge train --model`, "
+                                f"not an oodforge checkpoint: give it as {use}")
     if missing:
         raise FileNotFoundError(f"{option} {path}: missing {', '.join(missing)}; a checkpoint folder holds "
                                 f"{WEIGHTS} and {META} (written by `oodforge train` or save_checkpoint)")

@@ -50,10 +50,15 @@ def check_model_options(user_model: Optional[str], checkpoint: Optional[Path], w
 
 
 def user_model_from_options(spec: str, weights: Optional[Path], head: str, features: str, mean: Optional[str],
-                            std: Optional[str], image_shape: tuple[int, int, int]):
-    """The wrapped user classifier for images of ``image_shape`` (C, H, W) and its provenance record."""
+                            std: Optional[str], image_shape: tuple[int, int, int], seed: int | None = None):
+    """The wrapped user classifier for images of ``image_shape`` (C, H, W) and its provenance record
+    (``seed``: set torch's seed first, so a network without ``--weights`` starts from the same weights)."""
     from .wrap import load_user_model
 
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     c, h, w = image_shape
     try:  # wrapping runs the network once on random images of this shape (models.wrap)
         model = load_user_model(spec, str(weights) if weights else None, head, features,
@@ -62,6 +67,54 @@ def user_model_from_options(spec: str, weights: Optional[Path], head: str, featu
         raise _probe_error(f"--model {spec}", image_shape, e) from None
     probe_model(model, image_shape, f"--model {spec}")
     return model, {"user_model": spec, "weights": str(weights) if weights else None}
+
+
+def check_train_model_options(user_model: Optional[str], weights: Optional[Path], mean: Optional[str],
+                              std: Optional[str], method: str, backbone: str, mode: Optional[str],
+                              init_from: Optional[Path]) -> None:
+    """``train --model``: the user's network is trained by the one loop with ``--method plain`` (from its own
+    initialisation or ``--weights``) or ``oe`` (fine-tuning ``--weights`` on forged outliers); checked first."""
+    check_model_options(user_model, None, weights, mean, std)
+    if user_model is None:
+        return
+    if method not in ("plain", "oe"):
+        raise typer.BadParameter(f"--method {method}: your own --model trains with --method plain or oe (ssod and "
+                                 "the recipes change oodforge's own backbones)", param_hint="--method")
+    if backbone != "small_resnet" or mode is not None:
+        raise typer.BadParameter("--backbone / --mode choose oodforge's networks; with --model your own network is "
+                                 "trained", param_hint="--backbone")
+    if init_from is not None:
+        raise typer.BadParameter("--init-from loads an oodforge checkpoint; your --model starts from --weights",
+                                 param_hint="--init-from")
+    if method == "oe" and weights is None:
+        raise typer.BadParameter("outlier exposure fine-tunes a trained classifier: give your model's trained "
+                                 "--weights", param_hint="--weights")
+
+
+#: the files ``train --model`` writes (a user's network is rebuilt by its factory, not by oodforge.models)
+USER_WEIGHTS, USER_META = "weights.safetensors", "user_model.json"
+
+
+def save_user_model(model, out: Path, meta: dict) -> str:
+    """Write a user's network trained by ``train --model``: ``weights.safetensors`` (its own module's state dict,
+    the keys its ``load_state_dict`` expects, so ``--model SPEC --weights OUT/weights.safetensors`` loads it in
+    bench / export / synth) and ``user_model.json`` (how to build it again, plus the training record).
+    Returns the label printed for it."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    save_file(state, str(out / (USER_WEIGHTS + ".tmp")))
+    os.replace(out / (USER_WEIGHTS + ".tmp"), out / USER_WEIGHTS)
+    doc = {"user_model": model.rebuild_spec(), "num_classes": model.num_classes, **meta,
+           "use_with": f"--model {model.factory} --weights {out / USER_WEIGHTS} --head {model.head_name} "
+                       f"--features {model.features_name}"}
+    (out / (USER_META + ".tmp")).write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(out / (USER_META + ".tmp"), out / USER_META)
+    return f"{model.factory} (use it with {doc['use_with']})"
 
 
 def _probe_error(what: str, image_shape: tuple[int, int, int], e: Exception):
@@ -97,4 +150,4 @@ def probe_model(model, image_shape: tuple[int, int, int], what: str) -> None:
 
 
 __all__ = ["MODEL", "WEIGHTS", "HEAD", "FEATURES", "MEAN", "STD", "parse_floats", "check_model_options",
-           "user_model_from_options", "probe_model"]
+           "user_model_from_options", "probe_model", "check_train_model_options", "save_user_model"]
