@@ -82,6 +82,14 @@ def test_bad_hyperparameters_raise_naming_the_parameter(name, params, match):
         create(name, **params).fit(ctx)
 
 
+@pytest.mark.parametrize("name,key,value", [("ash", "where", "after"), ("ash", "variant", "q"), ("scale", "where", "x"),
+                                            ("rankfeat", "solver", "qr"), ("kpca", "kernel", "rbf"),
+                                            ("cadref", "logit_score", "odin"), ("openmax", "distance", "l1")])
+def test_categorical_parameters_are_refused_by_create_before_any_work(name, key, value):
+    with pytest.raises(ValueError, match=rf"{name}: {key} must be one of .*got '{value}'"):
+        create(name, **{key: value})
+
+
 def test_label_readers_refuse_unlabelled_training_data():
     model, train, test, ctx = blobs()
     unlabelled = FeatureSet(train.logits, train.penultimate, torch.full((len(train),), -1))

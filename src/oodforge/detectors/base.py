@@ -76,6 +76,8 @@ class Detector:
     #: the valid range of each numeric hyperparameter, as interval text (``"(0, 100]"``, ``"[1, inf)"``);
     #: :func:`create` checks types (from the constructor's defaults) and these ranges before any work
     param_ranges: ClassVar[dict[str, str]] = {}
+    #: the allowed values of each categorical hyperparameter (``{"where": ("pooled", "map")}``), checked likewise
+    param_choices: ClassVar[dict[str, tuple]] = {}
     #: constructor parameters stored under another attribute name (``shift``'s ``score`` -> ``score_kind``,
     #: since ``score`` is the method); read by :meth:`get_params`
     param_aliases: ClassVar[dict[str, str]] = {}
@@ -148,6 +150,9 @@ class Detector:
             v = float(value)
             if not ((v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)):
                 raise ValueError(f"{cls.name}: {key} must be in {cls.param_ranges[key]}, got {value}")
+        if key in cls.param_choices and value not in cls.param_choices[key]:
+            raise ValueError(f"{cls.name}: {key} must be one of {', '.join(map(repr, cls.param_choices[key]))}, "
+                             f"got {value!r}")
 
     def fit(self, ctx, model: torch.nn.Module | None = None, **data_options) -> Detector:
         """Fit on a :class:`FitContext`, or on data with ``model=`` (``val=``, ``outliers=``, ``device=``,
@@ -157,7 +162,7 @@ class Detector:
         elif model is not None or data_options:
             raise TypeError(f"{self.name}: fit(FitContext) takes no other arguments; the FitContext holds them")
         # the declared ranges hold also for a detector constructed directly rather than through create()
-        for key in self.param_ranges:
+        for key in {**self.param_ranges, **self.param_choices}:
             self._check_range(key, getattr(self, key, None))
         if self.needs_outliers and ctx.outliers is None:
             raise ValueError(f"detector {self.name!r} is trained on synthetic outliers: pass an outlier store "

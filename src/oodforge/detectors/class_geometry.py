@@ -189,14 +189,12 @@ class CADRef(Detector):
     name = "cadref"
     paper = ("Ling, Li, Zhang, Wang, Yang, CADRef: Robust Out-of-Distribution Detection via Class-Aware "
              "Decoupled Relative Feature Leveraging, CVPR 2025")
+    param_choices = {"logit_score": tuple(LOGIT_SCORES)}
 
     def __init__(self, logit_score: str = "energy"):
         self.logit_score = logit_score
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.logit_score not in LOGIT_SCORES:
-            raise ValueError(f"cadref: logit_score must be one of {', '.join(map(repr, LOGIT_SCORES))}, "
-                             f"got {self.logit_score!r}")
         self.weight_, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
         self.means_ = _class_means(ctx, self.name)
         self.train_logit_score_ = float(LOGIT_SCORES[self.logit_score](ctx.train.logits).mean())

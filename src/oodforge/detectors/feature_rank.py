@@ -76,6 +76,7 @@ class RankFeat(_FeatureMapEnergy):
     paper = ("Song, Sebe, Wang, RankFeat: Rank-1 Feature Removal for Out-of-distribution Detection, "
              "NeurIPS 2022")
     param_ranges = {"temperature": "(0, inf)", "iterations": "[1, inf)"}
+    param_choices = {"solver": SOLVERS}
 
     def __init__(self, temperature: float = 1.0, solver: str = "power", iterations: int = 20):
         self.temperature = temperature
@@ -83,8 +84,6 @@ class RankFeat(_FeatureMapEnergy):
         self.iterations = iterations
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"rankfeat: solver must be one of {', '.join(map(repr, SOLVERS))}, got {self.solver!r}")
         self._fit_head(ctx)
         self.device_ = ctx.device
         self.seed_ = ctx.seed

@@ -123,6 +123,7 @@ class KernelPCA(Detector):
     paper = ("Fang, Ding, Wang, Gu, Zhang, Cheng, Huang, Kernel PCA for Out-of-Distribution Detection, "
              "NeurIPS 2024")
     param_ranges = {"principal_dim": "[1, inf)", "gamma": "(0, inf)"}
+    param_choices = {"kernel": ("cop", "corp")}
 
     def __init__(self, kernel: str = "cop", principal_dim: int | None = None, gamma: float = 1.0):
         self.kernel = kernel
@@ -137,8 +138,6 @@ class KernelPCA(Detector):
         return np.sqrt(2.0 / self.omega_.shape[1]) * torch.cos(z @ self.omega_ + self.phase_)
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.kernel not in ("cop", "corp"):
-            raise ValueError(f"kpca: kernel must be 'cop' or 'corp', got {self.kernel!r}")
         h = ctx.train.penultimate
         dim = h.shape[1]
         if self.kernel == "corp":

@@ -47,6 +47,7 @@ class OpenMax(Detector):
     name = "openmax"
     paper = "Bendale, Boult, Towards Open Set Deep Networks, CVPR 2016"
     param_ranges = {"alpha": "[1, inf)", "tail_size": "[2, inf)"}
+    param_choices = {"distance": DISTANCES}
 
     def __init__(self, alpha: int = 3, tail_size: int = 20, distance: str = "euclidean"):
         self.alpha = alpha
@@ -54,9 +55,6 @@ class OpenMax(Detector):
         self.distance = distance
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.distance not in DISTANCES:
-            raise ValueError(f"openmax: distance must be one of {', '.join(map(repr, DISTANCES))}, "
-                             f"got {self.distance!r}")
         z = ctx.train.logits.double().numpy()
         y = ctx.train.labels.numpy()
         k = z.shape[1]

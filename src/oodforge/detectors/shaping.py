@@ -82,8 +82,6 @@ class _FeatureMapEnergy(Detector):
         return self.where == "map"
 
     def _fit_head(self, ctx: FitContext) -> None:
-        if self.where not in WHERE:
-            raise ValueError(f"{self.name}: where must be one of {', '.join(map(repr, WHERE))}, got {self.where!r}")
         dim = ctx.train.penultimate.shape[1]
         self.weight_, self.bias_ = _check_head(ctx, dim, self.name)
         if self.where == "map" and ctx.train.feature_map is not None and ctx.train.feature_map.shape[1] != dim:
@@ -136,6 +134,7 @@ class ASH(_FeatureMapEnergy):
     paper = ("Djurisic, Bozanic, Ashok, Liu, Extremely Simple Activation Shaping for Out-of-Distribution "
              "Detection, ICLR 2023")
     param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
+    param_choices = {"variant": ASH_VARIANTS, "where": WHERE}
 
     def __init__(self, percentile: float | None = None, variant: str = "s", temperature: float = 1.0,
                  where: str = "pooled"):
@@ -145,8 +144,6 @@ class ASH(_FeatureMapEnergy):
         self.where = where
 
     def _fit(self, ctx: FitContext) -> None:
-        if self.variant not in ASH_VARIANTS:
-            raise ValueError(f"ash: variant must be one of {', '.join(map(repr, ASH_VARIANTS))}, got {self.variant!r}")
         self.percentile_ = ASH_PERCENTILES[self.variant] if self.percentile is None else float(self.percentile)
         self._fit_head(ctx)
 
@@ -182,6 +179,7 @@ class Scale(_FeatureMapEnergy):
     paper = ("Xu, Lian, Yang, Scaling for Training Time and Post-hoc Out-of-distribution Detection "
              "Enhancement, ICLR 2024")
     param_ranges = {"percentile": "[0, 100)", "temperature": "(0, inf)"}
+    param_choices = {"where": WHERE}
 
     def __init__(self, percentile: float = 85.0, temperature: float = 1.0, where: str = "pooled"):
         self.percentile = percentile
