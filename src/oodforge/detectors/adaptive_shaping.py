@@ -1,6 +1,6 @@
 """AdaSCALE: SCALE with a per-image percentile chosen from how the features react to a small input change.
 
-Regmi, Panthi, Gautam, Bhattarai, Rahman, AdaSCALE: Adaptive Scaling for OOD Detection (arXiv:2503.08023,
+Regmi et al., AdaSCALE: Adaptive Scaling for OOD Detection (arXiv 2025, github.com/sudarshanregmi/adascale;
 the authors' OpenOOD implementation ``adascale_postprocessor.py`` / ``adascale_net.py``). Needs the images
 and one backward pass per image batch (``needs_inputs = True``): the gradient of the predicted logit
 marks the input values that matter least, those are pushed by a fixed step, and the shift of the
@@ -148,8 +148,7 @@ class AdaScaleA(_AdaScale):
     """
 
     name = "adascale_a"
-    paper = ("Regmi, Panthi, Gautam, Bhattarai, Rahman, AdaSCALE: Adaptive Scaling for OOD Detection, "
-             "arXiv:2503.08023 (AdaSCALE-A)")
+    paper = "Regmi et al., AdaSCALE: Adaptive Scaling for OOD Detection, arXiv 2025 (AdaSCALE-A)"
 
 
 @register
@@ -157,6 +156,5 @@ class AdaScaleL(_AdaScale):
     """AdaSCALE-L: the same adaptive ``r``, applied to the logits: ``logsumexp((W h + b) r^2)``."""
 
     name = "adascale_l"
-    paper = ("Regmi, Panthi, Gautam, Bhattarai, Rahman, AdaSCALE: Adaptive Scaling for OOD Detection, "
-             "arXiv:2503.08023 (AdaSCALE-L)")
+    paper = "Regmi et al., AdaSCALE: Adaptive Scaling for OOD Detection, arXiv 2025 (AdaSCALE-L)"
     logit_scaling = True

@@ -145,8 +145,8 @@ class CARef(Detector):
     """
 
     name = "caref"
-    paper = ("Ling, Li, Zhang, Wang, Yang, CADRef: Robust Out-of-Distribution Detection via Class-Aware "
-             "Decoupled Relative Feature Leveraging, CVPR 2025 (CARef)")
+    paper = ("Ling et al., CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative "
+             "Feature Leveraging, CVPR 2025 (arXiv:2503.00325), CARef")
 
     def _fit(self, ctx: FitContext) -> None:
         self.means_ = _class_means(ctx, self.name)
@@ -187,8 +187,8 @@ class CADRef(Detector):
     """
 
     name = "cadref"
-    paper = ("Ling, Li, Zhang, Wang, Yang, CADRef: Robust Out-of-Distribution Detection via Class-Aware "
-             "Decoupled Relative Feature Leveraging, CVPR 2025")
+    paper = ("Ling et al., CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative "
+             "Feature Leveraging, CVPR 2025 (arXiv:2503.00325)")
     param_choices = {"logit_score": tuple(LOGIT_SCORES)}
 
     def __init__(self, logit_score: str = "energy"):

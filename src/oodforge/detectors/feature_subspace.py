@@ -87,8 +87,8 @@ class NuSA(Detector):
     """
 
     name = "nusa"
-    paper = ("Cook, Lavoie, Waslander, Outlier Detection through Null Space Analysis of Neural Networks, "
-             "ICML 2020 Workshop on Uncertainty and Robustness in Deep Learning (arXiv:2007.01263)")
+    paper = ("Cook et al., Outlier Detection through Null Space Analysis of Neural Networks, "
+             "ICML 2020 Workshop on Uncertainty and Robustness in Deep Learning")
 
     def _fit(self, ctx: FitContext) -> None:
         w, _ = _check_head(ctx, ctx.train.penultimate.shape[1], self.name)
@@ -120,8 +120,7 @@ class KernelPCA(Detector):
     """
 
     name = "kpca"
-    paper = ("Fang, Ding, Wang, Gu, Zhang, Cheng, Huang, Kernel PCA for Out-of-Distribution Detection, "
-             "NeurIPS 2024")
+    paper = "Fang et al., Kernel PCA for Out-of-Distribution Detection, NeurIPS 2024"
     param_ranges = {"principal_dim": "[1, inf)", "gamma": "(0, inf)"}
     param_choices = {"kernel": ("cop", "corp")}
 

@@ -160,8 +160,7 @@ class MahalanobisPP(Detector):
     """
 
     name = "mahalanobispp"
-    paper = ("Mueller, Hein, Mahalanobis++: Improving OOD Detection via Feature Normalization, ICML 2025 "
-             "(arXiv:2505.18032)")
+    paper = "Mueller, Hein, Mahalanobis++: Improving OOD Detection via Feature Normalization, ICML 2025"
 
     def _fit(self, ctx: FitContext) -> None:
         t = ctx.train

@@ -105,8 +105,8 @@ class IODIN(ODIN):
     """
 
     name = "iodin"
-    paper = ("Regmi, Panthi, Gautam, Bhattarai, Rahman, ASCOOD: Going Beyond Conventional OOD Detection "
-             "(i-ODIN), arXiv:2411.10794, 2024")
+    paper = ("Regmi et al., i-ODIN, from ASCOOD (arXiv 2025, github.com/sudarshanregmi/ASCOOD; OpenOOD v1.5's "
+             "iodin)")
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         t = float(self.temperature)
