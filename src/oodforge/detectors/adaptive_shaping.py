@@ -65,7 +65,7 @@ class _AdaScale(Detector):
 
         ``x~ = x + step * sign(g) * mask`` in the classifier's normalised input space (``step`` times the
         normalisation std in pixels), ``g`` the gradient of the predicted logit, ``mask`` the fraction
-        ``o`` of input values with the smallest ``|g|`` (Sec. 3 of the paper).
+        ``o`` of input values with the smallest ``|g|`` (the paper's perturbation).
         """
         model = prepare_model(self.model_, self.device_)
         std = getattr(model, "std", None)
@@ -139,7 +139,7 @@ class _AdaScale(Detector):
 class AdaScaleA(_AdaScale):
     """AdaSCALE-A: ``logsumexp(W (exp(r) h) + b)`` with ``r = s1 / s2`` at the image's adaptive percentile.
 
-    ``Q'`` (module docstring, the paper's Eq. for the corrected shift) is turned into a percentile by its
+    ``Q'`` (the paper's corrected feature shift) is turned into a percentile by its
     empirical CDF on ``num_samples = 5000`` ID images (``FitContext.val``, else ``.train``, as OpenOOD's
     setup reads the ID validation loader): ``p = p_min + (1 - ECDF(Q')) (p_max - p_min)``, then SCALE's
     ``r = s1 / s2`` on ``relu(h)`` with that percentile. Defaults are the authors' OpenOOD config

@@ -139,7 +139,7 @@ def _class_means(ctx: FitContext, who: str) -> torch.Tensor:
 class CARef(Detector):
     """CARef: ``-||h - mu_yhat||_1 / ||h||_1``, the relative error to the predicted class's mean feature.
 
-    The paper's class-aware relative feature error (Sec. 3.2): ``mu_c`` is the mean penultimate vector
+    The paper's class-aware relative feature error: ``mu_c`` is the mean penultimate vector
     of the ID training images of class ``c``; an ID image lies close to the mean of the class it is
     predicted as, relative to its own size. No hyperparameters.
     """
@@ -178,7 +178,7 @@ LOGIT_SCORES = {
 class CADRef(Detector):
     """CADRef: CARef's error split by the sign of the class weights, weighted by a logit score.
 
-    With ``d = h - mu_yhat`` and ``s = sign(w_yhat)``, the error is decoupled (Sec. 3.3) into the part
+    With ``d = h - mu_yhat`` and ``s = sign(w_yhat)``, the error is decoupled into the part
     along the class's positive evidence ``E+ = ||max(d * s, 0)||_1 / ||h||_1`` and the opposite part
     ``E- = ||max(-d * s, 0)||_1 / ||h||_1``; the score (Eq. 10) is
     ``-(E+ / S(x) + E- / mean_train S)`` with ``S`` a logit-based score of the image (``logit_score``:

@@ -120,8 +120,8 @@ class NNGuide(Detector):
 class Relation(Detector):
     """Relation: the summed relation-graph edges of a test image to the ID training images.
 
-    The paper's relation kernel between images ``i`` and ``j`` (Sec. 3, Eq. 2 with the OOD score of
-    Sec. 4) multiplies the feature similarity and the prediction similarity,
+    The paper's relation kernel between images ``i`` and ``j`` (and its OOD score, as in the authors'
+    code) multiplies the feature similarity and the prediction similarity,
     ``r_ij = max(<z_i, z_j>, 0)^pow * <p_i, p_j>`` with ``z = h / ||h||`` and ``p = softmax(f(x))``
     (the authors' code applies ``pow`` to the thresholded product: ``sum_j sign(r_ij) |r_ij|^pow``);
     edges with ``|r_ij| <= 0.03`` are cut, and the score is the sum of the remaining edges over the

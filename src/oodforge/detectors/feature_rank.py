@@ -55,7 +55,7 @@ def rank1_power(x: torch.Tensor, iterations: int = 20, seed: int = 0) -> torch.T
 
 @register
 class RankFeat(_FeatureMapEnergy):
-    """RankFeat score ``T * logsumexp((W pool(X - s_1 u_1 v_1^T) + b) / T)``, ``T = 1`` (paper Eq. 2-3).
+    """RankFeat score ``T * logsumexp((W pool(X - s_1 u_1 v_1^T) + b) / T)``, ``T = 1``.
 
     Each image's last feature map is reshaped to ``X`` ``[C, HW]``; its dominant singular
     component (largest singular value ``s_1``) is subtracted, the rest is pooled and fed to the

@@ -37,7 +37,7 @@ class NECO(Detector):
 
     Neural collapse puts the ID features near the span of the class means, so the share of the (per-unit
     standardised) feature that lies in the top-``d`` principal subspace of the ID training features is
-    high for ID and lower for OOD (the paper's NECO score, Eq. 9: ``||P h|| / ||h||``). As in the paper
+    high for ID and lower for OOD (the paper's NECO score ``||P h|| / ||h||``). As in the paper
     (Sec. 4, for ResNets and ViTs) and the authors' code, the ratio is multiplied by the max logit
     (``maxlogit=False`` gives the bare ratio). ``principal_dim=None`` uses the number of classes ``C``
     (the dimension neural collapse predicts for the class means, ``C - 1``, plus one; the paper tunes
@@ -112,7 +112,7 @@ class KernelPCA(Detector):
 
     The paper's CoP: the cosine kernel's explicit feature map ``phi(h) = h / ||h||``, PCA of the ID
     training features mapped by ``phi`` (mean ``m``, top-``q`` axes ``U_q``), and the error of
-    reconstructing a test feature from them (Eq. 6, with the linear map of Sec. 4.1). ``kernel="corp"``
+    reconstructing a test feature from them (the paper's reconstruction-error score). ``kernel="corp"``
     is their CoRP: ``phi`` is followed by ``M = 2 D`` random Fourier features of a Gaussian kernel with
     bandwidth ``gamma`` (``sqrt(2/M) cos(Omega^T phi + u)``, seeded by ``FitContext.seed``).
     ``principal_dim=None`` takes ``D // 2`` of the mapped dimension (the ViM rule for small backbones; the

@@ -130,7 +130,7 @@ class GEM(Detector):
     """GEM (Gaussian mixture energy): ``log sum_c exp(-1/2 (h - mu_c)^T Sigma^-1 (h - mu_c))``.
 
     The class-conditional Gaussians of :class:`Mahalanobis` (class means, one shared covariance, fitted on
-    the ID training features) read as an energy-based model (the paper's GEM score, Sec. 4): the
+    the ID training features) read as an energy-based model (the paper's GEM score): the
     log-sum-exp over classes of the negative half squared Mahalanobis distances, instead of the distance
     to the closest class alone. No hyperparameters.
     """
@@ -152,7 +152,7 @@ class GEM(Detector):
 class MahalanobisPP(Detector):
     """Mahalanobis++: the Mahalanobis score of the L2-normalised penultimate vector ``h / ||h||``.
 
-    The paper (Sec. 3-4) shows that feature norms vary strongly within a class and violate the shared-
+    The paper shows that feature norms vary strongly within a class and violate the shared-
     covariance Gaussian assumption; normalising every feature (training and test) to unit norm before
     fitting the class means and the tied covariance fixes it. The score is then exactly
     :class:`Mahalanobis`'s ``max_c -(z - mu_c)^T Sigma^-1 (z - mu_c)`` on ``z = h / ||h||``. No
@@ -229,7 +229,7 @@ class GMM(Detector):
 class SSD(Detector):
     """SSD: ``-min_m (z - mu_m)^T Sigma_m^-1 (z - mu_m)`` over k-means clusters of the normalised ID features.
 
-    The paper's label-free detector (Sec. 3, Eq. 1): the L2-normalised penultimate vectors ``z = h / ||h||``
+    The paper's label-free detector: the L2-normalised penultimate vectors ``z = h / ||h||``
     of the ID training set are clustered by k-means (``clusters``, default 1, the paper's choice; scikit-
     learn ``KMeans``, seeded by ``FitContext.seed``), each cluster gets its own mean and covariance, and a
     test feature scores by its Mahalanobis distance to the closest cluster. It needs no labels; with one

@@ -167,7 +167,7 @@ class Scale(_FeatureMapEnergy):
     """SCALE: multiply each image's penultimate vector by ``exp(s1 / s2)`` without pruning, then energy.
 
     ``s1`` sums the image's activations and ``s2`` only those above its own ``percentile`` (the
-    paper's scaling factor ``exp(r)``, ``r = s1 / s2``, Eq. 4, the one ASH-S uses); unlike ASH-S nothing
+    paper's scaling factor ``exp(r)``, ``r = s1 / s2``, the one ASH-S uses); unlike ASH-S nothing
     is set to zero, so the class evidence is untouched and only the confidence is rescaled: the score
     is ``logsumexp(exp(r) W h + b)``. As published, ``r`` is computed on the pooled penultimate vector
     ``h``; ``where="map"`` (oodforge's variant) computes it on the whole ``C*H*W`` feature map (pooling
@@ -249,7 +249,7 @@ class VRA(Detector):
 class OptFS(Detector):
     """OptFS: piecewise-constant feature shaping fitted on ID data, then the energy score.
 
-    The paper's optimal shaping function (Sec. 3, its closed-form optimum) is a step function ``theta`` of
+    The paper's optimal shaping function (its closed-form optimum under the paper's objective) is a step function ``theta`` of
     the activation value: the range between the ``1e-3`` and ``1 - 1e-3`` quantiles of all ID training
     activations is cut into ``bins = 100`` intervals of equal width, and ``theta_k`` is the mean over
     ID training images of ``sum_j 1[h_j in bin k] w_{yhat, j} h_j`` (the contribution of bin ``k``'s

@@ -157,7 +157,7 @@ class KLMatching(Detector):
 class Doctor(Detector):
     """DOCTOR's ``D_alpha``: ``-(1 - g(x)) / g(x)`` with ``g(x) = sum_c softmax(f(x) / T)_c^2`` (higher = ID).
 
-    The paper's Gini-based discriminator (Sec. 3, ``D_alpha``, Eq. 5 with ``alpha = 2``): ``1 - g`` is the
+    The paper's Gini-based discriminator (``D_alpha``, the Gini-impurity form): ``1 - g`` is the
     probability that two draws from the predicted distribution disagree, so confident predictions have
     ``g`` near 1. The paper's other discriminator ``D_beta = P_err / (1 - P_err)`` ranks exactly like
     MSP and is not registered again. ``temperature = 1`` (no input perturbation, the paper's
