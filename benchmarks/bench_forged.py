@@ -67,10 +67,25 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["oe-paper-lr1e-2", "energy-paper-lr1e-2", "oe-paper-lr1e-3"]
 #: this script's backbone labels trained with forged outliers (or SSOD's background samples): every detector
-#: on them is a forged-outlier method (``maxcov``: the plain classifier, with shift on the maxcov outliers)
+#: on them is a forged-outlier method (``maxcov``: the plain classifier, with shift on the maxcov outliers); the
+#: recipes' labels (RECIPES) are recognised by oodforge.protocol itself
 FORGED_LABELS = (*VARIANTS, "maxcov", "ssod")
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
+#: ``--fusion-only`` (session 8): every pair of these scores, fused by ID-validation percentiles (detectors.fusion,
+#: its default rule ``min``), on the plain classifier (post-hoc fusions: the baseline side, OpenOOD's CombOOD is
+#: such an entry), the SSOD backbone and the energy-OE backbone. The list was fixed before any fused number was
+#: computed: the logit scores (msp, energy, react) and the feature scores (knn, vim, mahalanobis) of POST_HOC
+#: that fit in seconds, so that a near-type and a far-type score can be combined (issue 28).
+FUSION_PARTS = ("msp", "energy", "react", "knn", "vim", "mahalanobis")
+FUSIONS = [f"fusion:a={a},b={b}" for i, a in enumerate(FUSION_PARTS) for b in FUSION_PARTS[i + 1:]]
+FUSION_VARIANT = "energy-paper-lr1e-2"
+#: ``--recipes-only`` (session 8): the field's no-outlier training recipes (oodforge.recipes), each fine-tuned for
+#: one epoch from the zoo's plain classifier with the papers' defaults (the OE fine-tune's budget; the papers train
+#: from scratch, which 2 cores cannot afford per seed), screened on one seed. The four are the leaders of OpenOOD
+#: v1.5's CIFAR-10 no-outlier table that oodforge implements (RotPred + PixMix, LogitNorm + PixMix, T2FNorm) and
+#: MixOE, the recipe that mixes ID images with forged outliers (the paper SHIFT store); chosen before any run.
+RECIPES = ("rotpred+pixmix", "logitnorm+pixmix", "t2fnorm", "mixoe")
 
 
 def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
@@ -115,7 +130,8 @@ def ssod_backbone(suite, pinfo: dict, seed: int, quick: bool, log):
 
 
 def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: bool = False,
-              forged_side_only: bool = False, ssod_only: bool = False) -> dict:
+              forged_side_only: bool = False, ssod_only: bool = False, fusion_only: bool = False,
+              recipes: tuple[str, ...] = ()) -> dict:
     """One suite and seed; ``forged_side_only`` skips the post-hoc detectors on the plain classifier, whose
     numbers do not depend on ``seed`` (they read the zoo's classifier); ``ssod_only`` runs the SSOD job alone
     into ``seed<k>/ssod`` (merged over the seed's run by :func:`load_runs`)."""
@@ -125,6 +141,9 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     ssod, sinfo = ssod_backbone(suite, pinfo, seed, quick, log)
     stores, times = {}, {}
     for mask, opts in MASKS.items():
+        if (fusion_only or recipes) and mask != "paper":  # only the paper store trains the fusion run's OE backbone
+            stores[mask] = (None, None, forge_cpu_outliers(suite, plain, split="val", seed=seed, log=log, **opts)[0])
+            continue
         tr, tr_dir, tr_t = forge_cpu_outliers(suite, plain, limit=FORGE_LIMIT, seed=seed, log=log, **opts)
         va, _, _ = forge_cpu_outliers(suite, plain, split="val", seed=seed, log=log, **opts)
         stores[mask] = (tr, tr_dir, va)
@@ -137,6 +156,35 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     if ssod_only:
         res = run_bench(suite, [ssod_job], out / name / f"seed{seed}" / "ssod", cache_dir=default_cache_dir(),
                         seed=seed, progress=False, config={"bench": "bench_forged", "ssod_only": True}, log=log)
+        return {k: v for k, v in res.items() if not k.startswith("_")}
+    if recipes:  # each recipe's backbone with the cheap detectors and the FUSIONS: seed<k>/recipes
+        jobs = []
+        for recipe in recipes:
+            t0 = time.time()
+            plan = TrainPlan(method=recipe, epochs=1, seed=seed, init_from=pinfo["checkpoint"],
+                             outliers=str(stores["paper"][1]) if recipe.startswith("mixoe") else None)
+            model, info = get_model(suite, plan, log=log, use_zoo=False)
+            times[f"train-{recipe}"] = info.get("train_seconds", round(time.time() - t0, 1))
+            extra = ["rotpred"] if recipe.startswith("rotpred") else []
+            jobs.append(BenchJob(model, CHEAP + extra + FUSIONS, label=recipe, val_outliers=val_outliers,
+                                 val_heldout=heldout, info={"checkpoint": info["checkpoint"],
+                                                            "train_seconds": info.get("train_seconds")}))
+        res = run_bench(suite, jobs, out / name / f"seed{seed}" / "recipes", cache_dir=default_cache_dir(), seed=seed,
+                        progress=False, config={"bench": "bench_forged", "recipes": list(recipes),
+                                                "timings_extra": times}, log=log)
+        return {k: v for k, v in res.items() if not k.startswith("_")}
+    if fusion_only:  # the FUSIONS on plain, SSOD and energy-OE: a part run merged over the seed's run by load_runs
+        t0 = time.time()
+        oe, oinfo = get_model(suite, oe_plan(FUSION_VARIANT, seed, pinfo, stores["paper"][1]), log=log, use_zoo=False)
+        times[f"train-{FUSION_VARIANT}"] = oinfo.get("train_seconds", round(time.time() - t0, 1))
+        jobs = [BenchJob(plain, FUSIONS, val_outliers=val_outliers, val_heldout=heldout, info={"zoo": pinfo.get("zoo")}),
+                BenchJob(ssod, FUSIONS, label="ssod", val_outliers=val_outliers, val_heldout=heldout,
+                         info={"zoo": sinfo.get("zoo"), "checkpoint": sinfo.get("checkpoint")}),
+                BenchJob(oe, FUSIONS, label=FUSION_VARIANT, val_outliers=val_outliers, val_heldout=heldout,
+                         info={"checkpoint": oinfo["checkpoint"], "train_seconds": oinfo.get("train_seconds")})]
+        res = run_bench(suite, jobs, out / name / f"seed{seed}" / "fusion", cache_dir=default_cache_dir(), seed=seed,
+                        progress=False, config={"bench": "bench_forged", "fusion_only": True, "timings_extra": times},
+                        log=log)
         return {k: v for k, v in res.items() if not k.startswith("_")}
     jobs = [BenchJob(plain, ([] if forged_side_only else POST_HOC) + ["shift", "fusion:a=shift,b=knn"],
                      outliers=stores["paper"][0], val_outliers=val_outliers, val_heldout=heldout,
@@ -325,6 +373,10 @@ def main() -> None:
                     "detectors on the zoo's plain classifier): for extra seeds")
     ap.add_argument("--ssod-only", action="store_true", help="run only the SSOD job (per-seed SSOD fine-tune for "
                     "seed > 0) into OUT/<suite>/seed<k>/ssod, merged by --summarise over the seed's run")
+    ap.add_argument("--fusion-only", action="store_true", help="run only the FUSIONS (pairs of FUSION_PARTS) on the "
+                    "plain, SSOD and energy-OE backbones into OUT/<suite>/seed<k>/fusion, merged by --summarise")
+    ap.add_argument("--recipes-only", default=None, help=f"run only these no-outlier recipes (comma-separated, or "
+                    f"'default' = {','.join(RECIPES)}) into OUT/<suite>/seed<k>/recipes, merged by --summarise")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
                     "files already in OUT (runs of several processes)")
     args = ap.parse_args()
@@ -342,7 +394,9 @@ def main() -> None:
             print(f"=== {name} seed {seed} ===", flush=True)
             t0 = time.time()
             run_suite(name, seed, variants, out, log=print, quick=args.quick, forged_side_only=args.forged_side_only,
-                      ssod_only=args.ssod_only)
+                      ssod_only=args.ssod_only, fusion_only=args.fusion_only,
+                      recipes=() if not args.recipes_only else RECIPES if args.recipes_only == "default"
+                      else tuple(r for r in args.recipes_only.split(",") if r))
             print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     print(summarise(load_runs(out), out))  # every run in OUT, not only this process's
 

@@ -43,6 +43,10 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     for group in ("near", "far"):
         row = next(line for line in summary.splitlines() if line.startswith(f"| fashion6 | {group} |"))
         assert f"| **{chosen.key}: " in row and saved["best_post_hoc"][group] in row
+        # a win only when the paired bootstrap interval of the difference excludes zero
+        c = saved["vs_best_post_hoc"][group]
+        assert c["low"] <= c["difference"] <= c["high"] and c["verdict"] in row
+        assert (c["verdict"] == "no significant difference") == (c["low"] <= 0 <= c["high"])
     # the SHIFT rejection network, trained only on forged outliers, separates far-OOD sets
     far = res["groups"]["far"]
     assert sum(res["methods"]["shift[layercam+telea]"][s]["auroc"] for s in far) / len(far) > 0.8

@@ -48,8 +48,8 @@ def _invoke(args):
 def run(tmp_path_factory):
     """A quick bench run (1-epoch classifier, SHIFT outliers forged on the CPU) and its guarded exports."""
     from oodforge.bench import BenchJob, run_bench
+    from oodforge.data.sampling import stratified_subset
     from oodforge.data.suites import load_suite
-    from oodforge.demo import stratified_subset
     from oodforge.deploy import GuardedClassifier
     from oodforge.keys import method_key, outlier_source
     from oodforge.models.checkpoint import save_checkpoint

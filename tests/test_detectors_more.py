@@ -374,6 +374,13 @@ def test_she_worked_example():
     expect = [float(np.dot(hi, patterns[int(np.argmax(li))]))
               for hi, li in zip(test.penultimate.double().numpy(), test.logits.numpy())]
     np.testing.assert_allclose(det.score(test), expect, rtol=1e-6)
+    assert det.fallback_classes_ == []
+    # a class never classified correctly: its pattern is the mean of all its training images
+    never = FeatureSet(train.logits, train.penultimate, torch.where(torch.as_tensor(pred) == 2, 0, train.labels))
+    det = create("she").fit(FitContext(model=model, train=never))
+    yn = never.labels.numpy()
+    assert det.fallback_classes_ == [2]
+    np.testing.assert_allclose(det.patterns_[2].numpy(), h[yn == 2].mean(0), rtol=1e-9)
 
 
 def test_fdbd_worked_example():

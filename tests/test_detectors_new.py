@@ -261,6 +261,12 @@ def test_openmax_worked_example():
         unknown = (v - revised).sum()
         expect.append(-np.exp(unknown) / (np.exp(revised).sum() + np.exp(unknown)))
     np.testing.assert_allclose(create("openmax", alpha=alpha).fit(ctx).score(test), expect, rtol=1e-5, atol=1e-12)
+    # a class the classifier never gets right takes its Weibull model from all its training images
+    wrong = FeatureSet(train.logits, train.penultimate, torch.where(train.labels == 2, 0, train.labels))
+    wrong.labels[:3] = 2  # three class-2 images, none predicted as class 2 ... unless by chance
+    wrong.labels[:3][wrong.logits[:3].argmax(1) == 2] = 1
+    det = create("openmax").fit(FitContext(model=model, train=wrong))
+    assert det.fallback_classes_ == [2] and np.isfinite(det.score(test)).all()
 
 
 # --- input-gradient detectors on the toy network ------------------------------------------------

@@ -88,3 +88,6 @@ def test_plain_post_hoc_is_the_baseline_side_only():
     # a fusion is forged when one of its parts is (its defaults: a=shift, b=knn); of two post-hoc parts it is not
     assert is_plain_post_hoc("fusion:a=msp,b=knn") and not is_forged("fusion:a=msp,b=knn")
     assert is_forged("fusion") and is_forged("fusion:a=ssod,b=knn@ssod") and is_forged("fusion:a=msp,b=knn@oe")
+    # backbones trained by the no-outlier recipes (oodforge.recipes) are on the forged side; a user's is not
+    assert is_forged("energy@logitnorm") and is_forged("rotpred@rotpred+pixmix") and is_forged("knn@pixmix")
+    assert not is_forged("energy@user") and is_plain_post_hoc("energy") and not is_plain_post_hoc("msp@user")

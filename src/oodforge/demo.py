@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .bench import BenchJob, run_bench
 from .data.base import Suite
 from .data.sampling import stratified_subset
@@ -107,31 +109,57 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     return all_results
 
 
-def suite_summary(res: dict) -> dict:
+def paired_group_comparison(scores, res: dict, a: str, b: str, group: str) -> dict | None:
+    """``AUROC(a) - AUROC(b)`` on a group's OOD sets pooled (every image once, the group mean weighted by set
+    size), with a paired bootstrap interval over ID and OOD images (:func:`oodforge.intervals.paired_auroc_difference`,
+    2,000 resamples, seed 0); ``verdict`` is "win" / "loss" only when the 95 % interval excludes zero."""
+    from .intervals import paired_auroc_difference
+
+    sets = res["groups"].get(group) or []
+    keys = [f"{m}/{s}" for m in (a, b) for s in ["id", *sets]]
+    if scores is None or not sets or any(k not in scores for k in keys):
+        return None
+    d = paired_auroc_difference(scores[f"{a}/id"], np.concatenate([scores[f"{a}/{s}"] for s in sets]),
+                                scores[f"{b}/id"], np.concatenate([scores[f"{b}/{s}"] for s in sets]))
+    verdict = ("win" if d.difference > 0 else "loss") if d.significant else "no significant difference"
+    return {"difference": d.difference, "low": d.low, "high": d.high, "p_value": d.p_value, "verdict": verdict}
+
+
+def suite_summary(res: dict, scores=None) -> dict:
     """What the demo reports for one suite (``summary.json[suite]``, beside the run's results).
 
     ``pick``: the one forged-outlier method the protocol picks for the suite on validation data
     (:func:`oodforge.protocol.pick`; the detector a user would ship), with its validation numbers and its test
     means per group; ``best_post_hoc``: per group, the best post-hoc detector on the plain classifier *chosen on
     the test sets* (the strongest baseline; it favours the baseline); ``per_group_picks``: a diagnostic, the
-    forged-outlier pick on the one held-out forger the first per-group rule let stand for each group."""
+    forged-outlier pick on the one held-out forger the first per-group rule let stand for each group;
+    ``vs_best_post_hoc``: per group, the pick's pooled AUROC minus the baseline's with its paired bootstrap
+    interval (:func:`paired_group_comparison`, from the run's ``scores``), a win only when it excludes zero."""
     chosen = pick(res)
     groups = [g for g in ("near", "far") if res["groups"].get(g)]
     plain_posthoc = {**res, "methods": {m: v for m, v in res["methods"].items() if is_plain_post_hoc(m)}}
     out: dict = {"pick": chosen.key if chosen else None,
                  "pick_validation": {"auroc": chosen.auroc, "fpr95": chosen.fpr95, "source": chosen.source}
                  if chosen else None,
-                 "best_post_hoc": {}, "per_group_picks": {}, "test": {}}
+                 "best_post_hoc": {}, "per_group_picks": {}, "test": {}, "vs_best_post_hoc": {}}
     for g in groups:
         best = best_method(plain_posthoc, group=g)[0] or None
         out["best_post_hoc"][g] = best
         diag = pick(res, source=f"forger:{FORGER_FOR_GROUP[g]}")
         out["per_group_picks"][g] = diag.key if diag else None
+        if out["pick"] and best:
+            out["vs_best_post_hoc"][g] = paired_group_comparison(scores, res, out["pick"], best, g)
         for key in {k for k in (out["pick"], best, out["per_group_picks"][g]) if k}:
             v = group_mean(res, key, g)
             if v is not None:
                 out["test"].setdefault(key, {})[g] = {"auroc": v[0], "fpr95": v[1]}
     return out
+
+
+def _diff_cell(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    return f"{100 * c['difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]: {c['verdict']}"
 
 
 def write_summary(all_results: dict, out: Path) -> Path:
@@ -145,14 +173,17 @@ def write_summary(all_results: dict, out: Path) -> Path:
              "val accuracy; docs/protocol.md): the detector `oodforge export` would ship, chosen without reading "
              "any OOD test set. **best post-hoc**: the best post-hoc detector on the plain classifier *chosen on "
              "the test sets*, per group (the strongest baseline). **per-group pick** (diagnostic): the pick on the "
-             "one held-out forger of the earlier per-group rule (class mixes: near, jigsaws: far).", "",
-             "| suite | group | ID acc plain / SSOD / OE | pick | best post-hoc (test-chosen) | per-group pick "
-             "(diagnostic) | shift | ssod@ssod | energy@oe |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "one held-out forger of the earlier per-group rule (class mixes: near, jigsaws: far). **pick - best**: "
+             "the pick's AUROC minus the baseline's on the group's OOD sets pooled, with its 95 % paired bootstrap "
+             "interval; a win or a loss only when the interval excludes zero.", "",
+             "| suite | group | ID acc plain / SSOD / OE | pick | best post-hoc (test-chosen) | pick - best | per-group "
+             "pick (diagnostic) | shift | ssod@ssod | energy@oe |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for name, res in all_results.items():
         accs = res["models"]
-        summ = summaries[name] = suite_summary(res)
+        npz = out / name / "scores.npz"
+        summ = summaries[name] = suite_summary(res, np.load(npz) if npz.exists() else None)
 
         def acc(label: str, accs: dict = accs) -> str:
             return f"{100 * accs[label]['id_accuracy']:.2f}" if label in accs else "-"
@@ -161,10 +192,11 @@ def write_summary(all_results: dict, out: Path) -> Path:
             v = group_mean(res, m, group) if m else None
             return "-" if v is None else f"{m}: {100 * v[0]:.2f} / {100 * v[1]:.2f}"
 
-        shift = plain_key(res, "shift")
+        shift, diff = plain_key(res, "shift"), _diff_cell
         for group in summ["best_post_hoc"]:
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | "
                          f"**{cell(summ['pick'], group)}** | {cell(summ['best_post_hoc'][group], group)} | "
+                         f"{diff(summ['vs_best_post_hoc'].get(group))} | "
                          f"{cell(summ['per_group_picks'][group], group)} | {cell(shift, group)} | "
                          f"{cell('ssod@ssod', group)} | {cell('energy@oe', group)} |")
     lines += ["", "The pick's validation numbers:", ""]

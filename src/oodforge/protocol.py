@@ -57,10 +57,20 @@ def _fusion_parts(key: str) -> list[str]:
     return [params.get("a", "shift").strip(), params.get("b", "knn").strip()]  # detectors.fusion's defaults
 
 
+def trained_without_real_outliers(label: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
+    """Whether the backbone ``label`` was trained by a no-real-outlier method: one of ``backbones`` (forged
+    outliers, SSOD's background samples) or a training recipe of :mod:`oodforge.recipes` (LogitNorm, RotPred,
+    PixMix, MixOE, ...: ``bench`` labels a recipe's backbone by its method name)."""
+    from .recipes import is_recipe
+
+    return bool(label) and (label in backbones or is_recipe(label))
+
+
 def is_forged(key: str, backbones: tuple[str, ...] = FORGED_BACKBONES) -> bool:
-    """Whether a result key is a forged-outlier method: on one of ``backbones``, or ``shift`` / ``ssod``, or a
-    ``fusion`` one of whose parts is one (``fusion:a=msp,b=knn`` on the plain classifier is post-hoc)."""
-    if split_key(key)[2] in backbones:
+    """Whether a result key is a forged-outlier method: on a backbone trained without real outliers
+    (:func:`trained_without_real_outliers` with ``backbones``), or ``shift`` / ``ssod``, or a ``fusion`` one of
+    whose parts is one (``fusion:a=msp,b=knn`` on the plain classifier is post-hoc)."""
+    if trained_without_real_outliers(split_key(key)[2], backbones):
         return True
     name = detector_name(key)
     if name == "fusion":

@@ -34,7 +34,8 @@ class SHE(Detector):
     images of class ``c`` that the classifier gets right (the paper's memorised ID patterns; its
     simplified Hopfield energy reduces to this inner product). ID images match
     their class pattern strongly; OOD images, even when predicted confidently, match it less.
-    No hyperparameters.
+    No hyperparameters. A class with no correctly classified training image (a weak classifier) takes
+    the mean of all its training images instead (oodforge's fallback, listed in ``fallback_classes_``).
     """
 
     name = "she"
@@ -47,12 +48,15 @@ class SHE(Detector):
             raise ValueError("she: the ID training FeatureSet has unlabelled images (label -1); the class "
                              "patterns need the labels")
         h, y, pred = train.penultimate.double(), train.labels, _predicted(train)
-        patterns = []
+        patterns, self.fallback_classes_ = [], []
         for c in range(train.logits.shape[1]):
             hit = (y == c) & (pred == c)
+            if not hit.any():  # a class the classifier never gets right: its pattern from all its images
+                hit = y == c
+                self.fallback_classes_.append(c)
             if not hit.any():
-                raise ValueError(f"she: no training image of class {c} is classified correctly, so class {c} "
-                                 "has no stored pattern")
+                raise ValueError(f"she: the training set has no image of class {c}, so class {c} has no stored "
+                                 "pattern")
             patterns.append(h[hit].mean(dim=0))
         self.patterns_ = torch.stack(patterns)
 

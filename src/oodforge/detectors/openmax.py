@@ -40,6 +40,10 @@ class OpenMax(Detector):
     ``v_c (1 - w_i CDF_c(dist(v, mu_c)))``, the removed mass summed into an unknown logit
     ``v_0``, and ``P(unknown) = exp(v_0) / (exp(v_0) + sum_c exp(v_c'))``.
 
+    A class with fewer than 2 correctly classified training images (a weak classifier) takes its mean and
+    tail from all its training images instead (oodforge's fallback; listed in ``fallback_classes_``), so the
+    detector still runs where the paper's construction is undefined.
+
     ``alpha = 3``, ``tail_size = 20`` and the Euclidean distance are OpenOOD's settings for 10-class
     problems; the paper uses ``alpha = 10`` of ImageNet's 1000 classes and ``distance="eucos"``.
     """
@@ -62,11 +66,15 @@ class OpenMax(Detector):
             raise ValueError(f"openmax: alpha must be at most the {k} classes, got {self.alpha}")
         hit = z.argmax(axis=1) == y
         mavs, shapes, scales = [], [], []
+        self.fallback_classes_ = []
         for c in range(k):
             zc = z[hit & (y == c)]
+            if len(zc) < 2:  # too few correct images for a Weibull tail: all of the class's training images
+                zc = z[y == c]
+                self.fallback_classes_.append(c)
             if len(zc) < 2:
-                raise ValueError(f"openmax: class {c} has {len(zc)} correctly classified training images; its "
-                                 "Weibull model needs at least 2")
+                raise ValueError(f"openmax: class {c} has {len(zc)} training images; its Weibull model needs at "
+                                 "least 2")
             mav = zc.mean(axis=0)
             d = np.sort(_distances(zc, mav[None], self.distance)[:, 0])[-int(self.tail_size):]
             shape, _, scale = weibull_min.fit(d, floc=0.0)
