@@ -103,6 +103,7 @@ def markdown_table(results: dict) -> str:
 def print_table(results: dict, title: str | None = None) -> None:
     """A rich table on the terminal (AUROC / FPR95 in %, best AUROC per column in bold)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = table_rows(results)
@@ -111,7 +112,7 @@ def print_table(results: dict, title: str | None = None) -> None:
     for h in header:
         t.add_column(h, justify="left" if h == "method" else "right")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(escape(c) for c in r))  # result keys hold [source]: not rich markup
     Console(width=max(120, 22 * len(header))).print(t)
 
 

@@ -102,7 +102,9 @@ def heldout_outliers(dataset: ArrayDataset, kinds: tuple[str, ...] = ("jigsaw", 
     unknown = [k for k in kinds if k not in HELDOUT_FORGERS]
     if unknown:
         raise ValueError(f"unknown held-out forgers {unknown}; choose from {', '.join(HELDOUT_FORGERS)}")
-    made = [jigsaw(dataset.images, 4, seed + i) if kind == "jigsaw" else class_mix(dataset.images, dataset.labels, seed + i)
+    # a streamed dataset's images decode on indexing: read them once (the validation split is small)
+    images = dataset.images if isinstance(dataset.images, torch.Tensor) else dataset.images[:]
+    made = [jigsaw(images, 4, seed + i) if kind == "jigsaw" else class_mix(images, dataset.labels, seed + i)
             for i, kind in enumerate(kinds)]
     return HeldoutOutliers(torch.cat(made), heldout_parts(len(dataset), kinds),
                            f"heldout[{'+'.join(kinds)},seed={seed}]({dataset.identity})")
