@@ -35,6 +35,7 @@ from . import __version__
 from .data.base import ArrayDataset, Suite
 from .data.images import pipeline_of
 from .detectors import FitContext, create
+from .detectors.fusion import FITTED, FittedParts
 from .keys import method_key, outlier_source
 from .metrics import evaluate
 from .models.checkpoint import weights_hash
@@ -108,9 +109,10 @@ class BenchJob:
 class _FeatureCache:
     """Features of one model on named datasets, computed once (and cached on disk when asked)."""
 
-    def __init__(self, model, device, cache_dir, batch_size, progress):
+    def __init__(self, model, device, cache_dir, batch_size, progress, model_hash: str | None = None):
         self.model, self.device, self.cache_dir = model, device, cache_dir
         self.batch_size, self.progress = batch_size, progress
+        self.model_hash = model_hash  # weights_hash(model), computed once per job (the cache key)
         self._mem: dict[tuple[str, bool], FeatureSet] = {}
 
     def get(self, dataset: ArrayDataset, feature_map: bool = False) -> FeatureSet:
@@ -118,7 +120,7 @@ class _FeatureCache:
             if (dataset.identity, fm) in self._mem:
                 return self._mem[(dataset.identity, fm)]
         fs = extract_features(self.model, dataset, self.device, self.batch_size, feature_map, self.cache_dir,
-                              self.progress)
+                              self.progress, model_hash=self.model_hash)
         self._mem[(dataset.identity, feature_map)] = fs
         return fs
 
@@ -159,8 +161,11 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         # validation outliers decide picks: they must not be test data either (protocol.check_not_test)
         check_not_test({"BenchJob.val_outliers": job.val_outliers, "BenchJob.val_heldout": job.val_heldout,
                         "Suite.id_val": suite.id_val}, suite)
-        cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress)
         t0 = time.time()
+        w_hash = weights_hash(job.model)  # once per job: the feature-cache key and results.json's record
+        cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress, model_hash=w_hash)
+        # the job's fitted detectors and their scores: fusion reuses the parts it names (detectors.fusion)
+        parts = FittedParts()
         # one pass per scored set: when any method needs feature maps, take them in the first pass
         want_fmap = any(_needs_feature_map(m) for m in job.methods)
         test = cache.get(suite.id_test, want_fmap)
@@ -169,14 +174,15 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         if results["id_accuracy"] is None:
             results["id_accuracy"] = acc
         model_info = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
-                      "weights_hash": weights_hash(job.model), **job.info}
+                      "weights_hash": w_hash, **job.info}
         if suite.id_val is not None:
             val_fs = cache.get(suite.id_val)
             model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
         results["models"][job.label or "plain"] = model_info
         for method in job.methods:
             name, params = parse_method(method)
-            det = create(name, **params)
+            prefit = parts.fitted.get(method)  # fitted already as a fusion's part: the same fit, reused
+            det = prefit if prefit is not None else create(name, **params)
             source = outlier_source(getattr(job.outliers, "store_config", None)) if det.needs_outliers else None
             key = method_key(method, job.label, source)
             fmap = bool(getattr(det, "needs_feature_map", False))
@@ -192,14 +198,18 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
             ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers, val=val,
                              device=device, seed=seed, extra={"class_names": suite.class_names, **(extra or {})})
             check_fit_inputs(ctx, suite)
-            det.fit(ctx)
+            ctx.extra[FITTED] = parts  # after the guard: fitted detectors and scores, no dataset
+            if prefit is None:
+                det.fit(ctx)
+            if name != "fusion":
+                parts.fitted.setdefault(method, det)
             if val is not None:
-                _validate(det, key, val, job, cache, fmap, scores, results)
+                _validate(det, key, val, job, cache, fmap, scores, results, parts, method)
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}
             for set_name, ds in sets.items():
                 fs = _with_images(cache.get(ds, fmap or want_fmap), ds)
-                scores[f"{key}/{set_name}"] = det.score(fs)
+                scores[f"{key}/{set_name}"] = parts.score(method, det, fs)
             for set_name in ood_names:
                 res_m[set_name] = evaluate(scores[f"{key}/id"], scores[f"{key}/{set_name}"])
             results["methods"][key] = res_m
@@ -211,6 +221,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         # timings: per method, seconds to fit and score it, including the feature pass of any set it was
         # the first to need (features are cached across methods); "job[@label]": the whole job
         results["timings"][f"job{('@' + job.label) if job.label else ''}"] = round(time.time() - t0, 3)
+        parts.clear()
     results["config"] = {**(config or {}), **run_environment(seed, device),
                          "preprocessing": pipeline_of(suite).to_dict()}  # how image files were read (data.images)
     if out is not None:
@@ -220,7 +231,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
 
 
 def _validate(det, key: str, val: FeatureSet, job: BenchJob, cache: _FeatureCache, fmap: bool, scores: dict,
-              results: dict) -> None:
+              results: dict, parts: FittedParts, method: str) -> None:
     """The protocol's numbers for one fitted method: ID val against each validation outlier set of the job
     (``results["validation"]``: same-forger outliers; ``results["validation_heldout"]``: held-out forgers, and
     ``results["validation_heldout_by_forger"][key][forger]`` per forger when the set has ``parts``)."""
@@ -230,8 +241,8 @@ def _validate(det, key: str, val: FeatureSet, job: BenchJob, cache: _FeatureCach
         if ds is None:
             continue
         if s_val is None:
-            s_val = scores[f"{key}/val"] = det.score(val)
-        s_out = scores[f"{key}/{name}"] = det.score(_with_images(cache.get(ds, fmap), ds))
+            s_val = scores[f"{key}/val"] = parts.score(method, det, val)
+        s_out = scores[f"{key}/{name}"] = parts.score(method, det, _with_images(cache.get(ds, fmap), ds))
         results.setdefault(entry, {})[key] = _auroc_fpr(s_val, s_out)
         for forger, rows in getattr(ds, "parts", {}).items():  # held-out forgers: also one number per forger
             results.setdefault(f"{entry}_by_forger", {}).setdefault(key, {})[forger] = _auroc_fpr(s_val, s_out[rows])

@@ -51,13 +51,16 @@ class ODIN(Detector):
     *normalised* input by ``eps / std`` per channel (it divided the sign of the gradient by the
     normalisation std), which is exactly a pixel-space step of ``eps``; the same ``0.0014``
     therefore reproduces it. As in the original, the perturbed image is not clipped to ``[0, 1]``.
+
+    With ``epsilon = 0`` there is no perturbation and the score is temperature scaling alone,
+    ``max_c softmax(f(x) / T)_c``, computed from the cached logits (``FeatureSet.logits``, the same
+    forward pass) instead of running the images through the classifier again; no images are needed then.
     """
 
     name = "odin"
     paper = ("Liang, Li, Srikant, Enhancing The Reliability of Out-of-distribution Image Detection in Neural "
              "Networks, ICLR 2018")
     param_ranges = {"temperature": "(0, inf)", "epsilon": "[0, inf)", "batch_size": "[1, inf)"}
-    needs_inputs = True
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014, batch_size: int = 128,
                  progress: bool = True):
@@ -65,6 +68,12 @@ class ODIN(Detector):
         self.epsilon = epsilon
         self.batch_size = batch_size
         self.progress = progress
+
+    @property
+    def needs_inputs(self) -> bool:  # type: ignore[override]
+        """Only the input pre-processing (``epsilon > 0``) needs pixels and gradients; ``epsilon = 0`` is
+        temperature scaling of the cached logits."""
+        return float(self.epsilon) > 0
 
     def _fit(self, ctx: FitContext) -> None:
         self.model_ = ctx.model
@@ -83,12 +92,14 @@ class ODIN(Detector):
         return (x - self.epsilon * torch.sign(grad)).detach()
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
-        model = prepare_model(self.model_, self.device_)
         t = float(self.temperature)
+        if not self.epsilon > 0:  # x~ = x: the logits of the cached pass
+            return torch.softmax(feats.logits.double() / t, dim=1).max(dim=1).values
+        model = prepare_model(self.model_, self.device_)
         out = []
         for x in iter_image_batches(feats.images, self.batch_size, self.device_, self.progress, "odin"):
-            x_tilde = self.perturb(x) if self.epsilon > 0 else x
-            with torch.no_grad():
+            x_tilde = self.perturb(x)
+            with torch.inference_mode():
                 out.append(torch.softmax(model(x_tilde).double() / t, dim=1).max(dim=1).values.cpu())
         return torch.cat(out)
 

@@ -99,9 +99,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu", option: str = "checkp
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """A short content hash of the model's parameters and buffers (the feature-cache key)."""
+    """A short content hash of the model's parameters and buffers (the feature-cache key).
+
+    It reads every weight (a full pass, seconds for a ResNet-50 on a CPU), so it is computed when asked and
+    never memoised on the model: an in-place change through ``param.data`` leaves no trace a cheap check
+    could see. Callers that need it many times for one unchanged model compute it once (``oodforge.bench``
+    per job, passed to ``extract_features(model_hash=)``). CPU tensors are hashed in place, without the
+    copy ``tobytes`` made (same bytes, same hash)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().numpy())
     return h.hexdigest()[:16]

@@ -34,8 +34,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")) / "features"
 
 
-def _cache_entry(cache_dir: Path, model: torch.nn.Module, dataset: ArrayDataset, feature_map: bool) -> Path:
-    key = hashlib.sha256(f"{weights_hash(model)}|{dataset.identity}|{int(feature_map)}".encode()).hexdigest()[:24]
+def _cache_entry(cache_dir: Path, model_hash: str, dataset: ArrayDataset, feature_map: bool) -> Path:
+    """The entry of (weights, dataset, with or without maps); ``model_hash`` is :func:`weights_hash` of the model."""
+    key = hashlib.sha256(f"{model_hash}|{dataset.identity}|{int(feature_map)}".encode()).hexdigest()[:24]
     return Path(cache_dir) / f"{key}.features"
 
 
@@ -138,13 +139,18 @@ def _open_entry(entry: Path, feature_map: bool) -> FeatureSet | None:
 
 def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str = "cpu", batch_size: int = 256,
                      feature_map: bool = False, cache_dir: str | Path | None = None,
-                     progress: bool = True) -> FeatureSet:
+                     progress: bool = True, model_hash: str | None = None) -> FeatureSet:
     """Logits, penultimate vectors (and optionally last feature maps) of ``model`` on ``dataset``.
 
     ``dataset`` is an ``ArrayDataset``, a streamed ``FileDataset``, or a user's torch ``Dataset`` yielding
     ``(image, label)`` / ``DataLoader``, read with its transforms as they are (:mod:`.torchdata`: its rule for
     normalised float images and its content fingerprint). With ``cache_dir`` set, results are read from /
     written to disk as memory-mapped arrays. A cached entry with feature maps also serves requests without them.
+
+    The cache key hashes the weights once per call (:func:`~.checkpoint.weights_hash`, a full pass over the
+    parameters); a caller that extracts many datasets with one unchanged model (``oodforge.bench``: once per
+    job) passes that hash as ``model_hash``. It must be the hash of the weights as they are now: a stale one
+    would read another model's features.
     """
     dataset, cache_dir = as_image_data(model, dataset, cache_dir)
     if len(dataset) == 0:
@@ -152,11 +158,12 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
     if cache_dir is None:
         return _forward(model, dataset, device, batch_size, feature_map, progress)
     cache_dir = Path(cache_dir)
+    model_hash = model_hash or weights_hash(model)
     for with_map in ((True,) if feature_map else (False, True)):
-        cached = _open_entry(_cache_entry(cache_dir, model, dataset, with_map), feature_map)
+        cached = _open_entry(_cache_entry(cache_dir, model_hash, dataset, with_map), feature_map)
         if cached is not None:
             return cached
-    entry = _cache_entry(cache_dir, model, dataset, feature_map)
+    entry = _cache_entry(cache_dir, model_hash, dataset, feature_map)
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
     _remove_stale_tmp(tmp.parent)
     shutil.rmtree(tmp, ignore_errors=True)
