@@ -212,6 +212,15 @@ def test_recipe_names_and_options():
         resolve_options("logitnorm", {"pixmix_k": 2})
     with pytest.raises(ValueError, match="unknown recipe option"):
         resolve_options("logitnorm", {"temperature": 2})
+    from oodforge.workflows import TrainPlan
+
+    # fine-tuning defaults: lr 0.01 cosine; MixOE its authors' lr 1e-3, weight decay 1e-5; explicit values win
+    assert TrainPlan(method="rotpred+pixmix", init_from="ck").train_config().lr == 0.01
+    mixoe = TrainPlan(method="mixoe", init_from="ck").train_config()
+    assert (mixoe.lr, mixoe.weight_decay, mixoe.schedule) == (1e-3, 1e-5, "cosine")
+    assert TrainPlan(method="logitnorm", init_from="ck", lr=0.02).train_config().lr == 0.02
+    with pytest.raises(ValueError, match="recipe options are for"):
+        TrainPlan(method="plain", recipe_options={"tau": 1}).train_config()
 
 
 class _KilledAt:

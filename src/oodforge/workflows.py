@@ -38,8 +38,10 @@ def cache_root() -> Path:
 
 TRAIN_METHODS = ("plain", "ssod", "oe")  # and the recipes of oodforge.recipes (recipes.is_recipe)
 #: a recipe fine-tuned from a checkpoint (``init_from``): SGD (Nesterov) lr 0.01 cosine, the learning rate of
-#: the zoo's OE fine-tune (OE_RECIPE), picked on validation data; from scratch a recipe takes the plain recipe
+#: the zoo's OE fine-tune (OE_RECIPE), picked on validation data; MixOE: its authors' fine-tuning recipe (lr 1e-3,
+#: weight decay 1e-5, train_mixoe.py); from scratch a recipe takes the plain recipe
 RECIPE_FINETUNE = {"optimizer": "sgd", "lr": 0.01, "schedule": "cosine", "weight_decay": 5e-4}
+MIXOE_FINETUNE = {"optimizer": "sgd", "lr": 1e-3, "schedule": "cosine", "weight_decay": 1e-5}
 #: the outlier-exposure recipe the protocol picked on validation data (docs/protocol.md): the zoo's OE
 #: models and the demo's in-place fine-tuning use it
 OE_RECIPE = {"oe_loss": "energy", "lr": 0.01, "epochs": 1}
@@ -100,7 +102,8 @@ class TrainPlan:
         if is_recipe:
             self.resolved_options()  # refuse unknown or foreign options before any data is loaded
         if is_recipe and self.init_from:
-            defaults = dict(RECIPE_FINETUNE)
+            mixoe = recipes.parse_recipe(self.method)[0] == "mixoe"
+            defaults = dict(MIXOE_FINETUNE if mixoe else RECIPE_FINETUNE)
         elif self.method == "ssod":
             from .ssod.train import CPU_DEFAULT, CPU_FINETUNE
 
