@@ -8,10 +8,17 @@ memory-mapped (copy-on-write): the features are never held twice in memory, and 
 than memory (a streamed :class:`~oodforge.data.streaming.FileDataset`) costs only the pages the
 detectors touch. The folder is written under a temporary name and renamed when complete, so a
 killed run never leaves a half-written entry behind.
+
+The pass runs under ``torch.inference_mode`` (no autograd bookkeeping; nothing here needs a gradient). On
+CUDA, each batch is copied from pinned memory with ``non_blocking=True`` (the copy overlaps the previous
+batch's compute), and ``amp="bf16"`` / ``"fp16"`` runs the forward pass under ``torch.autocast`` (features
+stored in float32; the cache key records the precision). None of this changes a CPU result: the CPU path
+computes exactly what the plain ``no_grad`` loop computed (tests/test_forward_pass.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -28,15 +35,20 @@ from .featureset import FeatureSet
 from .torchdata import as_image_data
 
 FIELDS = ("logits", "penultimate", "feature_map")
+#: ``amp`` values: autocast dtypes of the forward pass (CUDA only)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")) / "features"
 
 
-def _cache_entry(cache_dir: Path, model_hash: str, dataset: ArrayDataset, feature_map: bool) -> Path:
-    """The entry of (weights, dataset, with or without maps); ``model_hash`` is :func:`weights_hash` of the model."""
-    key = hashlib.sha256(f"{model_hash}|{dataset.identity}|{int(feature_map)}".encode()).hexdigest()[:24]
+def _cache_entry(cache_dir: Path, model_hash: str, dataset: ArrayDataset, feature_map: bool,
+                 amp: str | None = None) -> Path:
+    """The entry of (weights, dataset, with or without maps, precision); ``model_hash`` is :func:`weights_hash`
+    of the model. Full precision keeps the key it always had."""
+    tag = f"|amp={amp}" if amp else ""
+    key = hashlib.sha256(f"{model_hash}|{dataset.identity}|{int(feature_map)}{tag}".encode()).hexdigest()[:24]
     return Path(cache_dir) / f"{key}.features"
 
 
@@ -99,21 +111,42 @@ def _remove_stale_tmp(cache_dir: Path) -> None:
             pass
 
 
-@torch.no_grad()
+def check_amp(amp: str | None, device: str) -> None:
+    """``amp`` is ``None``, ``"bf16"`` or ``"fp16"``, and mixed precision only on a CUDA device."""
+    if amp is None:
+        return
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp={amp!r}: choose bf16 or fp16 (or leave it out for float32)")
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"amp={amp!r} runs the forward pass in mixed precision on CUDA only; device is {device!r} "
+                         "(leave amp out on the CPU: float32 there)")
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``; to CUDA from pinned memory without blocking the host (a CPU batch is as it is)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return (x if x.is_cuda else x.pin_memory()).to(device, non_blocking=True)
+
+
 def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool,
-             folder: Path | None = None) -> FeatureSet | None:
+             folder: Path | None = None, amp: str | None = None) -> FeatureSet | None:
     model.to(device).eval()
+    dev = torch.device(device)
+    autocast = torch.autocast("cuda", dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
     n = len(dataset)
     sink = _Sink(n, folder)
     start = 0
     label = getattr(dataset, "name", None) or readable_identity(dataset.identity)  # (a torch Dataset: costs a read)
     for x in progress_bar(_batches(dataset, batch_size), total=-(-n // batch_size),
                           desc=f"features {label[:40]}", disable=not progress, leave=False):
-        out = model.forward_all(x.to(device))
-        sink.write("logits", start, out.logits)
-        sink.write("penultimate", start, out.penultimate)
-        if feature_map:
-            sink.write("feature_map", start, out.feature_map)
+        # only the model call in inference mode: the batches' and the FeatureSet's tensors stay normal tensors
+        with torch.inference_mode(), autocast:
+            out = model.forward_all(_to_device(x, dev))
+            sink.write("logits", start, out.logits)
+            sink.write("penultimate", start, out.penultimate)
+            if feature_map:
+                sink.write("feature_map", start, out.feature_map)
         start += x.shape[0]
     if start != n:
         raise RuntimeError(f"dataset {dataset.identity} gave {start} images for its length {n}")
@@ -139,7 +172,7 @@ def _open_entry(entry: Path, feature_map: bool) -> FeatureSet | None:
 
 def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str = "cpu", batch_size: int = 256,
                      feature_map: bool = False, cache_dir: str | Path | None = None,
-                     progress: bool = True, model_hash: str | None = None) -> FeatureSet:
+                     progress: bool = True, model_hash: str | None = None, amp: str | None = None) -> FeatureSet:
     """Logits, penultimate vectors (and optionally last feature maps) of ``model`` on ``dataset``.
 
     ``dataset`` is an ``ArrayDataset``, a streamed ``FileDataset``, or a user's torch ``Dataset`` yielding
@@ -150,26 +183,28 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
     The cache key hashes the weights once per call (:func:`~.checkpoint.weights_hash`, a full pass over the
     parameters); a caller that extracts many datasets with one unchanged model (``oodforge.bench``: once per
     job) passes that hash as ``model_hash``. It must be the hash of the weights as they are now: a stale one
-    would read another model's features.
+    would read another model's features. ``amp`` (``"bf16"`` / ``"fp16"``, CUDA only): the forward pass under
+    ``torch.autocast`` (see the module docstring).
     """
+    check_amp(amp, device)
     dataset, cache_dir = as_image_data(model, dataset, cache_dir)
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset.identity} is empty")
     if cache_dir is None:
-        return _forward(model, dataset, device, batch_size, feature_map, progress)
+        return _forward(model, dataset, device, batch_size, feature_map, progress, amp=amp)
     cache_dir = Path(cache_dir)
     model_hash = model_hash or weights_hash(model)
     for with_map in ((True,) if feature_map else (False, True)):
-        cached = _open_entry(_cache_entry(cache_dir, model_hash, dataset, with_map), feature_map)
+        cached = _open_entry(_cache_entry(cache_dir, model_hash, dataset, with_map, amp), feature_map)
         if cached is not None:
             return cached
-    entry = _cache_entry(cache_dir, model_hash, dataset, feature_map)
+    entry = _cache_entry(cache_dir, model_hash, dataset, feature_map, amp)
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
     _remove_stale_tmp(tmp.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _forward(model, dataset, device, batch_size, feature_map, progress, folder=tmp)
+        _forward(model, dataset, device, batch_size, feature_map, progress, folder=tmp, amp=amp)
         try:
             os.replace(tmp, entry)
         except OSError:  # another process finished the same entry first: use theirs
