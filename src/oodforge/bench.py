@@ -274,3 +274,58 @@ def write_artifacts(results: dict, scores: dict[str, np.ndarray], out: Path, sui
     tmp_npz = out / "scores.tmp.npz"
     np.savez_compressed(tmp_npz, **scores)
     os.replace(tmp_npz, out / "scores.npz")
+
+
+# ------------------------------------------------------------------------------ across processes (torchrun)
+def torchrun_world() -> tuple[int, int]:
+    """``(rank, world size)`` of a process started by ``torchrun`` (``RANK`` / ``WORLD_SIZE``); ``(0, 1)`` otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _job_sets(suite: Suite, job: BenchJob) -> list[tuple[object, bool]]:
+    """Every dataset ``_run_jobs`` extracts for ``job``, each with the feature-map flag that serves all its requests
+    (an entry with maps also serves a request without them)."""
+    dets = [create(name, **params) for name, params in map(parse_method, job.methods)]
+    maps = [bool(getattr(d, "needs_feature_map", False)) for d in dets]
+    want = any(maps)
+    train_map = any(m and getattr(d, "needs_train_feature_map", True) for d, m in zip(dets, maps))
+    sets = [(suite.id_train, train_map), (suite.id_test, want), *((ds, want) for ds in suite.ood.values())]
+    extra = [suite.id_val, job.val_outliers, job.val_heldout,
+             job.outliers if any(d.needs_outliers for d in dets) else None]
+    return sets + [(ds, want) for ds in extra if ds is not None]
+
+
+def extract_across_processes(suite: Suite, jobs: list[BenchJob], cache_dir: str | Path, device: str = "cpu",
+                             batch_size: int = 256, progress: bool = False, log=None) -> int:
+    """Under ``torchrun --nproc-per-node N``: rank ``r`` extracts shard ``r`` of every dataset of every job into the
+    feature cache (:func:`~oodforge.models.features.extract_part`), then rank 0 concatenates the parts into the
+    cache entries (:func:`~oodforge.models.features.merge_parts`), which :func:`run_bench` then reads. A shard is a
+    run of whole batches, so the features, and every score, are bit-identical to one process's. Process group:
+    gloo on the CPU, nccl on CUDA (one process per GPU). Returns this process's rank; only rank 0 goes on to fit
+    and score."""
+    import torch.distributed as dist
+
+    from .models.features import extract_part, merge_parts
+
+    t0 = time.time()
+    rank, world = torchrun_world()
+    if cache_dir is None:
+        raise ValueError("extraction across processes goes through the feature cache: drop --no-cache")
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    try:
+        plan = [(job.model, weights_hash(job.model), _job_sets(suite, job)) for job in jobs]
+        for model, w_hash, sets in plan:
+            for ds, fmap in sets:
+                extract_part(model, ds, rank, world, cache_dir, device, batch_size, fmap, w_hash, progress=progress)
+        dist.barrier()  # every part written
+        if rank == 0:
+            merged = sum(merge_parts(model, ds, world, cache_dir, fmap, w_hash) for model, w_hash, sets in plan
+                         for ds, fmap in sets)
+            if log:
+                log(f"features of {merged} dataset(s) extracted in {world} processes ({time.time() - t0:.1f} s)")
+    finally:
+        if own:
+            dist.destroy_process_group()
+    return rank

@@ -136,11 +136,19 @@ def bench(
     groups = {"posthoc": POST_HOC, "classic": CLASSIC}
     method_list = list(dict.fromkeys(m for part in (split_methods(methods) if methods is not None else ["posthoc"])
                                      for m in groups.get(part, [part])))  # one run per method, however spelt
+    from .bench import extract_across_processes, torchrun_world
     from .checks import check_device, check_out_dir, check_positive, check_store_fits, check_suite_fits_model
     from .models.checkpoint import checkpoint_files
     from .outliers.store import OutlierStore
 
-    check_out_dir(out)
+    rank, world = torchrun_world()  # under torchrun: every rank extracts a shard, rank 0 fits and scores
+    if world > 1 and no_cache:
+        raise typer.BadParameter("under torchrun the ranks share features through the cache: drop --no-cache",
+                                 param_hint="--no-cache")
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"  # one process per GPU
+    if rank == 0:
+        check_out_dir(out)
     check_device(device)
     check_positive(epochs, "--epochs")
     _check_methods(method_list, has_outliers=outliers is not None)
@@ -177,6 +185,10 @@ def bench(
                          "outlier_store": str(outliers) if outliers else None,
                          "val_outlier_store": str(val_outliers) if val_outliers else None,
                          **({"foreign_outliers": foreign} if any(foreign.values()) else {})})
+    if world > 1:
+        extract_across_processes(s, [job], default_cache_dir(), device, progress=rank == 0, log=typer.echo)
+        if rank != 0:
+            return
     res = run_bench(s, [job], out, device=device, cache_dir=None if no_cache else default_cache_dir(), seed=seed,
                     config={"quick": quick, "methods": method_list, "argv": sys.argv[1:],
                             # what `export --suite` must be given (report.md's recommendation): a file's path

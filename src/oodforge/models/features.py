@@ -52,8 +52,15 @@ def _cache_entry(cache_dir: Path, model_hash: str, dataset: ArrayDataset, featur
     return Path(cache_dir) / f"{key}.features"
 
 
-def _batches(dataset, batch_size: int):
-    """The dataset's float batches in order; ``batches`` when it has one (streamed data decodes in workers)."""
+def _batches(dataset, batch_size: int, rows: tuple[int, int] | None = None):
+    """The dataset's float batches in order; ``batches`` when it has one (streamed data decodes in workers).
+    ``rows = (start, stop)``, ``start`` a multiple of ``batch_size``: only the batches of those rows, cut
+    exactly where the whole pass cuts them (a shard's numbers are those of the one-process pass)."""
+    if rows is not None:
+        start, stop = rows
+        if hasattr(dataset, "float_images"):
+            return (dataset.float_images(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size))
+        return (b for j, b in enumerate(dataset.batches(batch_size)) if start <= j * batch_size < stop)
     if hasattr(dataset, "batches"):
         return dataset.batches(batch_size)
     return (dataset.float_images(i, i + batch_size) for i in range(0, len(dataset), batch_size))
@@ -130,15 +137,17 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature_map: bool, progress: bool,
-             folder: Path | None = None, amp: str | None = None) -> FeatureSet | None:
+             folder: Path | None = None, amp: str | None = None,
+             rows: tuple[int, int] | None = None) -> FeatureSet | None:
     model.to(device).eval()
     dev = torch.device(device)
     autocast = torch.autocast("cuda", dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
-    n = len(dataset)
+    lo, hi = rows if rows is not None else (0, len(dataset))
+    n = hi - lo
     sink = _Sink(n, folder)
     start = 0
     label = getattr(dataset, "name", None) or readable_identity(dataset.identity)  # (a torch Dataset: costs a read)
-    for x in progress_bar(_batches(dataset, batch_size), total=-(-n // batch_size),
+    for x in progress_bar(_batches(dataset, batch_size, rows), total=-(-n // batch_size),
                           desc=f"features {label[:40]}", disable=not progress, leave=False):
         # only the model call in inference mode: the batches' and the FeatureSet's tensors stay normal tensors
         with torch.inference_mode(), autocast:
@@ -150,7 +159,7 @@ def _forward(model, dataset: ArrayDataset, device: str, batch_size: int, feature
         start += x.shape[0]
     if start != n:
         raise RuntimeError(f"dataset {dataset.identity} gave {start} images for its length {n}")
-    return sink.finish(dataset.labels)
+    return sink.finish(dataset.labels[lo:hi])
 
 
 def _open_entry(entry: Path, feature_map: bool) -> FeatureSet | None:
@@ -213,3 +222,81 @@ def extract_features(model: torch.nn.Module, dataset: ArrayDataset, device: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _open_entry(entry, feature_map)
+
+
+# ------------------------------------------------------------------------------ across processes (torchrun)
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of shard ``rank`` of ``world``: a contiguous run of whole batches, so every
+    batch is the one the single-process pass computes (same rows, same shapes: bit-identical features)."""
+    nb = -(-n // batch_size)
+    return min(n, rank * nb // world * batch_size), min(n, (rank + 1) * nb // world * batch_size)
+
+
+def _part(entry: Path, rank: int, world: int) -> Path:
+    return entry.with_name(f"{entry.name}.part{rank}of{world}")
+
+
+def extract_part(model: torch.nn.Module, dataset, rank: int, world: int, cache_dir: str | Path, device: str = "cpu",
+                 batch_size: int = 256, feature_map: bool = False, model_hash: str | None = None,
+                 amp: str | None = None, progress: bool = False) -> None:
+    """Shard ``rank`` of ``world`` of ``dataset``'s features, written next to its cache entry as a part folder
+    (temp name, then renamed: never half-written). Nothing is done when the whole entry or this part exists."""
+    check_amp(amp, device)
+    dataset, cache_dir = as_image_data(model, dataset, cache_dir)
+    model_hash = model_hash or weights_hash(model)
+    entry = _cache_entry(Path(cache_dir), model_hash, dataset, feature_map, amp)
+    part = _part(entry, rank, world)
+    if entry.is_dir() or part.is_dir():
+        return
+    rows = shard_rows(len(dataset), batch_size, rank, world)
+    tmp = part.with_name(f"{part.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if rows[1] > rows[0]:
+            _forward(model, dataset, device, batch_size, feature_map, progress, folder=tmp, amp=amp, rows=rows)
+        os.replace(tmp, part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_parts(model: torch.nn.Module, dataset, world: int, cache_dir: str | Path, feature_map: bool = False,
+                model_hash: str | None = None, amp: str | None = None) -> bool:
+    """Concatenate the ``world`` part folders of ``dataset`` (:func:`extract_part`) into its cache entry, in
+    row order, atomically; the parts are removed. Returns whether the entry exists now (False: a part is
+    missing, and :func:`extract_features` will compute the entry itself)."""
+    dataset, cache_dir = as_image_data(model, dataset, cache_dir)
+    model_hash = model_hash or weights_hash(model)
+    entry = _cache_entry(Path(cache_dir), model_hash, dataset, feature_map, amp)
+    parts = [_part(entry, r, world) for r in range(world)]
+    if entry.is_dir():
+        return True
+    if not all(p.is_dir() for p in parts):
+        return False
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in ("logits", "penultimate", *(("feature_map",) if feature_map else ())):
+            pieces = [np.load(p / f"{name}.npy", mmap_mode="r") for p in parts if (p / f"{name}.npy").is_file()]
+            out = np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.float32,
+                                            (len(dataset), *pieces[0].shape[1:]))
+            start = 0
+            for a in pieces:
+                out[start:start + len(a)] = a
+                start += len(a)
+            if start != len(dataset):
+                raise RuntimeError(f"the parts of {dataset.identity} hold {start} rows, not {len(dataset)}")
+            out.flush()
+            del out
+        np.save(tmp / "labels.npy", dataset.labels.numpy())
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # finished by another process first
+            if not entry.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for p in parts:
+        shutil.rmtree(p, ignore_errors=True)
+    return True
