@@ -65,6 +65,8 @@ def export(
     from ..workflows import TrainPlan, get_model
     from .guard import GuardedClassifier
 
+    if method is None or from_run is not None:
+        method, checkpoint, outliers = shipped_method(from_run, method, checkpoint, outliers)
     check_device(device)
     if onnx:
         _check_onnx_installed()
@@ -72,8 +74,6 @@ def export(
     if not is_suite(suite):
         raise typer.BadParameter(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)} or give a suite file "
                                  "(*.toml)", param_hint="--suite")
-    if method is None or from_run is not None:
-        method, checkpoint, outliers = shipped_method(from_run, method, checkpoint, outliers)
     method = normalise_method(method)  # "knn: k=5" is "knn:k=5"
     _check_export_method(method, outliers, onnx)
     check_model_options(user_model, checkpoint, weights, mean, std)
