@@ -239,7 +239,8 @@ def test_bench_forged_ssod_only_run_trains_the_seeds_ssod_model_and_merges(tmp_p
     assert meta["plan"]["method"] == "ssod" and meta["plan"]["seed"] == 1
     # a seed run without SSOD rows gets them from the part
     base = {k: res[k] for k in ("groups",)} | {"models": {"plain": {"id_val_accuracy": 0.9}},
-                                               "methods": {"knn": res["methods"]["ssod@ssod"]}}
+                                               "methods": {"knn": res["methods"]["ssod@ssod"]},
+                                               "validation_heldout": {"knn": res["validation_heldout"]["ssod@ssod"]}}
     (tmp_path / "fashion6" / "seed1" / "results.json").write_text(json.dumps(base))
     merged = bench_forged.load_runs(tmp_path)["fashion6"][1]
     assert set(merged["models"]) == {"plain", "ssod"} and "ssod@ssod" in merged["methods"]
