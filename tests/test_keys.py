@@ -91,3 +91,15 @@ def test_plain_post_hoc_is_the_baseline_side_only():
     # backbones trained by the no-outlier recipes (oodforge.recipes) are on the forged side; a user's is not
     assert is_forged("energy@logitnorm") and is_forged("rotpred@rotpred+pixmix") and is_forged("knn@pixmix")
     assert not is_forged("energy@user") and is_plain_post_hoc("energy") and not is_plain_post_hoc("msp@user")
+
+
+def test_the_console_table_shows_the_whole_result_key(capsys):
+    """rich reads ``[layercam+telea]`` as markup unless the cell is escaped: the table must show the key the
+    report and results.json use."""
+    from oodforge.report import print_table
+
+    per = {"far": {"auroc": 0.9, "fpr95": 0.1}}
+    print_table({"suite": "toy", "groups": {"far": ["far"]}, "models": {},
+                 "methods": {"shift[layercam+telea]": per, "fusion:a=shift,b=knn[layercam+telea]@oe": per}})
+    out = capsys.readouterr().out
+    assert "shift[layercam+telea]" in out and "knn[layercam+telea]@oe" in out
