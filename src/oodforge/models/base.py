@@ -55,6 +55,50 @@ class Classifier(nn.Module):
         return self.head.in_features
 
 
+class ExtraHeadModel(Classifier):
+    """A backbone :class:`Classifier` with one extra head beside its class head (SSOD's OOD head, RotPred's
+    rotation head): the Classifier contract (normalisation, body, feature map, class head) is the backbone's.
+
+    Subclasses call :meth:`_wrap` instead of ``Classifier.__init__``, which would register a second copy of the
+    normalisation buffers, and add their head; ``prefix`` names the architecture (``"ssod:small_resnet"``).
+    """
+
+    def _wrap(self, backbone: Classifier, prefix: str) -> None:
+        nn.Module.__init__(self)
+        name = type(self).__name__
+        if not isinstance(backbone, Classifier):
+            raise TypeError(f"{name} wraps an oodforge Classifier, got {type(backbone).__name__}")
+        if isinstance(backbone, type(self)):
+            raise TypeError(f"{name} cannot wrap another {name}")
+        if not isinstance(getattr(backbone, "head", None), nn.Linear):
+            raise TypeError(f"{name} needs a backbone whose .head is an nn.Linear")
+        self.backbone = backbone
+        self.num_classes, self.in_channels = backbone.num_classes, backbone.in_channels
+        self.arch = f"{prefix}:{getattr(backbone, 'arch', type(backbone).__name__)}"
+
+    @property
+    def head(self) -> nn.Linear:  # type: ignore[override]
+        return self.backbone.head
+
+    @property
+    def body(self) -> nn.Module:  # type: ignore[override]
+        return self.backbone.body
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.backbone.std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.normalize(x)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.feature_map(x)
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.base import Classifier
+from ..models.base import Classifier, ExtraHeadModel
 from ..models.train import Objective, StepLoss
 
 PAPER = ("Hendrycks, Mazeika, Kadavath, Song, Using Self-Supervised Learning Can Improve Model Robustness and "
@@ -43,7 +43,7 @@ def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_rot, y_rot
 
 
-class RotPredModel(Classifier):
+class RotPredModel(ExtraHeadModel):
     """A backbone :class:`Classifier` plus the rotation head ``g`` of RotPred (``Linear(C, 4)``).
 
     The Classifier stages delegate to the backbone (its normalisation, feature map and class head),
@@ -51,37 +51,8 @@ class RotPredModel(Classifier):
     """
 
     def __init__(self, backbone: Classifier) -> None:
-        nn.Module.__init__(self)  # normalisation and head belong to the backbone (see SSODModel)
-        if not isinstance(backbone, Classifier):
-            raise TypeError(f"RotPredModel wraps an oodforge Classifier, got {type(backbone).__name__}")
-        if isinstance(backbone, RotPredModel):
-            raise TypeError("RotPredModel cannot wrap another RotPredModel")
-        self.backbone = backbone
-        self.num_classes, self.in_channels = backbone.num_classes, backbone.in_channels
-        self.arch = f"rotpred:{getattr(backbone, 'arch', type(backbone).__name__)}"
+        self._wrap(backbone, "rotpred")
         self.rot_head = nn.Linear(backbone.feature_dim, N_ROTATIONS)
-
-    @property
-    def head(self) -> nn.Linear:  # type: ignore[override]
-        return self.backbone.head
-
-    @property
-    def body(self) -> nn.Module:  # type: ignore[override]
-        return self.backbone.body
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.backbone.mean
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.backbone.std
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.normalize(x)
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.feature_map(x)
 
     def rotation_logits(self, penultimate: torch.Tensor) -> torch.Tensor:
         """``g(h)``: rotation logits ``[N, 4]`` from penultimate features."""

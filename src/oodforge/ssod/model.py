@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import Classifier
+from ..models.base import Classifier, ExtraHeadModel
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
-class SSODModel(Classifier):
+class SSODModel(ExtraHeadModel):
     """A backbone :class:`Classifier` plus the binary OOD head of SSOD (Eqs. 11-15).
 
     Args:
@@ -94,50 +94,18 @@ class SSODModel(Classifier):
         input_size: int | Sequence[int] | None = None,
         ood_bias: bool = True,
     ) -> None:
-        # Classifier.__init__ would register a second copy of mean/std; normalisation belongs to
-        # the backbone, so only nn.Module is initialised and the Classifier attributes delegate.
-        nn.Module.__init__(self)
-        if not isinstance(backbone, Classifier):
-            raise TypeError(f"SSODModel wraps an oodforge Classifier, got {type(backbone).__name__}")
-        if isinstance(backbone, SSODModel):
-            raise TypeError("SSODModel cannot wrap another SSODModel")
-        if not isinstance(getattr(backbone, "head", None), nn.Linear):
-            raise TypeError("SSODModel needs a backbone whose .head is an nn.Linear (f_cls of Eq. 11)")
-        self.backbone = backbone
-        self.num_classes = backbone.num_classes
-        self.in_channels = backbone.in_channels
-        self.arch = f"ssod:{getattr(backbone, 'arch', type(backbone).__name__)}"
+        self._wrap(backbone, "ssod")  # normalisation and class head stay the backbone's (f_cls of Eq. 11)
         self.ood_head = nn.Linear(backbone.feature_dim, 2, bias=ood_bias)
         self.register_buffer("input_size_", torch.zeros(2, dtype=torch.int64))
         self.register_buffer("image_size_", torch.zeros(2, dtype=torch.int64))
         self.set_input_size(input_size)
-
-    # --- Classifier contract, delegated to the backbone -----------------------------------
-    @property
-    def head(self) -> nn.Linear:  # type: ignore[override]
-        return self.backbone.head
-
-    @property
-    def body(self) -> nn.Module:  # type: ignore[override]
-        return self.backbone.body
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.backbone.mean
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.backbone.std
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.normalize(x)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """``X = h(x)``: optional resize to ``input_size``, then the backbone's feature map."""
         size = self.input_size
         if size is not None and tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.backbone.feature_map(x)
+        return super().feature_map(x)
 
     # --- sizes ----------------------------------------------------------------------------
     @property
