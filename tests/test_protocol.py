@@ -194,3 +194,16 @@ def test_unseen_forgers_mean_equals_the_pooled_heldout_number_on_a_real_run():
     for m, v in res["validation_heldout"].items():
         assert numbers[m]["auroc"] == pytest.approx(v["auroc"], abs=1e-12)
         assert numbers[m]["fpr95"] == pytest.approx(v["fpr95"], abs=1e-12)
+
+
+def test_a_dataset_cleared_once_is_checked_again_when_the_test_sets_change():
+    """The guard remembers datasets it found clean, but only against the test sets it checked them with."""
+    p = make_toy_problem()
+    suite = _suite(p)
+    val = p.id_val
+    ctx = FitContext(model=p.model, train=p.train, val=features_of(p.model, val))
+    check_fit_inputs(ctx, suite)  # clean, and remembered
+    check_fit_inputs(ctx, suite)
+    suite.ood = {**suite.ood, "leak": val.subset(np.arange(5))}  # a new OOD test set holding 5 val images
+    with pytest.raises(ProtocolViolation, match=r"FitContext.val .* shares 5 .*'leak'"):
+        check_fit_inputs(ctx, suite)
