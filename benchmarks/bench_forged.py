@@ -75,8 +75,9 @@ FORGE_LIMIT = 10000
 #: ``--fusion-only`` (session 8): every pair of these scores, fused by ID-validation percentiles (detectors.fusion,
 #: its default rule ``min``), on the plain classifier (post-hoc fusions: the baseline side, OpenOOD's CombOOD is
 #: such an entry), the SSOD backbone and the energy-OE backbone. The list was fixed before any fused number was
-#: computed: the logit scores (msp, energy, react) and the feature scores (knn, vim, mahalanobis) of POST_HOC
-#: that fit in seconds, so that a near-type and a far-type score can be combined (issue 28).
+#: computed, but after session 7's per-group test tables (logit scores leading near, feature scores far) had been
+#: read: the logit scores (msp, energy, react) and the feature scores (knn, vim, mahalanobis) of POST_HOC that fit
+#: in seconds, every pair, so that a near-type and a far-type score can be combined (issue 28); docs/protocol.md.
 FUSION_PARTS = ("msp", "energy", "react", "knn", "vim", "mahalanobis")
 FUSIONS = [f"fusion:a={a},b={b}" for i, a in enumerate(FUSION_PARTS) for b in FUSION_PARTS[i + 1:]]
 FUSION_VARIANT = "energy-paper-lr1e-2"

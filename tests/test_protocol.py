@@ -207,3 +207,23 @@ def test_a_dataset_cleared_once_is_checked_again_when_the_test_sets_change():
     suite.ood = {**suite.ood, "leak": val.subset(np.arange(5))}  # a new OOD test set holding 5 val images
     with pytest.raises(ProtocolViolation, match=r"FitContext.val .* shares 5 .*'leak'"):
         check_fit_inputs(ctx, suite)
+
+
+def test_export_from_a_run_without_validation_numbers_or_with_method_too_is_refused(tmp_path, capsys):
+    """`export --from-run` ships only a validation pick: a run without validation numbers, --method beside it,
+    and neither option are each one error line, exit 2, before any data is loaded and with no guard written."""
+    from oodforge.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"suite": "fashion", "methods": {"msp": {"x": {"auroc": 0.9}}},
+                                                  "groups": {}, "models": {"plain": {}}}))
+    cases = [(["--from-run", str(run)], "no validation numbers"),
+             (["--from-run", str(run), "--method", "msp"], "not both"),
+             ([], "--from-run RUN"),
+             (["--from-run", str(tmp_path / "nowhere")], "cannot read")]
+    for extra, message in cases:
+        rc = main(["export", "--suite", "fashion", *extra, "--out", str(tmp_path / "guard")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("error") == 1, (extra, err)
+        assert not (tmp_path / "guard").exists()
