@@ -152,7 +152,10 @@ class Relation(Detector):
         for i in range(0, len(feats), step):
             z = _normalise(feats.penultimate[i:i + step]).float().to(self.device_)
             p = torch.softmax(feats.logits[i:i + step].double(), dim=1).float().to(self.device_)
-            rel = (z @ bz.T).clamp_min(0.0) * (p @ bp.T)
-            rel = rel * (rel.abs() > float(self.threshold))
-            out.append((rel.sign() * rel.abs().pow(float(self.pow))).double().sum(dim=1).cpu())
+            # both factors are >= 0, so r_ij >= 0 and sign(r) |r|^pow = r^pow: cut, power and sum in place
+            rel = (z @ bz.T).clamp_min_(0.0).mul_(p @ bp.T)
+            rel.masked_fill_(rel <= float(self.threshold), 0.0)
+            if float(self.pow) != 1.0:
+                rel.pow_(float(self.pow))
+            out.append(rel.sum(dim=1, dtype=torch.float64).cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
