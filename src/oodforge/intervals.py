@@ -27,6 +27,7 @@ asymptotic test instead (structural components with midranks, Sun & Xu 2014's fa
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -60,16 +61,22 @@ class _Prepared:
         self.id_desc = self.id[self.id_order]
         self.fpr_pos = np.searchsorted(o, self.id_desc, side="left")  # OOD scores < each candidate threshold
         self.tpr = float(tpr)
+        # the smallest integer weight c with c / n_id >= tpr (the same float comparison as the definition)
+        self.min_kept = int(np.argmax(np.arange(self.id.size + 1) / self.id.size >= self.tpr)) \
+            if self.tpr <= 1 else self.id.size + 1
 
 
 def _block_metrics(p: _Prepared, W: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n_id, n_ood = p.id.size, p.ood.size
-    CV = np.zeros((V.shape[0], n_ood + 1), dtype=np.int64)
+    # integer arithmetic throughout (counts and their sums stay far below 2**31 per row, the dot products below
+    # 2**53): the same numbers as float64 sums of the same integers, with half the memory traffic
+    CV = np.zeros((V.shape[0], n_ood + 1), dtype=np.int32)
     np.cumsum(V[:, p.ood_order], axis=1, out=CV[:, 1:])
     pair = CV[:, p.left] + CV[:, p.right]  # twice the weight of OOD below each ID score (ties: half)
-    auroc = np.einsum("bi,bi->b", W.astype(np.float64), pair.astype(np.float64)) / (2.0 * n_id * n_ood)
-    cum_id = np.cumsum(W[:, p.id_order], axis=1)
-    k = np.argmax(cum_id / n_id >= p.tpr, axis=1)  # first (largest) ID score keeping tpr of the ID weight
+    auroc = np.einsum("bi,bi->b", W, pair, dtype=np.int64).astype(np.float64) / (2.0 * n_id * n_ood)
+    cum_id = np.cumsum(W[:, p.id_order], axis=1, dtype=np.int32)
+    # first (largest) ID score keeping tpr of the ID weight: cum_id / n_id >= tpr <=> cum_id >= p.min_kept
+    k = np.argmax(cum_id >= p.min_kept, axis=1)
     below = np.take_along_axis(CV, p.fpr_pos[k][:, None], axis=1)[:, 0]
     fpr = (n_ood - below) / n_ood
     return auroc, fpr
@@ -86,16 +93,32 @@ def weighted_auroc_fpr(id_scores, ood_scores, W: np.ndarray, V: np.ndarray,
     return np.concatenate([a for a, _ in parts]), np.concatenate([f for _, f in parts])
 
 
-def _replicates(id_scores, ood_scores, n_boot: int, seed: int, tpr: float) -> tuple[np.ndarray, np.ndarray]:
-    p = _Prepared(id_scores, ood_scores, tpr)
+#: resamples are kept for reuse up to this many bytes of counts: every (method, OOD set) of a report draws the
+#: same multiplicities (the stream depends only on the sizes, ``n_boot`` and the seed), so they are drawn once
+_COUNTS_BYTES = 96 * 2**20
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_counts(n_id: int, n_ood: int, n_boot: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    return tuple(_draw_counts(n_id, n_ood, n_boot, seed))
+
+
+def _draw_counts(n_id: int, n_ood: int, n_boot: int, seed: int):
+    """``(W, V)`` blocks of multiplicities, ID then OOD per block of ``_BLOCK`` replicates (one seeded stream)."""
     rng = np.random.default_rng(seed)
-    auroc, fpr = [], []
     for i in range(0, n_boot, _BLOCK):  # counts drawn block by block: same stream for any block size
         b = min(_BLOCK, n_boot - i)
-        a, f = _block_metrics(p, bootstrap_counts(p.id.size, b, rng), bootstrap_counts(p.ood.size, b, rng))
-        auroc.append(a)
-        fpr.append(f)
-    return np.concatenate(auroc), np.concatenate(fpr)
+        W, V = bootstrap_counts(n_id, b, rng), bootstrap_counts(n_ood, b, rng)
+        W.flags.writeable = V.flags.writeable = False
+        yield W, V
+
+
+def _replicates(id_scores, ood_scores, n_boot: int, seed: int, tpr: float) -> tuple[np.ndarray, np.ndarray]:
+    p = _Prepared(id_scores, ood_scores, tpr)
+    small = 4 * n_boot * (p.id.size + p.ood.size) <= _COUNTS_BYTES
+    blocks = (_cached_counts if small else _draw_counts)(p.id.size, p.ood.size, n_boot, seed)
+    parts = [_block_metrics(p, W, V) for W, V in blocks]
+    return np.concatenate([a for a, _ in parts]), np.concatenate([f for _, f in parts])
 
 
 def _check(n_boot: int, level: float) -> None:
