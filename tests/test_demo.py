@@ -22,8 +22,12 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     res = results["fashion6"]
     methods = set(res["methods"])
     # the CPU forger (Layer-CAM + Telea) is not SHIFT's, so the keys of the methods trained on its outliers say so
-    assert {"msp", "energy", "odin", "knn", "vim", "ash", "fdbd", "shift[layercam+telea]",
+    assert {"msp", "energy", "knn", "vim", "ash", "fdbd", "shift[layercam+telea]",
             "fusion:a=shift,b=knn[layercam+telea]", "ssod@ssod", "energy@ssod", "energy@oe", "knn@oe"} <= methods
+    # sized for 2 cores: what it leaves out is recorded and said, with the command for the full run
+    assert "odin" not in methods and set(res["config"]["left_out"]) == {"odin"}
+    assert res["config"]["fit_train_images"] == 1200 and res["seconds"] > 0
+    assert any("left out: odin" in line and "oodforge demo --full" in line for line in lines)
     assert set(res["models"]) == {"plain", "ssod", "oe"}
     # the protocol's validation numbers exist for every method; no test set is read to choose
     assert set(res["validation"]) == methods
@@ -52,3 +56,4 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert sum(res["methods"]["shift[layercam+telea]"][s]["auroc"] for s in far) / len(far) > 0.8
     assert "shift[layercam+telea]:" in summary
     assert any("demo finished" in line for line in lines)
+    assert "without odin" in summary and "`oodforge demo --full`" in summary

@@ -212,6 +212,10 @@ def demo(
     forge_limit: int = typer.Option(10000, "--forge-limit", help="Forge SHIFT outliers from at most this many "
                                     "training images."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the classifiers here instead of using the zoo."),
+    full: bool = typer.Option(False, "--full", help="Every detector (odin too), fitted on every training image; "
+                              "the default is sized for a 2-core machine and says what it leaves out."),
+    fit_limit: int = typer.Option(10000, "--fit-limit", help="Fit the detectors on at most this many training "
+                                  "images (stratified; ignored with --full)."),
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
@@ -230,11 +234,11 @@ def demo(
                                  param_hint="--suites")
     check_out_dir(out)
     check_device(device)
-    for value, option in ((epochs, "--epochs"), (k, "--k"), (forge_limit, "--forge-limit")):
+    for value, option in ((epochs, "--epochs"), (k, "--k"), (forge_limit, "--forge-limit"), (fit_limit, "--fit-limit")):
         check_positive(value, option)
     run_demo(out, names, quick=quick, data_root=data_root,
              seed=seed, device=device, max_train=max_train, epochs=epochs, k=k, forge_limit=forge_limit,
-             retrain=retrain, log=typer.echo)
+             retrain=retrain, full=full, fit_limit=fit_limit, log=typer.echo)
 
 
 def _recipe_options(items: Optional[list[str]]) -> Optional[dict]:
