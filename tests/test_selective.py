@@ -123,3 +123,18 @@ def test_midranks_by_definition():
     # rank_i = #{x_j < x_i} + (#{x_j == x_i} + 1) / 2 (scipy.stats.rankdata's "average")
     ref = (x[None, :] < x[:, None]).sum(1) + ((x[None, :] == x[:, None]).sum(1) + 1) / 2
     np.testing.assert_array_equal(_midranks(x), ref)
+
+
+def test_bootstrap_intervals_are_the_same_with_kept_and_with_freshly_drawn_counts(monkeypatch):
+    """The report keeps the seeded multiplicities it drew (intervals._cached_counts) while they are small; above
+    the size limit it draws them anew: both must give the same replicates, and a second call the same again."""
+    from oodforge import intervals
+
+    rng = np.random.default_rng(5)
+    id_s, ood_s = rng.normal(1, 1, 700), np.round(rng.normal(0, 1, 300), 1)  # ties on the OOD side
+    intervals._cached_counts.cache_clear()
+    kept = [intervals.bootstrap_intervals(id_s, ood_s, n_boot=300, seed=2) for _ in range(2)]
+    monkeypatch.setattr(intervals, "_COUNTS_BYTES", 0)
+    fresh = intervals.bootstrap_intervals(id_s, ood_s, n_boot=300, seed=2)
+    assert kept[0] == kept[1] == fresh
+    assert intervals._cached_counts.cache_info().hits >= 1
