@@ -382,12 +382,14 @@ def test_stale_plots_go_only_in_oodforges_folders(tmp_path):
         out = tmp_path / f"owned-{owned}"
         (out / "plots").mkdir(parents=True)
         (out / "plots" / "roc_energy.png").write_bytes(b"an earlier run's plot")
+        (out / "plots" / "scores_energy.png").write_bytes(b"an earlier run's plot")
         (out / "plots" / "mine.png").write_bytes(b"the user's")
         if owned:
             (out / MARKER).write_text("{}")
         write_report(results, scores, out)
         assert (out / "plots" / "roc_energy.png").exists() is not owned
-        assert (out / "plots" / "mine.png").exists() and (out / "plots" / "roc_msp.png").exists()
+        assert (out / "plots" / "scores_energy.png").exists() is not owned
+        assert (out / "plots" / "mine.png").exists() and (out / "plots" / "scores_msp.png").exists()
     # the Python API's output folders: a new one is marked, one holding other files is not
     assert (mark_out_dir(tmp_path / "fresh") / MARKER).is_file()
     assert not (mark_out_dir(tmp_path / "owned-False") / MARKER).exists()
