@@ -11,6 +11,8 @@ method             what trains                                                  
 ``rotpred``        + a 4-way rotation head, weight 1; detector ``rotpred`` (Hendrycks 2019)     ``rotpred``
 ``mixoe``          + soft cross entropy on ID / outlier mixes, mixup, beta 5 (Zhang et al. 2023) ``mixoe``
 ``pixmix``         plain cross entropy on PixMix-ed images, k 4, beta 3 (Hendrycks et al. 2022)  ``pixmix``
+``ascood``         + w KL(U || p) on ID images with their most ID-relevant pixels shuffled,     ``ascood``
+                   z-scored features x sigma 0.5, p 0.15, w 1 (Regmi 2025)
 ``<loss>+pixmix``  any of the losses on PixMix-ed images (``rotpred+pixmix``, ``logitnorm+pixmix``)
 =================  ==========================================================================  ==============
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LOSSES = ("plain", "logitnorm", "t2fnorm", "rotpred", "mixoe")
+LOSSES = ("plain", "logitnorm", "t2fnorm", "rotpred", "mixoe", "ascood")
 AUGMENTATIONS = ("pixmix",)
 
 #: every option: the recipe parts it belongs to and its default (``None`` = depends on the part)
@@ -41,6 +43,12 @@ OPTIONS: dict[str, tuple[tuple[str, ...], object]] = {
     "mixoe_alpha": (("mixoe",), None),  # 1.0 for mixup, 2.0 for cutmix
     "mixoe_beta": (("mixoe",), 5.0),
     "mixoe_source": (("mixoe",), "outliers"),
+    "ascood_sigma": (("ascood",), 0.5),
+    "ascood_p": (("ascood",), 0.15),
+    "ascood_op": (("ascood",), "shuffle"),
+    "ascood_w": (("ascood",), 1.0),
+    "ascood_alpha_max": (("ascood",), 10.0),
+    "ascood_alpha_min": (("ascood",), 10.0),
     "pixmix_k": (("pixmix",), 4),
     "pixmix_beta": (("pixmix",), 3.0),
     "pixmix_severity": (("pixmix",), 3),
@@ -108,6 +116,11 @@ def resolve_options(method: str, options: dict | None, has_outliers: bool = Fals
                              f"{out['mixoe_source']!r}")
         out["mixoe_outliers"] = "store" if has_outliers else ("fractals" if out["mixoe_source"] == "outliers"
                                                               else None)
+    if loss == "ascood":
+        from .ascood import check_options
+
+        check_options(out["ascood_p"], out["ascood_op"], out["ascood_alpha_max"], out["ascood_alpha_min"],
+                      out["ascood_w"], out["ascood_sigma"])
     if "n_pictures" in out and int(out["n_pictures"]) < 1:
         raise ValueError(f"recipe option n_pictures must be >= 1, got {out['n_pictures']}")
     return out
@@ -147,6 +160,12 @@ def build_objective(method: str, options: dict, image_shape: tuple[int, int, int
         objective = MixOE(outliers if outliers is not None else pictures, op=options["mixoe_op"],
                           alpha=options["mixoe_alpha"], beta=options["mixoe_beta"], source=options["mixoe_source"],
                           seed=seed)
+    elif loss == "ascood":
+        from .ascood import ASCOOD
+
+        objective = ASCOOD(sigma=options["ascood_sigma"], share=options["ascood_p"], op=options["ascood_op"],
+                           w=options["ascood_w"], alpha_max=options["ascood_alpha_max"],
+                           alpha_min=options["ascood_alpha_min"], seed=seed)
     else:
         objective = CrossEntropy()
     if "pixmix" in augs:
