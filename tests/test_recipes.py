@@ -4,6 +4,7 @@ resumption after a kill, and `oodforge train --method <recipe>` on a tiny subset
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -290,3 +291,149 @@ def test_train_cli_runs_a_recipe_from_a_checkpoint_and_refuses_bad_options(tmp_p
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
         assert not (tmp_path / "bad").exists()
     assert math.isfinite(meta["id_test_accuracy"])
+
+
+# ------------------------------------------------------------------------------------------------ ASCOOD
+def test_ascood_shuffle_moves_exactly_the_top_attribution_pixels():
+    from oodforge.recipes.ascood import gradient_top_pixels, shuffle_top_pixels
+
+    # 2 channels, 3x3 image, pixel values all distinct; a hand-made gradient whose per-pixel score
+    # sum_c exp(g_c) ranks pixels 7 > 2 > 4 > the rest
+    x = torch.arange(18, dtype=torch.float32).reshape(1, 2, 3, 3) / 17
+    g = torch.zeros(1, 2, 3, 3)
+    g[0, 0].view(-1)[7], g[0, 1].view(-1)[7] = 3.0, 1.0
+    g[0, 0].view(-1)[2], g[0, 1].view(-1)[2] = 2.0, 0.5
+    g[0, 1].view(-1)[4] = 1.5
+    g[0, 0].view(-1)[0] = -5.0  # a large negative gradient does not count: exp(-5) is small
+    share = 3 / 9  # int(3 * 3 * share) = 3 pixels
+    rng = np.random.default_rng(0)
+    perm = np.random.default_rng(0).permutation(3)
+    out = shuffle_top_pixels(x, g, share, [rng])
+    top = [7, 2, 4]  # the ranking by hand, as torch.topk orders it
+    expected = x.clone().reshape(1, 2, 9)
+    expected[0, :, top] = x.reshape(1, 2, 9)[0, :, [top[j] for j in perm]]
+    assert torch.equal(out.reshape(1, 2, 9), expected)
+    changed = (out != x).any(1).reshape(-1).nonzero().flatten().tolist()
+    assert set(changed) <= set(top) and len(changed) == sum(perm[j] != j for j in range(3))
+    # the exp ranking is the reference's (grad.exp().sum(dim=1)): compare on random gradients
+    gr = torch.randn(4, 3, 5, 5)
+    ref_top = torch.topk(gr.exp().sum(1).reshape(4, -1), 6, dim=1).indices
+    xr = torch.rand(4, 3, 5, 5)
+    moved = shuffle_top_pixels(xr, gr, 6 / 25, [np.random.default_rng(i) for i in range(4)])
+    for i in range(4):
+        changed = (moved[i] != xr[i]).any(0).reshape(-1).nonzero().flatten().tolist()
+        assert changed and set(changed) <= set(ref_top[i].tolist())
+    # gradient op: exactly int(share C H W) entries move, the largest |g|, by alpha g std
+    xs, gs = torch.rand(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    std = torch.tensor([0.5, 2.0]).view(1, 2, 1, 1)
+    moved = gradient_top_pixels(xs, gs, 4 / 18, 10.0, std)
+    k = gs.abs().reshape(-1).argsort(descending=True)[:4]
+    diff = (moved - xs).reshape(-1)
+    assert set((diff != 0).nonzero().flatten().tolist()) == set(k.tolist())
+    assert torch.allclose(diff[k], (10.0 * gs * std).reshape(-1)[k])
+
+
+def test_ascood_attribution_is_the_true_class_logit_gradient_in_eval_mode():
+    from oodforge.recipes.ascood import ascood_logits, input_attribution
+
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 3, 2).train()
+    x, y = torch.rand(3, 2, 8, 8), torch.tensor([0, 2, 1])
+    g = input_attribution(model, x, y, sigma=0.5)
+    assert model.training  # restored
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient left behind
+    model.eval()
+    xn = model.normalize(x).detach().requires_grad_(True)  # the reference differentiates the normalised input
+    from oodforge.recipes.ascood import z_std
+
+    logits = model.head(z_std(model.pool(model.body(xn))) * 0.5)
+    logits[torch.arange(3), y].sum().backward()
+    assert torch.allclose(g, xn.grad, atol=1e-6)
+    assert torch.allclose(ascood_logits(model, x, 0.5), logits)
+
+
+def test_ascood_loss_is_the_references_formula():
+    from oodforge.recipes.ascood import ASCOOD, uniform_kl, z_std
+
+    # z-score: unbiased std, eps 1e-6 (ascood_net.z_std)
+    h = np.array([[1.0, 2.0, 4.0, 7.0]])
+    assert z_std(torch.tensor(h)).numpy() == pytest.approx((h - 3.5) / (np.std(h, ddof=1) + 1e-6))
+    # KL(U || softmax) with reduction batchmean, by hand and against torch's KLDivLoss as the reference calls it
+    z = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    p = _softmax(z)
+    by_hand = np.mean([np.sum(1 / 3 * (np.log(1 / 3) - np.log(p[n]))) for n in range(2)])
+    assert uniform_kl(torch.tensor(z)).item() == pytest.approx(by_hand, rel=1e-9)
+    ref = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(torch.tensor(z), 1), torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    assert uniform_kl(torch.tensor(z)).item() == pytest.approx(ref.item(), rel=1e-9)
+    # the whole step: CE on the ID half + w KL on the outlier half of one pass over [x; x_ood]
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 3, 1).train()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    obj = ASCOOD(w=2.0, seed=3)
+    state, before = obj.state_dict(), copy.deepcopy(model)  # the step's train-mode pass moves batch-norm statistics
+    step = obj.loss(model, x, y, lambda t: t)
+    model = before
+    obj.load_state_dict(state)  # replay the same permutations
+    from oodforge.recipes.ascood import perturb
+
+    rngs = [np.random.default_rng(s) for s in obj.rng.integers(2**63, size=4)]
+    x_ood = perturb(model, x, y, 0.15, "shuffle", 10.0, 0.5, rngs)
+    zz = model.head(z_std(model.pool(model.feature_map(torch.cat([x, x_ood])))) * 0.5).detach().double().numpy()
+    ce = -np.log(_softmax(zz[:4])[np.arange(4), y.numpy()]).mean()
+    kl = np.mean(-np.log(3) - np.log(_softmax(zz[4:])).mean(1))
+    assert step.total.item() == pytest.approx(ce + 2.0 * kl, rel=1e-5)
+    assert step.logs["cls_loss"] == pytest.approx(ce, rel=1e-5) and step.logits.shape == (4, 3)
+
+
+def test_ascood_trains_through_the_loop_seeded_and_records_its_options(tmp_path):
+    from oodforge.recipes.ascood import ascood_outliers, forge_ascood
+    from oodforge.workflows import TrainPlan
+
+    data = _images(12, 8, 1)
+    plan = TrainPlan(method="ascood", arch="small_resnet", epochs=2, batch_size=6, seed=1,
+                     recipe_options={"ascood_p": 0.25})
+    assert plan.resolved_options() == {"ascood_sigma": 0.5, "ascood_p": 0.25, "ascood_op": "shuffle", "ascood_w": 1.0,
+                                       "ascood_alpha_max": 10.0, "ascood_alpha_min": 10.0}
+
+    def run():
+        torch.manual_seed(0)
+        model = build_model("small_resnet", 3, 1)
+        hist = run_training(model, data, plan.objective(data.image_shape), plan.train_config(), progress=False)
+        return model, hist
+
+    (a, ha), (b, hb) = run(), run()
+    assert weights_hash(a) == weights_hash(b) and ha["ood_loss"] == hb["ood_loss"] and len(ha["ood_loss"]) == 2
+    assert ha["objective"]["objective"] == "ascood" and ha["objective"]["p"] == 0.25
+    # the gradient op runs too, and alpha follows the linear schedule alpha_max -> alpha_min
+    obj = build_objective("ascood", resolve_options("ascood", {"ascood_op": "gradient", "ascood_alpha_max": 30.0,
+                                                               "ascood_alpha_min": 10.0}), data.image_shape)
+    run_training(build_model("small_resnet", 3, 1), data, obj, TrainConfig(epochs=2, batch_size=6), progress=False)
+    assert obj.alpha == pytest.approx(20.0)  # epoch 1 of 2: (30 - 10) * (1 - 1/2) + 10
+    # the outlier maker on uint8 images, and as a store (resumable: a second call adds nothing twice)
+    out = ascood_outliers(a, data.images[:4], data.labels[:4], share=0.25)
+    assert out.dtype == torch.uint8 and out.shape == data.images[:4].shape
+    assert torch.equal(out.flatten(1).sort(1).values, data.images[:4].flatten(1).sort(1).values)  # a permutation
+    store = forge_ascood(data, tmp_path / "store", a, share=0.25, limit=5, batch_size=2)
+    store = forge_ascood(data, tmp_path / "store", a, share=0.25, batch_size=4)
+    loaded = store.load()
+    assert len(loaded) == 12 and loaded.store_config["method"] == "ascood"
+    assert torch.equal(torch.as_tensor(loaded.images[:4]), ascood_outliers(
+        a, data.images[:4], data.labels[:4], share=0.25, seeds=[r["seed"] for r in store.records()[:4]]))
+
+
+def test_ascood_refuses_bad_options_naming_them():
+    from oodforge.recipes import recipe_forgers
+
+    for opts, name in [({"ascood_p": 0}, "ascood_p"), ({"ascood_p": 1.5}, "ascood_p"), ({"ascood_p": "x"}, "ascood_p"),
+                       ({"ascood_sigma": -1}, "ascood_sigma"), ({"ascood_op": "noise"}, "ascood_op"),
+                       ({"ascood_w": -0.1}, "ascood_w"), ({"ascood_alpha_min": -1}, "ascood_alpha_min")]:
+        with pytest.raises(ValueError, match=name):
+            resolve_options("ascood", opts)
+    with pytest.raises(ValueError, match="belongs to ascood"):
+        resolve_options("logitnorm", {"ascood_p": 0.1})
+    with pytest.raises(TypeError, match="Classifier"):
+        build_objective("ascood", resolve_options("ascood", None), (1, 8, 8)).bind(torch.nn.Linear(2, 2), None, None)
+    # the held-out forgers each recipe's outliers stand for: ASCOOD's shuffled salient pixels are neither
+    assert recipe_forgers("ascood", resolve_options("ascood", None)) == []
+    assert recipe_forgers("mixoe", resolve_options("mixoe", {"mixoe_source": "classes"})) == ["mix"]
+    assert recipe_forgers("mixoe", resolve_options("mixoe", None)) == []

@@ -89,6 +89,24 @@ def uses_pictures(method: str, options: dict) -> bool:
     return "pixmix" in parse_recipe(method)[1] or options.get("mixoe_outliers") == "fractals"
 
 
+def recipe_forgers(method: str, options: dict | None) -> list[str]:
+    """The held-out forgers (:mod:`oodforge.outliers.heldout`) whose kind of outlier recipe ``method`` trains on,
+    for ``models.<label>.forgers`` (``protocol.trained_forgers``): a pick must not read a forger the backbone saw.
+
+    * MixOE with ``mixoe_source=classes`` mixes ID images of two classes: the ``mix`` forger's outliers.
+    * ASCOOD's outliers are *neither*: an ID image with the 10-20 % of its pixels that the attribution ranks
+      most ID-relevant permuted among themselves (or nudged along the gradient); the image's layout and its
+      other pixels stay. ``jigsaw`` permutes every 4x4 tile of the whole image (local texture kept, global
+      shape lost), ``mix`` blends two images. Neither is what ASCOOD trains on, so it records nothing.
+    * The other recipes train on no outlier made from ID images (MixOE's default fractals, PixMix's mixing
+      with fractals are not the held-out forgers' kinds either).
+    """
+    loss, _ = parse_recipe(method)
+    if loss == "mixoe" and (options or {}).get("mixoe_source") == "classes":
+        return ["mix"]
+    return []
+
+
 def resolve_options(method: str, options: dict | None, has_outliers: bool = False) -> dict:
     """The recipe's options with the papers' defaults filled in; refuses keys that do not belong to it."""
     loss, augs = parse_recipe(method)
