@@ -173,6 +173,10 @@ def bench(
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
     # the model is labelled by what it is: its training method, or "user" when oodforge did not train it
     label = (info.get("plan") or {}).get("method", "user" if checkpoint or user_model else "plain")
+    from .recipes import is_recipe, recipe_forgers
+
+    # the held-out forgers whose kind of outlier the backbone trained on (protocol.trained_forgers)
+    forgers = recipe_forgers(label, (info.get("plan") or {}).get("recipe_options")) if is_recipe(label) else []
     heldout = None
     if heldout_val:  # every loaded suite has its ID validation split (data.suites.with_validation_split)
         from .outliers.heldout import heldout_outliers
@@ -184,6 +188,7 @@ def bench(
                          **{k: info[k] for k in ("user_model", "weights") if k in info},
                          "outlier_store": str(outliers) if outliers else None,
                          "val_outlier_store": str(val_outliers) if val_outliers else None,
+                         **({"forgers": forgers} if forgers else {}),
                          **({"foreign_outliers": foreign} if any(foreign.values()) else {})})
     if world > 1:
         extract_across_processes(s, [job], default_cache_dir(), device, progress=rank == 0, log=typer.echo)
