@@ -207,7 +207,7 @@ def bench(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
-    suites: str = typer.Option("fashion,fashion6,scenes", "--suites", help="Comma-separated suites: embedded "
+    suites: str = typer.Option("fashion,fashion6,scenes,clipart", "--suites", help="Comma-separated suites: embedded "
                                "names or suite files (*.toml)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny subsets and 1-epoch training (a smoke run)."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most this many ID training images "

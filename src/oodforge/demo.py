@@ -1,7 +1,7 @@
 """``oodforge demo``: the README's main job on the embedded data.
 
-Per suite (``fashion``, ``fashion6``, ``scenes``): train (or reuse) the plain classifier and the
-SSOD model, forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
+Per suite (``fashion``, ``fashion6``, ``scenes``, ``clipart``): train (or reuse) the plain classifier and the
+SSOD and OE models (``clipart``: EfficientNet-Lite0 fine-tuned, :data:`oodforge.workflows.SUITE_ARCH`), forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
 benchmark every post-hoc detector, ``shift`` and ``ssod`` side by side from cached features.
 The CPU forger is not SHIFT's (CLIPSeg + Stable Diffusion), so the results report ``shift`` as
 ``shift[layercam+telea]`` (:mod:`oodforge.keys`).
@@ -22,9 +22,9 @@ from .keys import detector_name, split_key
 from .outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from .protocol import is_plain_post_hoc, pick
 from .report import best_method, group_mean, print_table
-from .workflows import CLASSIC, OE_RECIPE, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+from .workflows import CLASSIC, OE_RECIPE, POST_HOC, SUITE_ARCH, SUITE_BATCH, TrainPlan, forge_cpu_outliers, get_model
 
-DEMO_SUITES = ("fashion", "fashion6", "scenes")
+DEMO_SUITES = ("fashion", "fashion6", "scenes", "clipart")
 
 #: how the default demo is sized for a 2-core laptop (measured: docs/results.md "The demo's cost"); ``--full``
 #: lifts both. Detectors are fitted on at most this many ID training images (a stratified subset; the zoo's
@@ -43,16 +43,22 @@ def plain_key(res: dict, name: str) -> str | None:
     return next((m for m in res["methods"] if detector_name(m) == name and not split_key(m)[2]), None)
 
 
+def backbone(suite_name: str) -> dict:
+    """The suite's backbone and batch size (:data:`oodforge.workflows.SUITE_ARCH`), as ``TrainPlan`` fields."""
+    return {"arch": SUITE_ARCH.get(suite_name, "small_resnet"), "batch_size": SUITE_BATCH.get(suite_name, 128)}
+
+
 def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int, device: str, progress: bool,
                   log, use_zoo: bool, outlier_store: Path | None = None):
     """The SSOD or OE classifier: the zoo's when it has one for this suite, else fine-tuned from the plain one."""
     from .workflows import zoo_checkpoint
 
-    if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method)) is not None:
-        return get_model(suite, TrainPlan(method=method), device=device, progress=progress, log=log)
+    net = backbone(suite.name)
+    if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method, **net)) is not None:
+        return get_model(suite, TrainPlan(method=method, **net), device=device, progress=progress, log=log)
     recipe = {k: v for k, v in OE_RECIPE.items() if k != "epochs"} if method == "oe" else {}
     plan = TrainPlan(method=method, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"],
-                     outliers=str(outlier_store) if outlier_store else None, **recipe)
+                     outliers=str(outlier_store) if outlier_store else None, **net, **recipe)
     return get_model(suite, plan, device=device, progress=progress, log=log, use_zoo=False)
 
 
@@ -89,7 +95,7 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         suite = stratified_subset(load_suite(name, data_root=data_root, seed=seed, quick=quick), max_train, seed)
         ep = 3 if quick else epochs
         use_zoo = not retrain
-        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed), device=device, progress=progress, log=log,
+        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed, **backbone(name)), device=device, progress=progress, log=log,
                                  use_zoo=use_zoo)
         outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device, limit=forge_limit,
                                                         progress=progress, log=log)

@@ -1,4 +1,4 @@
-"""The model zoo: trained plain and SSOD classifiers for every embedded suite, shipped in the package.
+"""The model zoo: trained plain, SSOD and OE classifiers for every embedded suite, shipped in the package.
 
 Each entry is a checkpoint folder ``<suite>-<method>/`` (``model.safetensors`` + ``meta.json``)
 made by one recorded ``oodforge train ...`` command (``scripts/build_zoo.sh`` regenerates them
@@ -44,14 +44,16 @@ def entry_name(suite: str, method: str = "plain") -> str:
     return f"{suite}-{method}"
 
 
-def find(suite: str, method: str = "plain", train_identity: str | None = None) -> Path | None:
+def find(suite: str, method: str = "plain", train_identity: str | None = None, arch: str | None = None) -> Path | None:
     """The zoo folder for ``(suite, method)``, or ``None`` when the zoo has none that matches.
 
     With ``train_identity``, the entry must have been trained on exactly that training set (a
-    quick or re-split suite has another identity and gets no zoo model).
+    quick or re-split suite has another identity and gets no zoo model); with ``arch``, with that backbone.
     """
     rec = manifest().get(entry_name(suite, method))
     if rec is None:
+        return None
+    if arch is not None and rec.get("arch", "small_resnet").rpartition(":")[2] != arch:  # "ssod:<backbone>"
         return None
     if train_identity is not None and rec.get("train_set") != train_identity:
         return None
