@@ -22,7 +22,16 @@ from .keys import detector_name, split_key
 from .outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from .protocol import is_plain_post_hoc, pick
 from .report import best_method, group_mean, print_table
-from .workflows import CLASSIC, OE_RECIPE, POST_HOC, SUITE_ARCH, SUITE_BATCH, TrainPlan, forge_cpu_outliers, get_model
+from .workflows import (
+    CLASSIC,
+    OE_RECIPE,
+    POST_HOC,
+    SUITE_ARCH,
+    SUITE_BATCH,
+    TrainPlan,
+    forge_cpu_outliers,
+    get_model,
+)
 
 DEMO_SUITES = ("fashion", "fashion6", "scenes", "clipart")
 
