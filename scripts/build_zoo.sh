@@ -56,4 +56,5 @@ case "${1:-both}" in
      lane_c > runs/zoo-lane-c.log 2>&1 & lane_d > runs/zoo-lane-d.log 2>&1 & wait
      lane_e > runs/zoo-lane-e.log 2>&1 ;;
 esac
+.venv/bin/python -m oodforge.zoo check
 .venv/bin/python -m oodforge.zoo manifest

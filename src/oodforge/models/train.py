@@ -413,8 +413,10 @@ def train_classifier(model: Classifier, dataset: ArrayDataset, epochs: int = 5, 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset: ArrayDataset, device: str = "cpu", batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (no autograd graph is built: inference mode)."""
     model.to(device).eval()
     correct = 0
-    for x, y in iterate_batches(dataset, batch_size):
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    with torch.inference_mode():
+        for x, y in iterate_batches(dataset, batch_size):
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / len(dataset)

@@ -86,6 +86,39 @@ def load_zoo_model(suite: str, method: str = "plain", device: str = "cpu"):
     return model, {**meta, "checkpoint": str(ZOO_DIR / name), "zoo": name}
 
 
+#: the first this many ID test images are the tests' accuracy check of every entry (``check_accuracy``): the
+#: sha256 already pins the weights, so the check is that loading and preprocessing give the recorded predictions;
+#: a 10,000-image evaluation per entry cost the test suite 150 s of CPU
+CHECK_IMAGES = 1000
+
+
+def check_accuracy_of(model, suite) -> float:
+    """Top-1 accuracy of ``model`` on the first :data:`CHECK_IMAGES` ID test images of ``suite``."""
+    from ..models.train import accuracy
+
+    n = min(CHECK_IMAGES, len(suite.id_test))
+    return accuracy(model, suite.id_test.subset(list(range(n))))
+
+
+def record_check_accuracies() -> dict[str, float]:
+    """Measure :func:`check_accuracy_of` for every entry and store it in its ``meta.json``
+    (``check_accuracy``), for :func:`write_manifest` to copy; returns ``{entry: accuracy}``."""
+    from ..data.suites import load_suite
+
+    out, suites = {}, {}
+    for folder in sorted(p for p in ZOO_DIR.iterdir() if (p / "meta.json").is_file()):
+        meta = json.loads((folder / "meta.json").read_text())
+        suite = suites.setdefault(meta["suite"], load_suite(meta["suite"]))
+        model, _ = load_zoo_model(meta["suite"], meta["plan"]["method"])
+        meta["check_accuracy"] = {"images": min(CHECK_IMAGES, len(suite.id_test)),
+                                  "accuracy": check_accuracy_of(model, suite)}
+        tmp = folder / f"meta.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, folder / "meta.json")
+        out[folder.name] = meta["check_accuracy"]["accuracy"]
+    return out
+
+
 def write_manifest() -> dict:
     """Rebuild ``manifest.json`` from the checkpoint folders present (their ``meta.json``)."""
     entries = {}
@@ -98,6 +131,7 @@ def write_manifest() -> dict:
             "epochs": meta.get("plan", {}).get("epochs"), "train_seconds": meta.get("train_seconds"),
             "id_test_accuracy": meta.get("id_test_accuracy"), "id_val_accuracy": meta.get("id_val_accuracy"),
             "train_set": meta.get("train_set"), "init_from": (meta.get("init_from") or {}).get("checkpoint"),
+            "check_accuracy": meta.get("check_accuracy"),
             "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
         }
     tmp = MANIFEST.with_name(MANIFEST.name + f".{os.getpid()}.tmp")
