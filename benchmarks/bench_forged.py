@@ -169,7 +169,8 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
             extra = ["rotpred"] if recipe.startswith("rotpred") else []
             jobs.append(BenchJob(model, CHEAP + extra + FUSIONS, label=recipe, val_outliers=val_outliers,
                                  val_heldout=heldout, info={"checkpoint": info["checkpoint"],
-                                                            "train_seconds": info.get("train_seconds")}))
+                                                            "train_seconds": info.get("train_seconds"),
+                                                            "forgers": info.get("forgers", [])}))
         res = run_bench(suite, jobs, out / name / f"seed{seed}" / "recipes", cache_dir=default_cache_dir(), seed=seed,
                         progress=False, config={"bench": "bench_forged", "recipes": list(recipes),
                                                 "timings_extra": times}, log=log)

@@ -282,6 +282,20 @@ def test_train_cli_runs_a_recipe_from_a_checkpoint_and_refuses_bad_options(tmp_p
     assert meta["plan"]["method"] == "logitnorm+pixmix" and meta["plan"]["recipe_options"]["tau"] == 0.04
     assert meta["plan"]["recipe_options"]["pixmix_k"] == 4 and meta["init_from"]["checkpoint"] == str(tmp_path / "plain")
     assert meta["history"]["config"]["lr"] == 0.01  # the recipes' fine-tuning default
+    assert meta["forgers"] == []  # PixMix's fractals are no held-out forger's kind of outlier
+    # MixOE on class mixes trains on the `mix` forger's kind: the checkpoint says so, and bench records it in
+    # results.json, where the protocol's validation number leaves that forger out (protocol.trained_forgers)
+    rc = main([*base, "--method", "mixoe", "--init-from", str(tmp_path / "plain"), "--recipe-option",
+               "mixoe_source=classes", "--out", str(tmp_path / "mix")])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert load_checkpoint(tmp_path / "mix")[1]["forgers"] == ["mix"]
+    assert main(["bench", "--suite", "fashion6", "--quick", "--checkpoint", str(tmp_path / "mix"), "--methods",
+                 "msp", "--out", str(tmp_path / "mix-bench")]) == 0
+    res = json.loads((tmp_path / "mix-bench" / "results.json").read_text())
+    from oodforge.protocol import trained_forgers, validation_numbers
+
+    assert trained_forgers(res, "msp@mixoe") == {"mix"}
+    assert validation_numbers(res)["msp@mixoe"] == res["validation_heldout_by_forger"]["msp@mixoe"]["jigsaw"]
     capsys.readouterr()
     for argv, fragment in [(["--method", "logitnorm", "--recipe-option", "rot_lambda=2"], "belongs to rotpred"),
                            (["--method", "rotpred+oe"], "unknown training method"),

@@ -173,10 +173,8 @@ def bench(
     val_store = stores["--val-outliers"].load() if "--val-outliers" in stores else None
     # the model is labelled by what it is: its training method, or "user" when oodforge did not train it
     label = (info.get("plan") or {}).get("method", "user" if checkpoint or user_model else "plain")
-    from .recipes import is_recipe, recipe_forgers
-
-    # the held-out forgers whose kind of outlier the backbone trained on (protocol.trained_forgers)
-    forgers = recipe_forgers(label, (info.get("plan") or {}).get("recipe_options")) if is_recipe(label) else []
+    # the held-out forgers whose kind of outlier the backbone trained on (recorded by workflows.train_model)
+    forgers = info.get("forgers") or []
     heldout = None
     if heldout_val:  # every loaded suite has its ID validation split (data.suites.with_validation_split)
         from .outliers.heldout import heldout_outliers
