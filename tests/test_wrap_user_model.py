@@ -175,6 +175,9 @@ def test_load_user_model_reads_torch_state_dicts_and_refuses_what_does_not_fit(t
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_user_net2.py").write_text(USER_MODULE + "\n\ndef not_a_model():\n    return 3\n")
+    # importable whatever ran before in this worker: the folder on sys.path and the finders' caches invalidated
+    # (a cached listing of the working directory made the import fail once, depending on the test order)
+    monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(4)
     import importlib
 
