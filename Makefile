@@ -12,6 +12,11 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: setup data demo test bench lint clean
 
+# Python writes the bytecode of what it imports (.pyc, in .venv and src/__pycache__): with
+# PYTHONDONTWRITEBYTECODE set, as on our CI machines, and uv installing without bytecode, every Python process
+# (each test's subprocess, each torchrun rank) compiled torch's sources again: 10 s per import instead of 4 s.
+export PYTHONDONTWRITEBYTECODE :=
+
 setup: $(STAMP) data
 
 # uv installs the same packages as pip in seconds instead of minutes (parallel downloads, no per-package
