@@ -55,7 +55,7 @@ from oodforge.models.features import default_cache_dir
 from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from oodforge.protocol import is_plain_post_hoc, mean_accuracies, pick, validation_numbers
 from oodforge.report import best_method, group_mean
-from oodforge.workflows import POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+from oodforge.workflows import FUSIONS, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
 #: OE fine-tuning variants: (outlier loss, mask rule, peak lr)
@@ -72,14 +72,8 @@ DEFAULT_VARIANTS = ["oe-paper-lr1e-2", "energy-paper-lr1e-2", "oe-paper-lr1e-3"]
 FORGED_LABELS = (*VARIANTS, "maxcov", "ssod")
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
-#: ``--fusion-only`` (session 8): every pair of these scores, fused by ID-validation percentiles (detectors.fusion,
-#: its default rule ``min``), on the plain classifier (post-hoc fusions: the baseline side, OpenOOD's CombOOD is
-#: such an entry), the SSOD backbone and the energy-OE backbone. The list was fixed before any fused number was
-#: computed, but after session 7's per-group test tables (logit scores leading near, feature scores far) had been
-#: read: the logit scores (msp, energy, react) and the feature scores (knn, vim, mahalanobis) of POST_HOC that fit
-#: in seconds, every pair, so that a near-type and a far-type score can be combined (issue 28); docs/protocol.md.
-FUSION_PARTS = ("msp", "energy", "react", "knn", "vim", "mahalanobis")
-FUSIONS = [f"fusion:a={a},b={b}" for i, a in enumerate(FUSION_PARTS) for b in FUSION_PARTS[i + 1:]]
+#: ``--fusion-only`` (session 8): oodforge.workflows.FUSIONS on the plain classifier (post-hoc fusions: the
+#: baseline side), the SSOD backbone and the energy-OE backbone
 FUSION_VARIANT = "energy-paper-lr1e-2"
 #: ``--recipes-only`` (session 8): the field's no-outlier training recipes (oodforge.recipes), each fine-tuned for
 #: one epoch from the zoo's plain classifier with the papers' defaults (the OE fine-tune's budget; the papers train

@@ -9,6 +9,7 @@ import pytest
 
 from oodforge.demo import run_demo
 from oodforge.protocol import is_forged, pick
+from oodforge.workflows import FUSIONS
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,13 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert "odin" not in methods and set(res["config"]["left_out"]) == {"odin"}
     assert res["config"]["fit_train_images"] == 1200 and res["seconds"] > 0
     assert any("left out: odin" in line and "oodforge demo --full" in line for line in lines)
+    # the fusions of two scores are candidates on every backbone, and post-hoc fusions on the plain one
+    assert {f"{f}{label}" for f in FUSIONS for label in ("", "@ssod", "@oe")} <= methods
+    # the report draws and gives intervals only for the methods the summary compares, and says so
+    drawn = {p.name for p in (out / "fashion6" / "plots").glob("scores_*.png")}
+    assert 1 <= len(drawn) <= 5 < len(methods)
+    report = (out / "fashion6" / "report.md").read_text()
+    assert f"Intervals and plots for {len(drawn)} of the {len(methods)} methods" in report
     assert set(res["models"]) == {"plain", "ssod", "oe"}
     # the protocol's validation numbers exist for every method; no test set is read to choose
     assert set(res["validation"]) == methods

@@ -136,8 +136,12 @@ def _needs_feature_map(method: str) -> bool:
 
 def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None, device: str = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, batch_size: int = 256,
-              progress: bool = True, config: dict | None = None, extra: dict | None = None, log=print) -> dict:
+              progress: bool = True, config: dict | None = None, extra: dict | None = None, log=print,
+              report_detail=None) -> dict:
     """Fit and score every method of every job on ``suite``; write the artifacts when ``out`` is given.
+
+    ``report_detail``: ``results -> (methods, note)``, the methods the report draws and gives intervals for
+    (:func:`oodforge.report.write_report`'s ``detail``); default every method.
 
     ``extra`` reaches every detector as ``FitContext.extra`` (e.g. ``{"clip_model": DIR}`` for the
     CLIP detectors), beside the suite's ``class_names``. Returns the results dict plus ``"_scores"``
@@ -146,11 +150,12 @@ def run_bench(suite: Suite, jobs: list[BenchJob], out: str | Path | None = None,
     from .progress import bars
 
     with bars(progress):
-        return _run_jobs(suite, jobs, out, device, cache_dir, seed, batch_size, progress, config, extra, log)
+        return _run_jobs(suite, jobs, out, device, cache_dir, seed, batch_size, progress, config, extra, log,
+                         report_detail)
 
 
 def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, batch_size, progress, config, extra,
-              log) -> dict:
+              log, report_detail=None) -> dict:
     from .report import write_report  # matplotlib is imported only when a report is written
 
     results: dict = {"suite": suite.name, "id_accuracy": None, "methods": {}, "groups": suite.groups,
@@ -226,7 +231,8 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
                          "preprocessing": pipeline_of(suite).to_dict()}  # how image files were read (data.images)
     if out is not None:
         write_artifacts(results, scores, Path(out), suite)
-        write_report(results, scores, Path(out))
+        detail, note = report_detail(results) if report_detail else (None, "")
+        write_report(results, scores, Path(out), detail=detail, detail_note=note)
     return {**results, "_scores": scores}
 
 

@@ -2,7 +2,8 @@
 
 Per suite (``fashion``, ``fashion6``, ``scenes``, ``clipart``): train (or reuse) the plain classifier and the
 SSOD and OE models (``clipart``: EfficientNet-Lite0 fine-tuned, :data:`oodforge.workflows.SUITE_ARCH`), forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
-benchmark every post-hoc detector, ``shift`` and ``ssod`` side by side from cached features.
+benchmark every post-hoc detector, ``shift``, ``ssod`` and the fusions of two scores
+(:data:`oodforge.workflows.FUSIONS`) side by side from cached features.
 The CPU forger is not SHIFT's (CLIPSeg + Stable Diffusion), so the results report ``shift`` as
 ``shift[layercam+telea]`` (:mod:`oodforge.keys`).
 """
@@ -24,6 +25,7 @@ from .protocol import is_plain_post_hoc, pick
 from .report import best_method, group_mean, print_table
 from .workflows import (
     CLASSIC,
+    FUSIONS,
     OE_RECIPE,
     POST_HOC,
     SUITE_ARCH,
@@ -125,17 +127,19 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
                                   "train_seconds": info.get("train_seconds"), **extra})
 
         post_hoc = [m for m in POST_HOC if m not in left_out]
-        jobs = [job(plain, post_hoc + ["shift", "fusion:a=shift,b=knn"], "", pinfo, outlier_store=str(store_dir),
-                    val_outlier_store=str(val_dir)),
+        # every backbone also gets the FUSIONS (their parts are fitted once per job): on the plain classifier
+        # they are post-hoc fusions, the baseline side; on SSOD / OE forged-outlier candidates (issue 28)
+        jobs = [job(plain, post_hoc + FUSIONS + ["shift", "fusion:a=shift,b=knn"], "", pinfo,
+                    outlier_store=str(store_dir), val_outlier_store=str(val_dir)),
                 # ODIN's gradient passes are the costliest detector; the cheaper post-hoc detectors are enough
                 # to compare backbones (Table 6 of SSOD)
-                job(ssod, ["ssod"] + OE_METHODS, "ssod", sinfo),
-                job(oe, OE_METHODS, "oe", oinfo)]
+                job(ssod, ["ssod"] + OE_METHODS + FUSIONS, "ssod", sinfo),
+                job(oe, OE_METHODS + FUSIONS, "oe", oinfo)]
         config = {"suite": name, "quick": quick, "max_train": max_train, "forge_limit": forge_limit, "epochs": ep,
                   "k": k, "shift_synthesis": synth, "full": full, "fit_limit": fit_limit,
                   "fit_train_images": len(fitted_on.id_train), "left_out": left_out}
         res = run_bench(fitted_on, jobs, out / name, device=device, cache_dir=default_cache_dir(), seed=seed,
-                        progress=progress, config=config, log=log)
+                        progress=progress, config=config, log=log, report_detail=None if full else report_detail)
         print_table(res)
         all_results[name] = {k_: v for k_, v in res.items() if not k_.startswith("_")}
         # the suite's wall clock, report included: what benchmarks/profile_demo.py compares the stages with
@@ -143,6 +147,17 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     summary = write_summary(all_results, out)
     log(f"\ndemo finished in {time.time() - t_start:.0f} s; reports: {out}/<suite>/report.md, summary: {summary}")
     return all_results
+
+
+def report_detail(res: dict) -> tuple[list[str], str]:
+    """The methods the sized demo's report draws and gives bootstrap intervals for: the ones its summary
+    compares (:func:`suite_summary`: the pick, the best post-hoc detector per group, the per-group picks). With
+    ~120 methods per suite, plots and intervals for all cost more than the suite's detectors (measured:
+    docs/results.md "The demo's cost"); ``--full`` draws every one."""
+    s = suite_summary(res)
+    keys = [s["pick"], *s["best_post_hoc"].values(), *s["per_group_picks"].values()]
+    return list(dict.fromkeys(k for k in keys if k)), ("the pick, the best post-hoc detector per group and the "
+                                                      "per-group picks (`oodforge demo --full` draws every one)")
 
 
 def paired_group_comparison(scores, res: dict, a: str, b: str, group: str) -> dict | None:

@@ -68,10 +68,12 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 N_BOOT = 1000
 
 
-def interval_section(results: dict, scores: dict[str, np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> list[str]:
-    """Markdown lines: per method and OOD set, AUROC and FPR95 (%) with 95 % percentile-bootstrap intervals
-    (ID and OOD test images resampled apart, :func:`oodforge.intervals.bootstrap_intervals`)."""
-    methods = [m for m in results["methods"] if f"{m}/id" in scores]
+def interval_section(results: dict, scores: dict[str, np.ndarray], n_boot: int = N_BOOT, seed: int = 0,
+                     methods: list[str] | None = None) -> list[str]:
+    """Markdown lines: per method (default: every method of ``results``) and OOD set, AUROC and FPR95 (%) with
+    95 % percentile-bootstrap intervals (ID and OOD test images resampled apart,
+    :func:`oodforge.intervals.bootstrap_intervals`)."""
+    methods = [m for m in (results["methods"] if methods is None else methods) if f"{m}/id" in scores]
     if not methods:
         return []
     sets = list(results["methods"][methods[0]])
@@ -152,13 +154,19 @@ PLOT_PREFIX = "scores_"
 OLD_PLOT_PREFIXES = ("roc_", "hist_")
 
 
-def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_md: str = "") -> Path:
-    """Write ``report.md`` and one plot per method (ROC curves beside score histograms); returns the report's path."""
+def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_md: str = "",
+                 detail: list[str] | None = None, detail_note: str = "") -> Path:
+    """Write ``report.md`` and one plot per method (ROC curves beside score histograms); returns the report's path.
+
+    ``detail``: the methods that get a plot and bootstrap intervals (default: all). A run with many methods
+    (the demo's ~120) spends most of its report time on those two; every method's numbers stay in the table,
+    ``results.json`` and ``scores.npz``. ``detail_note`` says in the report which ones were drawn and why."""
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     pictures = []
-    for method in results["methods"]:
+    drawn = list(results["methods"]) if detail is None else [m for m in results["methods"] if m in set(detail)]
+    for method in drawn:
         safe = method.replace("/", "_").replace(":", "_").replace("=", "-").replace(",", "_").replace("@", "-at-")
         safe = safe.replace("[", "_").replace("]", "").replace("+", "-")  # the outlier source of oodforge.keys
         _plot_method(method, scores, results, plots / f"{PLOT_PREFIX}{safe}.png")
@@ -170,7 +178,10 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
     md = [f"# oodforge benchmark: suite `{results['suite']}`", "", accs, groups, "",
           "AUROC / FPR95 in % (ID = positive class; FPR95 = share of OOD accepted at the threshold that keeps "
           "95 % of ID). Higher AUROC and lower FPR95 are better.", "", markdown_table(results), "",
-          *interval_section(results, scores)]
+          *interval_section(results, scores, methods=drawn)]
+    if len(drawn) < len(results["methods"]):
+        md += [f"Intervals and plots for {len(drawn)} of the {len(results['methods'])} methods"
+               + (f": {detail_note}" if detail_note else "") + ". Every method's scores are in `scores.npz`.", ""]
     if extra_md:
         md += [extra_md, ""]
     md += export_hint(results, (results.get("config") or {}).get("suite_file"))

@@ -30,6 +30,16 @@ POST_HOC = ["msp", "maxlogit", "energy", "odin", "mahalanobis", "react", "dice",
             "caref", "cadref", "openmax"]
 #: the 10 of the first release (cheaper; the SSOD / OE backbones are compared with these minus ODIN)
 CLASSIC = POST_HOC[:10]
+#: the fused candidates (issue 28): every pair of these scores fused by ID-validation percentiles
+#: (:mod:`oodforge.detectors.fusion`, its default rule ``min``), so that a near-type and a far-type score can be
+#: combined into the one detector a user ships. On the plain classifier they are post-hoc fusions, the baseline
+#: side (OpenOOD's CombOOD is such an entry). Fixed in session 8 before any fused number was computed, after
+#: session 7's per-group test tables (logit scores leading near, feature scores far) had been read: the logit
+#: scores (msp, energy, react) and the feature scores (knn, vim, mahalanobis) of POST_HOC that fit in seconds,
+#: every pair (docs/protocol.md). Within a job the parts are fitted and scored once (detectors.fusion.FittedParts),
+#: so the 15 cost little more than their parts.
+FUSION_PARTS = ("msp", "energy", "react", "knn", "vim", "mahalanobis")
+FUSIONS = [f"fusion:a={a},b={b}" for i, a in enumerate(FUSION_PARTS) for b in FUSION_PARTS[i + 1:]]
 
 
 def cache_root() -> Path:
