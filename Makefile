@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 .PHONY: setup data demo test bench lint clean
 
 # Python writes the bytecode of what it imports (.pyc, in .venv and src/__pycache__): with
-# PYTHONDONTWRITEBYTECODE set, as on our CI machines, and uv installing without bytecode, every Python process
+# PYTHONDONTWRITEBYTECODE set, as on our development machines, and uv installing without bytecode, every Python process
 # (each test's subprocess, each torchrun rank) compiled torch's sources again: 10 s per import instead of 4 s.
 export PYTHONDONTWRITEBYTECODE :=
 

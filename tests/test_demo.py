@@ -33,8 +33,10 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert {f"{f}{label}" for f in FUSIONS for label in ("", "@ssod", "@oe")} <= methods
     # the report draws and gives intervals only for the methods the summary compares, and says so
     drawn = {p.name for p in (out / "fashion6" / "plots").glob("scores_*.png")}
-    assert 1 <= len(drawn) <= 5 < len(methods)
+    assert 1 <= len(drawn) <= 6 < len(methods)
     report = (out / "fashion6" / "report.md").read_text()
+    shipped = pick(res, among="all").key  # the report's "Ship it" recommendation has its plot
+    assert f"{shipped}**: [ROC curves" in report
     assert f"Intervals and plots for {len(drawn)} of the {len(methods)} methods" in report
     assert set(res["models"]) == {"plain", "ssod", "oe"}
     # the protocol's validation numbers exist for every method; no test set is read to choose

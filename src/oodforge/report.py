@@ -165,7 +165,8 @@ def write_report(results: dict, scores: dict[str, np.ndarray], out: Path, extra_
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     pictures = []
-    drawn = list(results["methods"]) if detail is None else [m for m in results["methods"] if m in set(detail)]
+    wanted = set(results["methods"] if detail is None else detail)
+    drawn = [m for m in results["methods"] if m in wanted]
     for method in drawn:
         safe = method.replace("/", "_").replace(":", "_").replace("=", "-").replace(",", "_").replace("@", "-at-")
         safe = safe.replace("[", "_").replace("]", "").replace("+", "-")  # the outlier source of oodforge.keys
