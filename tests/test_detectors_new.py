@@ -169,11 +169,36 @@ def test_gem_mahalanobispp_and_ssd_worked_example():
 def test_gmm_scores_the_fitted_mixture_density():
     model, train, test, ctx = blobs(seed=15, n=300, dim=4)
     det = create("gmm").fit(ctx)
-    gm = det.mixture_
-    assert gm.n_components == 3 and gm.converged_
+    assert det.means_.shape == (3, 4) and det.converged_
     t, _ = np_feats(test)
-    dens = sum(wk * multivariate_normal(mk, ck).pdf(t) for wk, mk, ck in zip(gm.weights_, gm.means_, gm.covariances_))
+    dens = sum(float(wk) * multivariate_normal(mk.numpy(), ck.numpy()).pdf(t)
+               for wk, mk, ck in zip(det.weights_, det.means_, det.covariances_))
     np.testing.assert_allclose(det.score(test), np.log(dens), rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
+def test_gmm_em_is_scikit_learns_from_the_same_start():
+    """EM from the class-conditional Gaussians: the same mixture as scikit-learn's GaussianMixture given that
+    start (weights, means, precisions), step for step."""
+    from sklearn.mixture import GaussianMixture
+
+    model, train, test, ctx = blobs(seed=21, n=400, dim=5)
+    x, _ = np_feats(train)
+    y = train.labels.numpy()
+    for max_iter in (1, 2, 100):
+        det = create("gmm", max_iter=max_iter).fit(ctx)
+        w = np.array([(y == c).mean() for c in range(3)])
+        mu = np.stack([x[y == c].mean(0) for c in range(3)])
+        prec = np.stack([np.linalg.inv(np.cov(x[y == c].T, bias=True) + 1e-6 * np.eye(5)) for c in range(3)])
+        gm = GaussianMixture(3, covariance_type="full", weights_init=w, means_init=mu, precisions_init=prec,
+                             init_params="random", max_iter=max_iter, random_state=0).fit(x)
+        assert det.n_iter_ == gm.n_iter_
+        np.testing.assert_allclose(det.means_.numpy(), gm.means_, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(det.covariances_.numpy(), gm.covariances_, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(det.score(test), gm.score_samples(np_feats(test)[0]), rtol=1e-7)
+    # more components than classes: started from k-means clusters, still a density that EM improved
+    k5 = create("gmm", n_components=5).fit(ctx)
+    assert k5.means_.shape == (5, 5) and k5.n_iter_ >= 1
 
 
 def test_relation_worked_example():
