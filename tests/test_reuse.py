@@ -163,3 +163,28 @@ def test_every_validation_set_is_scored_once_per_method(monkeypatch):
     sets = [p.id_test, p.ood_near, p.ood_far, p.id_val, val_out, held]
     assert passes == {ds.identity: 1 for ds in sets}  # odin only; odin:epsilon=0 read no image
     assert grad_calls["gradnorm"] == len(sets)
+
+
+def test_a_job_with_a_feature_map_detector_runs_one_forward_pass_per_set(monkeypatch):
+    """When a method of the job reads feature maps, every scored set (test, OOD, ID validation and both
+    validation outlier sets) gets them in its first and only pass; the training set gets none (the detector
+    fits nothing on its maps). Before, validation sets were extracted twice: once plain, once with maps."""
+    p = make_toy_problem()
+    passes: Counter = Counter()
+    maps: dict = {}
+    orig = bench_mod.extract_features
+
+    def counted(model, ds, *a, **k):
+        passes[ds.identity] += 1
+        fs = orig(model, ds, *a, **k)
+        maps[ds.identity] = fs.feature_map is not None
+        return fs
+
+    monkeypatch.setattr(bench_mod, "extract_features", counted)
+    val_out, held = _noise(60, 1, "toy/val-noise"), _noise(60, 2, "toy/val-heldout")
+    scores = _run(p, ["msp", "scale:where=map", "energy"], val_outliers=val_out, val_heldout=held)
+    sets = [p.id_test, p.ood_near, p.ood_far, p.id_val, val_out, held]
+    assert all(passes[d.identity] == 1 and maps[d.identity] for d in sets), passes
+    assert passes[p.id_train.identity] == 1 and not maps[p.id_train.identity]
+    assert len(passes) == len(sets) + 1
+    assert "scale:where=map/val-heldout" in scores and "msp/val-outliers" in scores

@@ -171,7 +171,8 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         cache = _FeatureCache(job.model, device, cache_dir, batch_size, progress, model_hash=w_hash)
         # the job's fitted detectors and their scores: fusion reuses the parts it names (detectors.fusion)
         parts = FittedParts()
-        # one pass per scored set: when any method needs feature maps, take them in the first pass
+        # one pass per scored set: when any method needs feature maps, take them in the first pass (the test,
+        # OOD and validation sets; the training set only for a detector that fits on its maps)
         want_fmap = any(_needs_feature_map(m) for m in job.methods)
         test = cache.get(suite.id_test, want_fmap)
         correct = (test.logits.argmax(1) == suite.id_test.labels).numpy()  # per ID test image: the selective metrics
@@ -181,7 +182,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
         model_info = {"id_accuracy": acc, "arch": getattr(job.model, "arch", "?"),
                       "weights_hash": w_hash, **job.info}
         if suite.id_val is not None:
-            val_fs = cache.get(suite.id_val)
+            val_fs = cache.get(suite.id_val, want_fmap)
             model_info["id_val_accuracy"] = float((val_fs.logits.argmax(1) == suite.id_val.labels).double().mean())
         results["models"][job.label or "plain"] = model_info
         for method in job.methods:
@@ -199,7 +200,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
                     raise ValueError(f"method {key!r} trains on synthetic outliers: give an outlier store "
                                      "(CLI: --outliers DIR from `oodforge synth shift ...`)")
                 outliers = _with_images(cache.get(job.outliers, fmap), job.outliers)
-            val = _with_images(cache.get(suite.id_val, fmap), suite.id_val) if suite.id_val is not None else None
+            val = _with_images(cache.get(suite.id_val, fmap or want_fmap), suite.id_val) if suite.id_val is not None else None
             ctx = FitContext(model=job.model, train=_with_images(train, suite.id_train), outliers=outliers, val=val,
                              device=device, seed=seed, extra={"class_names": suite.class_names, **(extra or {})})
             check_fit_inputs(ctx, suite)
@@ -209,7 +210,7 @@ def _run_jobs(suite: Suite, jobs: list[BenchJob], out, device, cache_dir, seed, 
             if name != "fusion":
                 parts.fitted.setdefault(method, det)
             if val is not None:
-                _validate(det, key, val, job, cache, fmap, scores, results, parts, method)
+                _validate(det, key, val, job, cache, fmap or want_fmap, scores, results, parts, method)
             sets = {"id": suite.id_test, **suite.ood}
             res_m = {}
             for set_name, ds in sets.items():
