@@ -415,6 +415,25 @@ def test_stratified_indices():
     assert (np.diff(idx) > 0).all()
 
 
+def test_stratified_subset_caps_either_split_and_keeps_class_shares():
+    from oodforge.data.base import ArrayDataset, Suite
+    from oodforge.data.sampling import stratified_subset
+
+    def ds(counts, name):
+        labels = np.repeat(np.arange(len(counts)), counts)
+        return ArrayDataset(np.zeros((len(labels), 1, 2, 2), np.uint8), labels, list("abc"), name)
+
+    s = Suite("s", ds([60, 30, 10], "train"), ds([5] * 3, "test"), {}, {"near": [], "far": []},
+              id_val=ds([40, 20, 20], "val"))
+    capped = stratified_subset(s, 40, seed=0, split="val")
+    assert np.bincount(capped.id_val.labels.numpy()).tolist() == [20, 10, 10]  # each class keeps its share
+    assert capped.id_train is s.id_train and capped.id_val.identity != s.id_val.identity
+    assert np.bincount(stratified_subset(s, 50, 0).id_train.labels.numpy()).tolist() == [30, 15, 5]
+    assert stratified_subset(s, 80, 0, split="val") is s and stratified_subset(s, None, 0, split="val") is s
+    with pytest.raises(ValueError, match="split"):
+        stratified_subset(s, 10, 0, split="test")
+
+
 def test_fashion_suite_quick(fake_fashion):
     root, arrays = fake_fashion
     s = load_suite("fashion", data_root=root, quick=True)

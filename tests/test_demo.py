@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from oodforge.demo import run_demo
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.slow
 def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     out = tmp_path / "demo"
     lines: list[str] = []
-    results = run_demo(out, suites=("fashion6",), quick=True, max_train=1200, progress=False, log=lines.append)
+    results = run_demo(out, suites=("fashion6",), quick=True, max_train=1200, val_limit=150, progress=False,
+                       log=lines.append)
     res = results["fashion6"]
     methods = set(res["methods"])
     # the CPU forger (Layer-CAM + Telea) is not SHIFT's, so the keys of the methods trained on its outliers say so
@@ -28,6 +30,11 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     # sized for 2 cores: what it leaves out is recorded and said, with the command for the full run
     assert "odin" not in methods and set(res["config"]["left_out"]) == {"odin"}
     assert res["config"]["fit_train_images"] == 1200 and res["seconds"] > 0
+    # ... and its validation sets come from val_limit of the 300 ID validation images: ID val, the forged
+    # validation outliers (one per image) and the held-out forgers' outliers (one per image and forger)
+    assert res["config"]["val_images"] == 150
+    with np.load(out / "fashion6" / "scores.npz") as z:
+        assert len(z["msp/val"]) == 150 and len(z["msp/val-outliers"]) == 150 and len(z["msp/val-heldout"]) == 300
     assert any("left out: odin" in line and "oodforge demo --full" in line for line in lines)
     # the fusions of two scores are candidates on every backbone, and post-hoc fusions on the plain one
     assert {f"{f}{label}" for f in FUSIONS for label in ("", "@ssod", "@oe")} <= methods

@@ -219,6 +219,9 @@ def demo(
                               "the default is sized for a 2-core machine and says what it leaves out."),
     fit_limit: int = typer.Option(10000, "--fit-limit", help="Fit the detectors on at most this many training "
                                   "images (stratified; ignored with --full)."),
+    val_limit: int = typer.Option(2000, "--val-limit", help="Make the protocol's validation sets (ID val, forged "
+                                  "and held-out outliers) from at most this many ID validation images "
+                                  "(stratified; ignored with --full)."),
     data_root: Optional[Path] = DATA_ROOT,
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
@@ -237,11 +240,12 @@ def demo(
                                  param_hint="--suites")
     check_out_dir(out)
     check_device(device)
-    for value, option in ((epochs, "--epochs"), (k, "--k"), (forge_limit, "--forge-limit"), (fit_limit, "--fit-limit")):
+    for value, option in ((epochs, "--epochs"), (k, "--k"), (forge_limit, "--forge-limit"), (fit_limit, "--fit-limit"),
+                          (val_limit, "--val-limit")):
         check_positive(value, option)
     run_demo(out, names, quick=quick, data_root=data_root,
              seed=seed, device=device, max_train=max_train, epochs=epochs, k=k, forge_limit=forge_limit,
-             retrain=retrain, full=full, fit_limit=fit_limit, log=typer.echo)
+             retrain=retrain, full=full, fit_limit=fit_limit, val_limit=val_limit, log=typer.echo)
 
 
 def _recipe_options(items: Optional[list[str]]) -> Optional[dict]:

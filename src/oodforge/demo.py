@@ -41,6 +41,10 @@ DEMO_SUITES = ("fashion", "fashion6", "scenes", "clipart")
 #: lifts both. Detectors are fitted on at most this many ID training images (a stratified subset; the zoo's
 #: classifiers were trained on all of them), so every backbone's feature pass skips the rest.
 DEMO_FIT_LIMIT = 10000
+#: and the protocol's validation sets are made from at most this many ID validation images (a stratified subset):
+#: ID val itself, the forged validation outliers and the held-out forgers' outliers, scored on every backbone
+#: (fashion 5,000 and fashion6 3,600 ID val images; scenes and clipart have 2,000 or fewer)
+DEMO_VAL_LIMIT = 2000
 #: detectors the default demo leaves out, with why: each costs more than the rest of its suite's detectors
 DEMO_LEFT_OUT = {"odin": "a gradient and two forward passes per scored image: 71-125 s per suite, cold"}
 
@@ -77,14 +81,15 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
              data_root: str | None = None, seed: int = 0, device: str = "cpu", max_train: int | None = None,
              epochs: int = 4, ssod_epochs: int = 2, k: int = 1, forge_limit: int | None = 10000,
              retrain: bool = False, full: bool = False, fit_limit: int | None = DEMO_FIT_LIMIT,
-             progress: bool = True, log=print) -> dict:
+             val_limit: int | None = DEMO_VAL_LIMIT, progress: bool = True, log=print) -> dict:
     """Run the demo; returns ``{suite: results}`` and writes ``out/<suite>/`` plus ``out/summary.md``.
 
     Per suite: the zoo's plain, SSOD and OE classifiers (or, with ``retrain``/``quick``, trained
     here: plain for ``epochs``, SSOD and OE fine-tuned from it), SHIFT outliers forged from at most
     ``forge_limit`` training images and from every ID validation image (held out, for the protocol's
     validation numbers), then every detector on every backbone: detectors fitted on at most ``fit_limit``
-    training images and without :data:`DEMO_LEFT_OUT`, unless ``full``.
+    training images, validated on at most ``val_limit`` ID validation images (and the outliers made from them)
+    and without :data:`DEMO_LEFT_OUT`, unless ``full``.
     """
     from .data.suites import load_suite
     from .models.features import default_cache_dir
@@ -96,8 +101,10 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
     all_results: dict = {}
     left_out = {} if full else DEMO_LEFT_OUT
     fit_limit = None if full else fit_limit
+    val_limit = None if full else val_limit
     if not full:
-        log(f"sized for a 2-core machine: detectors fitted on at most {fit_limit:,} training images per suite; "
+        log(f"sized for a 2-core machine: detectors fitted on at most {fit_limit:,} training images and validated "
+            f"on at most {val_limit:,} ID validation images per suite; "
             f"left out: {', '.join(f'{m} ({why})' for m, why in left_out.items())}. "
             "`oodforge demo --full` runs everything on every image.")
     for name in suites:
@@ -110,15 +117,17 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
                                  use_zoo=use_zoo)
         outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device, limit=forge_limit,
                                                         progress=progress, log=log)
-        val_outliers, val_dir, _ = forge_cpu_outliers(suite, plain, k=1, seed=seed, device=device, split="val",
+        # the classifiers saw every training image; the detectors are fitted on ``fit_limit`` of them and the
+        # protocol's validation sets are made from ``val_limit`` ID validation images
+        fitted_on = stratified_subset(stratified_subset(suite, fit_limit, seed), val_limit, seed, split="val")
+        val_outliers, val_dir, _ = forge_cpu_outliers(fitted_on, plain, k=1, seed=seed, device=device, split="val",
                                                       progress=progress, log=log)
         ssod, sinfo = _second_model(suite, "ssod", pinfo, 1 if quick else ssod_epochs, seed, device, progress, log,
                                     use_zoo)
         oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
 
-        heldout = heldout_outliers(suite.id_val, seed=seed)
-        fitted_on = stratified_subset(suite, fit_limit, seed)  # the classifiers saw all; the detectors see these
+        heldout = heldout_outliers(fitted_on.id_val, seed=seed)
 
         def job(model, methods, label, info, outliers=outliers, val_outliers=val_outliers, heldout=heldout, **extra):
             return BenchJob(model, methods, label=label, outliers=outliers, val_outliers=val_outliers,
@@ -137,7 +146,8 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
                 job(oe, OE_METHODS + FUSIONS, "oe", oinfo)]
         config = {"suite": name, "quick": quick, "max_train": max_train, "forge_limit": forge_limit, "epochs": ep,
                   "k": k, "shift_synthesis": synth, "full": full, "fit_limit": fit_limit,
-                  "fit_train_images": len(fitted_on.id_train), "left_out": left_out}
+                  "fit_train_images": len(fitted_on.id_train), "val_limit": val_limit,
+                  "val_images": len(fitted_on.id_val), "left_out": left_out}
         res = run_bench(fitted_on, jobs, out / name, device=device, cache_dir=default_cache_dir(), seed=seed,
                         progress=progress, config=config, log=log, report_detail=None if full else report_detail)
         print_table(res)
@@ -257,8 +267,9 @@ def write_summary(all_results: dict, out: Path) -> Path:
     if sized:
         lines += ["", "Sized for a 2-core machine: " + "; ".join(
             f"{n}: detectors fitted on {c['fit_train_images']:,} training images"
+            + (f" and validated on {c['val_images']:,} ID validation images" if c.get("val_images") else "")
             + (f", without {', '.join(c['left_out'])}" if c.get("left_out") else "") for n, c in sized.items())
-            + ". `oodforge demo --full` fits them on every training image and runs every detector."]
+            + ". `oodforge demo --full` fits and validates them on every image and runs every detector."]
     lines += ["", "The pick's validation numbers:", ""]
     for name, res in all_results.items():
         chosen = pick(res)

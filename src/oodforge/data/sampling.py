@@ -56,13 +56,18 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int, allocation: str = 
     return np.sort(np.concatenate(out))
 
 
-def stratified_subset(suite: Suite, n: int | None, seed: int) -> Suite:
-    """A copy of ``suite`` whose training set keeps at most ``n`` images, every class its share
-    (``"proportional"`` allocation); the suite itself when ``n`` is ``None`` or not smaller than it."""
-    if n is None or len(suite.id_train) <= n:
+def stratified_subset(suite: Suite, n: int | None, seed: int, split: str = "train") -> Suite:
+    """A copy of ``suite`` whose training set (``split="val"``: ID validation set) keeps at most ``n`` images,
+    every class its share (``"proportional"`` allocation); the suite itself when ``n`` is ``None`` or not
+    smaller than the set."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    field = "id_train" if split == "train" else "id_val"
+    data = getattr(suite, field)
+    if n is None or data is None or len(data) <= n:
         return suite
-    idx = stratified_indices(suite.id_train.labels.numpy(), n, seed, "proportional")
-    return dataclasses.replace(suite, id_train=suite.id_train.subset(idx, identity_suffix=f"stratified{n}-seed{seed}"))
+    idx = stratified_indices(data.labels.numpy(), n, seed, "proportional")
+    return dataclasses.replace(suite, **{field: data.subset(idx, identity_suffix=f"stratified{n}-seed{seed}")})
 
 
 __all__ = ["ALLOCATIONS", "stratified_indices", "stratified_subset"]
