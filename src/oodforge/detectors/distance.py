@@ -152,9 +152,10 @@ class Relation(Detector):
         for i in range(0, len(feats), step):
             z = _normalise(feats.penultimate[i:i + step]).float().to(self.device_)
             p = torch.softmax(feats.logits[i:i + step].double(), dim=1).float().to(self.device_)
-            # both factors are >= 0, so r_ij >= 0 and sign(r) |r|^pow = r^pow: cut, power and sum in place
-            rel = (z @ bz.T).clamp_min_(0.0).mul_(p @ bp.T)
-            rel.masked_fill_(rel <= float(self.threshold), 0.0)
+            # r_ij = max(<z_i, z_j>, 0) <p_i, p_j> and <p_i, p_j> >= 0: a negative similarity gives a product
+            # <= 0 <= threshold, which the cut removes anyway, so one in-place threshold does clamp and cut; the
+            # kept r_ij are > 0, so sign(r) |r|^pow = r^pow: power and sum in place
+            rel = torch.nn.functional.threshold_((z @ bz.T).mul_(p @ bp.T), float(self.threshold), 0.0)
             if float(self.pow) != 1.0:
                 rel.pow_(float(self.pow))
             out.append(rel.sum(dim=1, dtype=torch.float64).cpu())

@@ -283,12 +283,16 @@ class OptFS(Detector):
         self.theta_ = theta / norm * 1000.0
 
     def shape(self, h: torch.Tensor) -> torch.Tensor:
-        """``theta_{bin(h_j)} h_j`` unit by unit (float64)."""
+        """``theta_{bin(h_j)} h_j`` unit by unit (float64): each activation's bin found by a binary search over
+        the bins' left edges (one pass, instead of one mask per bin), 0 below the first edge and at or beyond
+        the last bin's right edge."""
         h = h.double()
-        out = torch.zeros_like(h)
-        for b, t in zip(self.left_, self.theta_):
-            out += ((h >= b) & (h < b + self.width_)) * h * float(t)
-        return out
+        left = torch.as_tensor(self.left_, dtype=torch.float64)
+        theta = torch.as_tensor(self.theta_, dtype=torch.float64)
+        idx = torch.bucketize(h, left, right=True) - 1  # the last edge <= h (-1: below every edge)
+        safe = idx.clamp_min(0)
+        inside = (idx >= 0) & (h < left[safe] + self.width_)
+        return torch.where(inside, theta[safe] * h, torch.zeros((), dtype=torch.float64))
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         h = feats.penultimate
