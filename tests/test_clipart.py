@@ -96,3 +96,19 @@ def test_render_flattens_alpha_onto_white_and_crops(tmp_path):
 def test_missing_package_names_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="apt-get install openclipart-png"):
         build_clipart(root=tmp_path / "nowhere", quick=True, cache_dir=tmp_path)
+
+
+@needs_clipart
+def test_parallel_rendering_gives_the_one_process_arrays(monkeypatch):
+    """The suite is rendered by a process pool; with one process (no pool) the arrays are the same, byte for
+    byte: the pool only changes where the files are decoded, not which are kept or in what order."""
+    import oodforge.data.clipart as clipart
+
+    files = clipart_files()
+    classes = id_categories(files)
+    pooled = clipart._build_arrays(files, classes, CLIPART_SIZE, 0, True, False)
+    real_pool = clipart.render_pool
+    monkeypatch.setattr(clipart, "render_pool", lambda workers=None: real_pool(workers=1))
+    serial = clipart._build_arrays(files, classes, CLIPART_SIZE, 0, True, False)
+    assert pooled.keys() == serial.keys()
+    assert all(np.array_equal(pooled[k], serial[k]) for k in pooled)

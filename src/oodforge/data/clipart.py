@@ -45,6 +45,7 @@ Identities (feature-cache keys) are stable strings such as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -143,6 +144,42 @@ def render_clipart(path: str | os.PathLike, size: int = CLIPART_SIZE) -> np.ndar
     return np.clip(np.rint(small), 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 
+#: files rendered per parallel step when a class needs fewer: the waste past a class's limit stays this small
+RENDER_CHUNK = 64
+
+
+def _render_file(args: tuple[Path, int]) -> np.ndarray | None:
+    return render_clipart(*args)
+
+
+def _one_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # the pool's processes are the parallelism
+
+
+@contextlib.contextmanager
+def render_pool(workers: int | None = None):
+    """Processes that decode and render drawings (one per core, at most 4; forked, so they start without
+    importing anything again); a building suite spends most of its time there (about 2,900 files). On a
+    machine that cannot fork, the files are rendered in this process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = workers or min(4, os.cpu_count() or 1)
+    if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield _Serial()
+        return
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_one_thread) as pool:
+        yield pool
+
+
+class _Serial:
+    @staticmethod
+    def map(fn, items, chunksize: int = 1):
+        return map(fn, items)
+
+
 def _listing_hash(files: list[tuple[str, Path]], root: Path) -> str:
     h = hashlib.sha256()
     for category, path in files:
@@ -156,36 +193,45 @@ def _build_arrays(files, classes, size, seed, quick, progress) -> dict[str, np.n
     per_class = QUICK_SIZES["per_class"] if quick else PER_CLASS
     kept: set[bytes] = set()
 
-    def take(paths: list[Path], limit: int | None, desc: str) -> list[np.ndarray]:
+    def take(paths: list[Path], limit: int | None, desc: str, pool) -> list[np.ndarray]:
         images = []
-        for path in progress_bar(paths, desc=desc, disable=not progress, leave=False):
-            if limit is not None and len(images) >= limit:
-                break
-            img = render_clipart(path, size)
-            if img is None:
-                continue
-            digest = hashlib.sha1(img.tobytes()).digest()
-            if digest in kept:
-                continue
-            kept.add(digest)
-            images.append(img)
+        bar = progress_bar(total=len(paths), desc=desc, disable=not progress, leave=False)
+        start = 0
+        while start < len(paths) and (limit is None or len(images) < limit):
+            # render the next chunk in parallel, then keep images in path order: the serial loop's result
+            need = len(paths) - start if limit is None else limit - len(images)
+            chunk = paths[start:start + max(need, RENDER_CHUNK)]
+            start += len(chunk)
+            for img in pool.map(_render_file, [(p, size) for p in chunk], chunksize=8):
+                bar.update(1)
+                if limit is not None and len(images) >= limit:
+                    break
+                if img is None:
+                    continue
+                digest = hashlib.sha1(img.tobytes()).digest()
+                if digest in kept:
+                    continue
+                kept.add(digest)
+                images.append(img)
+        bar.close()
         return images
 
     train_x, train_y, test_x, test_y = [], [], [], []
-    for label, category in enumerate(classes):
-        paths = [p for c, p in files if c == category]
-        order = rng.permutation(len(paths))
-        images = take([paths[i] for i in order], per_class, f"clipart {category}")
-        n_test = max(1, int(round(TEST_FRACTION * len(images))))
-        split = rng.permutation(len(images))
-        test_x += [images[i] for i in sorted(split[:n_test])]
-        train_x += [images[i] for i in sorted(split[n_test:])]
-        test_y += [label] * n_test
-        train_y += [label] * (len(images) - n_test)
-    held = [p for c, p in files if c not in classes]
-    if quick:
-        held = [held[i] for i in np.sort(rng.choice(len(held), min(len(held), 3 * QUICK_SIZES["near"]), replace=False))]
-    near = take(held, QUICK_SIZES["near"] if quick else None, "clipart held-out categories")
+    with render_pool() as pool:
+        for label, category in enumerate(classes):
+            paths = [p for c, p in files if c == category]
+            order = rng.permutation(len(paths))
+            images = take([paths[i] for i in order], per_class, f"clipart {category}", pool)
+            n_test = max(1, int(round(TEST_FRACTION * len(images))))
+            split = rng.permutation(len(images))
+            test_x += [images[i] for i in sorted(split[:n_test])]
+            train_x += [images[i] for i in sorted(split[n_test:])]
+            test_y += [label] * n_test
+            train_y += [label] * (len(images) - n_test)
+        held = [p for c, p in files if c not in classes]
+        if quick:
+            held = [held[i] for i in np.sort(rng.choice(len(held), min(len(held), 3 * QUICK_SIZES["near"]), replace=False))]
+        near = take(held, QUICK_SIZES["near"] if quick else None, "clipart held-out categories", pool)
     return {"train/images": np.stack(train_x), "train/labels": np.asarray(train_y, np.int64),
             "test/images": np.stack(test_x), "test/labels": np.asarray(test_y, np.int64),
             "near/images": np.stack(near)}
