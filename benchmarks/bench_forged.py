@@ -50,13 +50,14 @@ import torch
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
+from oodforge.demo import backbone as suite_backbone
 from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
 from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from oodforge.protocol import is_plain_post_hoc, mean_accuracies, pick, validation_numbers
 from oodforge.recipes import is_recipe
 from oodforge.report import best_method, group_mean
-from oodforge.workflows import FUSIONS, POST_HOC, TrainPlan, forge_cpu_outliers, get_model
+from oodforge.workflows import FUSIONS, POST_HOC, TrainPlan, forge_cpu_outliers, get_model, zoo_checkpoint
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
 #: OE fine-tuning variants: (outlier loss, mask rule, peak lr)
@@ -72,8 +73,12 @@ DEFAULT_VARIANTS = ["oe-paper-lr1e-2", "energy-paper-lr1e-2", "oe-paper-lr1e-3"]
 #: recipes' labels (RECIPES) are recognised by oodforge.protocol itself
 #: recipes at another fine-tuning learning rate than RECIPE_FINETUNE's (label -> (recipe, peak lr)), for
 #: ``--recipes-only``: ASCOOD keeps 51.8 % of quick scenes' 82.4 % ID accuracy after one epoch at lr 0.01
-#: (session 10), so its lr is chosen on ID validation accuracy and held-out forgers among these (session 13)
-RECIPE_LRS = {"ascood-lr1e-3": ("ascood", 1e-3)}
+#: (session 10), so its lr is chosen on ID validation accuracy and held-out forgers among these (session 13);
+#: clipart (the pretrained EfficientNet-Lite0): at lr 0.01 logitnorm+pixmix keeps 16.87 % of 77.11 % ID val
+#: accuracy and rotpred+pixmix 54.22 %, so the PixMix recipes and t2fnorm are screened at 1e-3 too (MixOE's own
+#: fine-tune lr is 1e-3 already)
+RECIPE_LRS = {"ascood-lr1e-3": ("ascood", 1e-3), "t2fnorm-lr1e-3": ("t2fnorm", 1e-3),
+              "rotpred+pixmix-lr1e-3": ("rotpred+pixmix", 1e-3), "logitnorm+pixmix-lr1e-3": ("logitnorm+pixmix", 1e-3)}
 FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_LRS)
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
@@ -94,10 +99,10 @@ def union(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
 
 def zoo_model(suite, method: str, log):
     """The zoo's ``method`` classifier for ``suite`` and its meta (with the recorded training ``plan``)."""
-    model, info = get_model(suite, TrainPlan(method=method), log=log)
-    if "zoo" not in info:
+    plan = TrainPlan(method=method, **suite_backbone(suite.name))
+    if zoo_checkpoint(suite, plan) is None:  # before get_model, which would train one
         raise SystemExit(f"the zoo has no {suite.name} {method} classifier: run scripts/build_zoo.sh first")
-    return model, info
+    return get_model(suite, plan, log=log)
 
 
 def zoo_recipe(info: dict, seed: int, **changes) -> TrainPlan:
@@ -112,7 +117,14 @@ def oe_plan(variant: str, seed: int, pinfo: dict, store: Path) -> TrainPlan:
     describes, on the outlier store folder ``store``."""
     loss, _, lr = VARIANTS[variant]
     return TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
-                     outliers=str(store))
+                     outliers=str(store), **backbone(pinfo))
+
+
+def backbone(pinfo: dict) -> dict:
+    """The architecture and batch size of the classifier ``pinfo`` describes (its recorded training plan), as
+    ``TrainPlan`` fields: every model fine-tuned from it keeps them (``clipart``: EfficientNet-Lite0, batch 32)."""
+    plan = pinfo.get("plan") or {}
+    return {"arch": plan.get("arch", "small_resnet"), "batch_size": plan.get("batch_size", 128)}
 
 
 def ssod_backbone(suite, pinfo: dict, seed: int, quick: bool, log):
@@ -162,7 +174,7 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         for label in recipes:
             t0 = time.time()
             recipe, lr = RECIPE_LRS.get(label, (label, None))
-            plan = TrainPlan(method=recipe, epochs=1, seed=seed, init_from=pinfo["checkpoint"], lr=lr,
+            plan = TrainPlan(method=recipe, epochs=1, seed=seed, init_from=pinfo["checkpoint"], lr=lr, **backbone(pinfo),
                              outliers=str(stores["paper"][1]) if recipe.startswith("mixoe") else None)
             model, info = get_model(suite, plan, log=log, use_zoo=False)
             times[f"train-{label}"] = info.get("train_seconds", round(time.time() - t0, 1))
