@@ -152,25 +152,19 @@ def _render_file(args: tuple[Path, int]) -> np.ndarray | None:
     return render_clipart(*args)
 
 
-def _one_thread() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # the pool's processes are the parallelism
-
-
 @contextlib.contextmanager
 def render_pool(workers: int | None = None):
-    """Processes that decode and render drawings (one per core, at most 4; forked, so they start without
-    importing anything again); a building suite spends most of its time there (about 2,900 files). On a
-    machine that cannot fork, the files are rendered in this process."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """Threads that decode and render drawings (one per core, at most 4): PIL's decoder, OpenCV's resize and
+    numpy's array maths release the GIL, and a building suite spends most of its time there (about 2,900
+    files). Threads, not processes: a process forked after OpenCV has started its own threads (the Telea
+    inpainter of an earlier suite) can deadlock in it, and spawned ones would import torch again."""
+    from concurrent.futures import ThreadPoolExecutor
 
     n = workers or min(4, os.cpu_count() or 1)
-    if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if n < 2:
         yield _Serial()
         return
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_one_thread) as pool:
+    with ThreadPoolExecutor(n) as pool:
         yield pool
 
 
