@@ -212,7 +212,7 @@ def fit_gaussian_mixture(x: torch.Tensor, weights: torch.Tensor, means: torch.Te
     even when every parameter is given, and its E-step is several times slower on 2 cores.
     """
     lower, converged, it = -np.inf, False, 0
-    for it in range(1, int(max_iter) + 1):
+    for it in range(1, int(max_iter) + 1):  # noqa: B007 (returned: the steps taken)
         logp = _log_gaussians(x, means, torch.linalg.cholesky(covariances), torch.log(weights))
         norm = torch.logsumexp(logp, dim=1)
         weights, means, covariances = _m_step(x, torch.exp(logp - norm[:, None]), reg_covar)
@@ -230,8 +230,8 @@ class GMM(Detector):
     A full-covariance Gaussian mixture fitted by EM (:func:`fit_gaussian_mixture`) to the ID training
     features, one component per class (``n_components=None``); the score is the log-likelihood of the test
     feature. EM starts from the class-conditional Gaussians (each class's mean, covariance and frequency, from
-    the labels), so it usually stops after two or three steps; with ``n_components`` set (or classes that do
-    not match the components) it starts from k-means clusters instead (scikit-learn ``KMeans``, seeded by
+    the labels; eight steps to ``tol`` on quick fashion6's 2,700 training features); with ``n_components``
+    set (or classes that do not match the components) it starts from k-means clusters instead (scikit-learn ``KMeans``, seeded by
     ``FitContext.seed``). Unlike :class:`Mahalanobis` / :class:`GEM` (class means and one covariance from the
     labels), each component keeps its own covariance and weight and EM moves them off the labels. This is the
     penultimate-layer GMM baseline of OpenOOD v1.5 (``gmm``, after Lee et al. 2018's generative view);
