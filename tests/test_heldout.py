@@ -244,3 +244,21 @@ def test_bench_forged_ssod_only_run_trains_the_seeds_ssod_model_and_merges(tmp_p
     (tmp_path / "fashion6" / "seed1" / "results.json").write_text(json.dumps(base))
     merged = bench_forged.load_runs(tmp_path)["fashion6"][1]
     assert set(merged["models"]) == {"plain", "ssod"} and "ssod@ssod" in merged["methods"]
+
+
+def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_variants(monkeypatch, capsys):
+    """``--recipes-only`` takes oodforge recipes and the script's named variants (another lr or length); a typo
+    stops the run before a suite is loaded, and every variant's label counts as a forged-outlier backbone for
+    the protocol (so its detectors are candidates, never post-hoc baselines)."""
+    import sys
+
+    from oodforge.protocol import is_plain_post_hoc
+
+    bench_forged = _bench_forged()
+    monkeypatch.setattr(bench_forged, "run_suite", lambda *a, **k: pytest.fail("ran a suite"))
+    monkeypatch.setattr(sys, "argv", ["bench_forged.py", "--recipes-only", "t2fnorm,t2fnrom", "--suites", "scenes"])
+    with pytest.raises(SystemExit, match="t2fnrom"):
+        bench_forged.main()
+    for label, (recipe, lr, epochs) in bench_forged.RECIPE_VARIANTS.items():
+        assert label in bench_forged.FORGED_LABELS and epochs >= 1 and (lr is None or lr > 0)
+        assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
