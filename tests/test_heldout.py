@@ -253,6 +253,7 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
     import sys
 
     from oodforge.protocol import is_plain_post_hoc
+    from oodforge.recipes import is_recipe
 
     bench_forged = _bench_forged()
     monkeypatch.setattr(bench_forged, "run_suite", lambda *a, **k: pytest.fail("ran a suite"))
@@ -260,5 +261,5 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
     with pytest.raises(SystemExit, match="t2fnrom"):
         bench_forged.main()
     for label, (recipe, lr, epochs) in bench_forged.RECIPE_VARIANTS.items():
-        assert label in bench_forged.FORGED_LABELS and epochs >= 1 and (lr is None or lr > 0)
+        assert label in bench_forged.FORGED_LABELS and is_recipe(recipe) and epochs >= 1 and (lr is None or lr > 0)
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
