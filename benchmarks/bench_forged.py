@@ -154,7 +154,6 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     suite = load_suite(name, quick=quick)
     # quick: a smoke run on small classifiers trained here instead of the zoo's
     plain, pinfo = get_model(suite, TrainPlan(epochs=1), log=log) if quick else zoo_model(suite, "plain", log)
-    ssod, sinfo = ssod_backbone(suite, pinfo, seed, quick, log)
     stores, times = {}, {}
     for mask, opts in MASKS.items():
         if (fusion_only or recipes) and mask != "paper":  # only the paper store trains the fusion run's OE backbone
@@ -166,13 +165,6 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         times[f"forge-{mask}"] = tr_t
     val_outliers = union(stores["paper"][2], stores["maxcov"][2])
     heldout = heldout_outliers(suite.id_val, seed=seed)
-    ssod_job = BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
-                        val_heldout=heldout, info={"zoo": sinfo.get("zoo"), "checkpoint": sinfo.get("checkpoint"),
-                                                   "train_seconds": sinfo.get("train_seconds")})
-    if ssod_only:
-        res = run_bench(suite, [ssod_job], out / name / f"seed{seed}" / "ssod", cache_dir=default_cache_dir(),
-                        seed=seed, progress=False, config={"bench": "bench_forged", "ssod_only": True}, log=log)
-        return {k: v for k, v in res.items() if not k.startswith("_")}
     if recipes:  # each recipe's backbone with the cheap detectors and the FUSIONS: seed<k>/recipes
         jobs = []
         for label in recipes:
@@ -192,6 +184,14 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         res = run_bench(suite, jobs, out / name / f"seed{seed}" / folder, cache_dir=default_cache_dir(), seed=seed,
                         progress=False, config={"bench": "bench_forged", "recipes": list(recipes),
                                                 "timings_extra": times}, log=log)
+        return {k: v for k, v in res.items() if not k.startswith("_")}
+    ssod, sinfo = ssod_backbone(suite, pinfo, seed, quick, log)  # (the recipes above do not need it)
+    ssod_job = BenchJob(ssod, ["ssod", "fusion:a=ssod,b=knn"] + CHEAP, label="ssod", val_outliers=val_outliers,
+                        val_heldout=heldout, info={"zoo": sinfo.get("zoo"), "checkpoint": sinfo.get("checkpoint"),
+                                                   "train_seconds": sinfo.get("train_seconds")})
+    if ssod_only:
+        res = run_bench(suite, [ssod_job], out / name / f"seed{seed}" / "ssod", cache_dir=default_cache_dir(),
+                        seed=seed, progress=False, config={"bench": "bench_forged", "ssod_only": True}, log=log)
         return {k: v for k, v in res.items() if not k.startswith("_")}
     if fusion_only:  # the FUSIONS on plain, SSOD and energy-OE: a part run merged over the seed's run by load_runs
         t0 = time.time()
