@@ -50,14 +50,21 @@ import torch
 from oodforge.bench import BenchJob, run_bench
 from oodforge.data.base import ArrayDataset
 from oodforge.data.suites import load_suite
-from oodforge.demo import backbone as suite_backbone
 from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
 from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
 from oodforge.protocol import is_plain_post_hoc, mean_accuracies, pick, validation_numbers
 from oodforge.recipes import is_recipe
 from oodforge.report import best_method, group_mean
-from oodforge.workflows import FUSIONS, POST_HOC, TrainPlan, forge_cpu_outliers, get_model, zoo_checkpoint
+from oodforge.workflows import (
+    FUSIONS,
+    POST_HOC,
+    TrainPlan,
+    forge_cpu_outliers,
+    get_model,
+    suite_backbone,
+    zoo_checkpoint,
+)
 
 MASKS = {"paper": {"threshold": 0.2, "max_coverage": 1.0}, "maxcov": {"threshold": 0.2, "max_coverage": 0.5}}
 #: OE fine-tuning variants: (outlier loss, mask rule, peak lr)

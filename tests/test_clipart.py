@@ -100,14 +100,15 @@ def test_missing_package_names_it(tmp_path):
 
 @needs_clipart
 def test_parallel_rendering_gives_the_one_process_arrays(monkeypatch):
-    """The suite is rendered by a process pool; with one process (no pool) the arrays are the same, byte for
-    byte: the pool only changes where the files are decoded, not which are kept or in what order."""
+    """The suite is rendered by four threads; with one the arrays are the same, byte for byte: the threads only
+    change when the files are decoded, not which are kept or in what order."""
     import oodforge.data.clipart as clipart
 
     files = clipart_files()
     classes = id_categories(files)
-    pooled = clipart._build_arrays(files, classes, CLIPART_SIZE, 0, True, False)
     real_pool = clipart.render_pool
+    monkeypatch.setattr(clipart, "render_pool", lambda workers=None: real_pool(workers=4))
+    pooled = clipart._build_arrays(files, classes, CLIPART_SIZE, 0, True, False)
     monkeypatch.setattr(clipart, "render_pool", lambda workers=None: real_pool(workers=1))
     serial = clipart._build_arrays(files, classes, CLIPART_SIZE, 0, True, False)
     assert pooled.keys() == serial.keys()

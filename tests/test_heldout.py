@@ -263,3 +263,21 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
     for label, (recipe, lr, epochs) in bench_forged.RECIPE_VARIANTS.items():
         assert label in bench_forged.FORGED_LABELS and is_recipe(recipe) and epochs >= 1 and (lr is None or lr > 0)
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
+
+
+@pytest.mark.slow
+def test_bench_forged_runs_a_recipe_variant_at_its_lr_and_length_without_an_ssod_model(tmp_path):
+    """``--recipes-only t2fnorm-lr1e-3`` on a quick suite: the recipe trains with the variant's lr and epochs
+    (recorded in the checkpoint's plan), its detectors are labelled by the variant, held-out validation is
+    written, the part folder is named after the list, and no SSOD model is loaded for it."""
+    import json
+    from pathlib import Path
+
+    bench_forged = _bench_forged()
+    bench_forged.RECIPE_VARIANTS["t2fnorm-lr1e-3"] = ("t2fnorm", 1e-3, 2)  # (this module copy only)
+    res = bench_forged.run_suite("fashion6", 0, [], tmp_path, log=None, quick=True, recipes=("t2fnorm-lr1e-3",))
+    assert (tmp_path / "fashion6" / "seed0" / "recipes-t2fnorm-lr1e-3" / "results.json").is_file()
+    assert set(res["models"]) == {"t2fnorm-lr1e-3"}
+    assert "knn@t2fnorm-lr1e-3" in res["methods"] and "knn@t2fnorm-lr1e-3" in res["validation_heldout"]
+    plan = json.loads((Path(res["models"]["t2fnorm-lr1e-3"]["checkpoint"]) / "meta.json").read_text())["plan"]
+    assert (plan["method"], plan["lr"], plan["epochs"]) == ("t2fnorm", 1e-3, 2)

@@ -75,7 +75,7 @@ def test_zoo_serves_the_default_recipe_on_the_full_suite_only():
 @pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/png"), reason="Debian's openclipart-png is not installed")
 @pytest.mark.slow
 def test_zoo_serves_clipart_with_its_pretrained_backbone_only():
-    from oodforge.demo import backbone
+    from oodforge.workflows import suite_backbone as backbone
 
     clipart = load_suite("clipart")  # built once here (about 35 s of rendering): hashes and accuracies too
     assert backbone("clipart") == {"arch": "efficientnet_lite0-finetune", "batch_size": 32}  # what the demo asks

@@ -28,11 +28,10 @@ from .workflows import (
     FUSIONS,
     OE_RECIPE,
     POST_HOC,
-    SUITE_ARCH,
-    SUITE_BATCH,
     TrainPlan,
     forge_cpu_outliers,
     get_model,
+    suite_backbone,
 )
 
 DEMO_SUITES = ("fashion", "fashion6", "scenes", "clipart")
@@ -58,17 +57,12 @@ def plain_key(res: dict, name: str) -> str | None:
     return next((m for m in res["methods"] if detector_name(m) == name and not split_key(m)[2]), None)
 
 
-def backbone(suite_name: str) -> dict:
-    """The suite's backbone and batch size (:data:`oodforge.workflows.SUITE_ARCH`), as ``TrainPlan`` fields."""
-    return {"arch": SUITE_ARCH.get(suite_name, "small_resnet"), "batch_size": SUITE_BATCH.get(suite_name, 128)}
-
-
 def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int, device: str, progress: bool,
                   log, use_zoo: bool, outlier_store: Path | None = None):
     """The SSOD or OE classifier: the zoo's when it has one for this suite, else fine-tuned from the plain one."""
     from .workflows import zoo_checkpoint
 
-    net = backbone(suite.name)
+    net = suite_backbone(suite.name)
     if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method, **net)) is not None:
         return get_model(suite, TrainPlan(method=method, **net), device=device, progress=progress, log=log)
     recipe = {k: v for k, v in OE_RECIPE.items() if k != "epochs"} if method == "oe" else {}
@@ -86,7 +80,7 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
 
     Per suite: the zoo's plain, SSOD and OE classifiers (or, with ``retrain``/``quick``, trained
     here: plain for ``epochs``, SSOD and OE fine-tuned from it), SHIFT outliers forged from at most
-    ``forge_limit`` training images and from every ID validation image (held out, for the protocol's
+    ``forge_limit`` training images and from the ID validation images the protocol reads (held out, for its
     validation numbers), then every detector on every backbone: detectors fitted on at most ``fit_limit``
     training images, validated on at most ``val_limit`` ID validation images (and the outliers made from them)
     and without :data:`DEMO_LEFT_OUT`, unless ``full``.
@@ -113,7 +107,7 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         suite = stratified_subset(load_suite(name, data_root=data_root, seed=seed, quick=quick), max_train, seed)
         ep = 3 if quick else epochs
         use_zoo = not retrain
-        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed, **backbone(name)), device=device, progress=progress, log=log,
+        plain, pinfo = get_model(suite, TrainPlan(epochs=ep, seed=seed, **suite_backbone(name)), device=device, progress=progress, log=log,
                                  use_zoo=use_zoo)
         outliers, store_dir, synth = forge_cpu_outliers(suite, plain, k=k, seed=seed, device=device, limit=forge_limit,
                                                         progress=progress, log=log)

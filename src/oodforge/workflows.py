@@ -252,6 +252,11 @@ SUITE_ARCH = {"clipart": "efficientnet_lite0-finetune"}
 SUITE_BATCH = {"clipart": 32}
 
 
+def suite_backbone(suite_name: str) -> dict:
+    """The suite's backbone and batch size (:data:`SUITE_ARCH`, :data:`SUITE_BATCH`), as ``TrainPlan`` fields."""
+    return {"arch": SUITE_ARCH.get(suite_name, "small_resnet"), "batch_size": SUITE_BATCH.get(suite_name, 128)}
+
+
 def zoo_checkpoint(suite: Suite, plan: TrainPlan) -> Path | None:
     """The zoo folder that holds the classifier ``plan`` asks for on ``suite``, or ``None``.
 

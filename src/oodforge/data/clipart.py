@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import struct
 from collections import Counter
@@ -148,10 +149,6 @@ def render_clipart(path: str | os.PathLike, size: int = CLIPART_SIZE) -> np.ndar
 RENDER_CHUNK = 64
 
 
-def _render_file(args: tuple[Path, int]) -> np.ndarray | None:
-    return render_clipart(*args)
-
-
 @contextlib.contextmanager
 def render_pool(workers: int | None = None):
     """Threads that decode and render drawings (one per core, at most 4): PIL's decoder, OpenCV's resize and
@@ -160,18 +157,8 @@ def render_pool(workers: int | None = None):
     inpainter of an earlier suite) can deadlock in it, and spawned ones would import torch again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    n = workers or min(4, os.cpu_count() or 1)
-    if n < 2:
-        yield _Serial()
-        return
-    with ThreadPoolExecutor(n) as pool:
+    with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
         yield pool
-
-
-class _Serial:
-    @staticmethod
-    def map(fn, items, chunksize: int = 1):
-        return map(fn, items)
 
 
 def _listing_hash(files: list[tuple[str, Path]], root: Path) -> str:
@@ -196,7 +183,7 @@ def _build_arrays(files, classes, size, seed, quick, progress) -> dict[str, np.n
             need = len(paths) - start if limit is None else limit - len(images)
             chunk = paths[start:start + max(need, RENDER_CHUNK)]
             start += len(chunk)
-            for img in pool.map(_render_file, [(p, size) for p in chunk], chunksize=8):
+            for img in pool.map(render_clipart, chunk, itertools.repeat(size)):
                 bar.update(1)
                 if limit is not None and len(images) >= limit:
                     break
