@@ -519,6 +519,23 @@ def spatial_problem(seed=0, n=200, c=24, hw=9, classes=3, parts=3):
     return model, fmap_feats(model, ids.reshape(n, c, 3, 3), y), fmap_feats(model, oods.reshape(n, c, 3, 3))
 
 
+@pytest.mark.parametrize("shape", [(7, 128, 64), (7, 16, 49)])
+def test_rankfeat_power_iteration_is_the_authors_alternating_scheme(shape):
+    """The Gram-matrix form gives the authors' ``power_iteration`` sequence (u shared start, then ``v =
+    normalise(u X)``, ``u = normalise(X v)``, 20 rounds, ``s = u X v``) on both sides (C >= P and C < P)."""
+    from oodforge.detectors.feature_rank import rank1_power
+
+    n, c, p = shape
+    x = torch.relu(torch.randn(n, c, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    u = torch.randn(1, c, 1, generator=torch.Generator().manual_seed(3)).double().transpose(1, 2).expand(n, 1, c)
+    for _ in range(20):
+        v = torch.nn.functional.normalize(u @ x, dim=2).transpose(1, 2)
+        u = torch.nn.functional.normalize(x @ v, dim=1).transpose(1, 2)
+    expect = (u @ x @ v) * (u.transpose(1, 2) @ v.transpose(1, 2))
+    su, vv = rank1_power(x, 20, seed=3)
+    np.testing.assert_allclose((su[:, :, None] * vv[:, None, :]).numpy(), expect.numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_rankfeat_removes_the_dominant_component_of_ood_maps():
     model, id_feats, ood_feats = spatial_problem()
     ctx = FitContext(model=model, train=id_feats)

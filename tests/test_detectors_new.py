@@ -166,14 +166,23 @@ def test_gem_mahalanobispp_and_ssd_worked_example():
     assert len(det.clusters_) == 3 and got.shape == (len(test),) and not np.allclose(got, create("ssd").fit(ctx).score(test))
 
 
+FULL_GMM = {"n_components": None, "covariance": "full", "pca_dim": None}  # oodforge's per-class variant
+
+
 def test_gmm_scores_the_fitted_mixture_density():
     model, train, test, ctx = blobs(seed=15, n=300, dim=4)
-    det = create("gmm").fit(ctx)
+    det = create("gmm", **FULL_GMM).fit(ctx)
     assert det.means_.shape == (3, 4) and det.converged_
     t, _ = np_feats(test)
     dens = sum(float(wk) * multivariate_normal(mk.numpy(), ck.numpy()).pdf(t)
                for wk, mk, ck in zip(det.weights_, det.means_, det.covariances_))
     np.testing.assert_allclose(det.score(test), np.log(dens), rtol=1e-6)
+    # tied (the default): one covariance for every component
+    tied = create("gmm", n_components=4).fit(ctx)
+    assert tied.covariances_.shape == (4, 4) and tied.projection_ is None  # 4 dims <= pca_dim: no projection
+    dens = sum(float(wk) * multivariate_normal(mk.numpy(), tied.covariances_.numpy()).pdf(t)
+               for wk, mk in zip(tied.weights_, tied.means_))
+    np.testing.assert_allclose(tied.score(test), np.log(dens), rtol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
@@ -186,7 +195,7 @@ def test_gmm_em_is_scikit_learns_from_the_same_start():
     x, _ = np_feats(train)
     y = train.labels.numpy()
     for max_iter in (1, 2, 100):
-        det = create("gmm", max_iter=max_iter).fit(ctx)
+        det = create("gmm", **FULL_GMM, max_iter=max_iter).fit(ctx)
         w = np.array([(y == c).mean() for c in range(3)])
         mu = np.stack([x[y == c].mean(0) for c in range(3)])
         prec = np.stack([np.linalg.inv(np.cov(x[y == c].T, bias=True) + 1e-6 * np.eye(5)) for c in range(3)])
@@ -197,8 +206,41 @@ def test_gmm_em_is_scikit_learns_from_the_same_start():
         np.testing.assert_allclose(det.covariances_.numpy(), gm.covariances_, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(det.score(test), gm.score_samples(np_feats(test)[0]), rtol=1e-7)
     # more components than classes: started from k-means clusters, still a density that EM improved
-    k5 = create("gmm", n_components=5).fit(ctx)
-    assert k5.means_.shape == (5, 5) and k5.n_iter_ >= 1
+    k5 = create("gmm", n_components=5, covariance="full").fit(ctx)
+    assert k5.means_.shape == (5, 5) and k5.covariances_.shape == (5, 5, 5) and k5.n_iter_ >= 1
+
+
+@pytest.mark.filterwarnings("ignore:Best performing initialization did not converge")
+def test_gmm_default_is_openoods_tied_mixture_on_pca_features():
+    """The default is OpenOOD v1.5's gmm: PCA to 50 dims, a 50-component tied-covariance GaussianMixture
+    started from k-means (random_state = the seed), scored by the log-density: scikit-learn end to end on the
+    projected features gives the same k-means start, the same EM steps and the same scores."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    model, train, test, ctx = blobs(seed=22, n=900, dim=64)
+    x, _ = np_feats(train)
+    t, _ = np_feats(test)
+    det = create("gmm").fit(ctx)
+    assert det.projection_.shape == (64, 50) and det.means_.shape == (50, 50) and det.covariances_.shape == (50, 50)
+    # the projection spans scikit-learn's 50 principal axes (exact SVD)
+    ref_axes = PCA(50, svd_solver="full").fit(x).components_.T
+    np.testing.assert_allclose(np.abs(det.projection_.numpy().T @ ref_axes), np.eye(50), atol=1e-6)
+    p = det.projection_.numpy()
+    gm = GaussianMixture(50, covariance_type="tied", random_state=ctx.seed).fit(x @ p)
+    assert det.n_iter_ == gm.n_iter_ and det.converged_ == gm.converged_
+    np.testing.assert_allclose(det.means_.numpy(), gm.means_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(det.covariances_.numpy(), gm.covariances_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(det.score(test), gm.score_samples(t @ p), rtol=1e-7)
+    # OpenOOD's score, log sum_k w_k exp(-d_k / 2), differs from the log-density by a constant
+    prec = np.linalg.inv(gm.covariances_)
+    z = t @ p
+    d = np.stack([np.einsum("nd,de,ne->n", z - m, prec, z - m) for m in gm.means_], axis=1)
+    openood = np.log(np.exp(-0.5 * d) @ gm.weights_)
+    offset = det.score(test) - openood
+    np.testing.assert_allclose(offset, offset[0], atol=1e-6)
+    with pytest.raises(ValueError, match="n_components=50 exceeds the 30"):
+        create("gmm").fit(blobs(seed=23, n=30, dim=4)[3])
 
 
 def test_relation_worked_example():

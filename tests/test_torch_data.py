@@ -223,7 +223,8 @@ def test_every_post_hoc_detector_fits_and_scores_from_a_dataloader_as_from_array
     # noise, a perturbation of the pixels: from ToTensor's [0, 1] pixels to 1e-6; from normalised images, which
     # oodforge maps back to pixels (x * std + mean, one float32 ulp off), to 1e-5 relative (the sign of
     # near-zero gradient entries may flip on that ulp)
-    params = {"fusion": {"a": "msp", "b": "energy"}, "knn": {"k": 3}, "nnguide": {"k": 3}, "vim": {"principal_dim": 4}}
+    params = {"fusion": {"a": "msp", "b": "energy"}, "knn": {"k": 3}, "nnguide": {"k": 3}, "vim": {"principal_dim": 4},
+              "gmm": {"n_components": 4}}
     runs = [(n, params.get(n, {}), tf, pre, 1e-6, 0) for n in names]
     runs += [("mahalanobis", {"noise": 0.001}, to_tensor, model, 1e-6, 0),
              ("mahalanobis", {"noise": 0.001}, tf, pre, 0, 1e-5)]

@@ -34,23 +34,36 @@ def remove_rank1(fmap: torch.Tensor) -> torch.Tensor:
     return (x - s[:, :1, None] * (u[:, :, :1] @ vh[:, :1, :])).reshape(n, c, h, w)
 
 
-def rank1_power(x: torch.Tensor, iterations: int = 20, seed: int = 0) -> torch.Tensor:
-    """``s_1 u_1 v_1^T`` of each matrix of ``x`` ``[n, C, P]`` by power iteration (in ``x``'s dtype).
+def rank1_power(x: torch.Tensor, iterations: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s_1 u_1, v_1)`` of each matrix of ``x`` ``[n, C, P]`` by power iteration (in ``x``'s dtype): ``[n, C]``
+    and ``[n, P]``, so the rank-1 part is ``s_1 u_1 v_1^T``.
 
-    The authors' scheme: start vectors ``u [1, C]`` and ``v [P, 1]`` drawn once (standard normal, here from
-    a seeded generator so scores are reproducible) and shared by every image, then ``iterations`` rounds
-    of ``v = normalise(u X)^T``, ``u = normalise(X v)^T``, and ``s_1 = u X v``. Each round costs two
-    batched matrix-vector products instead of a full SVD; the error shrinks like ``(s_2 / s_1)^(2 k)``.
+    The authors' scheme: a start vector ``u [1, C]`` drawn once (standard normal, here from a seeded generator
+    so scores are reproducible) and shared by every image, then ``iterations`` rounds of
+    ``v = normalise(u X)^T``, ``u = normalise(X v)^T``, and ``s_1 = u X v``; the error shrinks like
+    ``(s_2 / s_1)^(2 k)``. The same sequence is computed on the smaller Gram matrix: ``k`` rounds give
+    ``v_k ~ (X^T X)^(k-1) X^T u_0`` (or ``v_k ~ X^T (X X^T)^(k-1) u_0`` when ``C < P``), and ``s_1 u_1 = X v_k``
+    since ``u_k`` is ``X v_k`` normalised. One batched product forms the Gram matrix, then each round is a
+    ``min(C, P)``-sized matrix-vector product instead of two ``C x P`` ones: about 2x faster on a
+    ``[128, 8 x 8]`` map, more on ImageNet's ``[2048, 7 x 7]``, equal to the alternating form to float
+    rounding (tested).
     """
     n, c, p = x.shape
     g = torch.Generator().manual_seed(int(seed))
-    u = torch.randn(1, 1, c, generator=g).to(x).expand(n, 1, c)
-    v = torch.randn(1, p, 1, generator=g).to(x).expand(n, p, 1)
-    for _ in range(int(iterations)):
-        v = torch.nn.functional.normalize(u @ x, dim=2, eps=1e-10).transpose(1, 2)
-        u = torch.nn.functional.normalize(x @ v, dim=1, eps=1e-10).transpose(1, 2)
-    sigma = u @ x @ v  # [n, 1, 1]
-    return sigma * (u.transpose(1, 2) @ v.transpose(1, 2))
+    u = torch.randn(1, c, 1, generator=g).to(x)
+    xt = x.transpose(1, 2)
+    if c < p:  # iterate u on X X^T [C, C], then one half-step to v
+        gram = x @ xt
+        u = u.expand(n, c, 1)
+        for _ in range(int(iterations) - 1):
+            u = torch.nn.functional.normalize(gram @ u, dim=1, eps=1e-10)
+        v = torch.nn.functional.normalize(xt @ u, dim=1, eps=1e-10)
+    else:  # iterate v on X^T X [P, P]
+        gram = xt @ x
+        v = torch.nn.functional.normalize(xt @ u, dim=1, eps=1e-10)
+        for _ in range(int(iterations) - 1):
+            v = torch.nn.functional.normalize(gram @ v, dim=1, eps=1e-10)
+    return (x @ v)[..., 0], v[..., 0]
 
 
 @register
@@ -102,7 +115,8 @@ class RankFeat(_FeatureMapEnergy):
         n, c, h, w = fmap.shape
         x = fmap.float().to(self.device_).reshape(n, c, h * w)
         # pool(X - s u v^T) = pool(X) - s u mean(v): the residual map itself is never formed
-        return (x.mean(dim=2) - rank1_power(x, self.iterations, self.seed_).mean(dim=2)).double().cpu()
+        su, v = rank1_power(x, self.iterations, self.seed_)
+        return (x.mean(dim=2) - su * v.mean(dim=1, keepdim=True)).double().cpu()
 
     def shaped_logits(self, fmap: torch.Tensor) -> torch.Tensor:
         """Like the base class, but the power iteration runs in float32: blocks are converted by :meth:`pooled`."""

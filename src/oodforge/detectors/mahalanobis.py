@@ -175,47 +175,81 @@ def _log_gaussians(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor, log
                    ) -> torch.Tensor:
     """``log w_k + log N(x | mu_k, L_k L_k^T)`` for every row of ``x`` ``[N, D]`` and component ``k``: ``[N, K]``.
 
-    ``||L^-1 (x - mu)||^2`` as ``||x A - mu A||^2`` with ``A = L^-T`` (one triangular inverse per component,
-    then a matrix product: faster than a triangular solve with N right-hand sides)."""
+    ``chol`` is ``[K, D, D]`` (one covariance per component, ``"full"``) or ``[D, D]`` (one shared by all,
+    ``"tied"``). ``||L^-1 (x - mu)||^2`` as ``||x A - mu A||^2`` with ``A = L^-T`` (one triangular inverse per
+    covariance, then a matrix product: faster than a triangular solve with N right-hand sides); tied, ``x A``
+    is computed once and the squared distances to all whitened means come from one more product
+    (``||a||^2 - 2 a.b + ||b||^2``, float64)."""
     d = x.shape[1]
     eye = torch.eye(d, dtype=x.dtype)
+    const = d * np.log(2 * np.pi)
+    if chol.dim() == 2:  # tied
+        a = torch.linalg.solve_triangular(chol, eye, upper=False).T
+        logdet = 2 * torch.log(torch.diagonal(chol)).sum()
+        xa, ma = x @ a, means @ a
+        sq = (xa.pow(2).sum(dim=1, keepdim=True) - 2 * xa @ ma.T + ma.pow(2).sum(dim=1)).clamp_min_(0)
+        return log_weights - 0.5 * (const + logdet + sq)
     out = torch.empty(x.shape[0], means.shape[0], dtype=x.dtype)
     for k in range(means.shape[0]):
         a = torch.linalg.solve_triangular(chol[k], eye, upper=False).T  # L^-T
         logdet = 2 * torch.log(torch.diagonal(chol[k])).sum()
-        out[:, k] = log_weights[k] - 0.5 * (d * np.log(2 * np.pi) + logdet + (x @ a - means[k] @ a).pow(2).sum(dim=1))
+        out[:, k] = log_weights[k] - 0.5 * (const + logdet + (x @ a - means[k] @ a).pow(2).sum(dim=1))
     return out
 
 
-def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float, tied: bool = False,
+            xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights, means and covariances (``+ reg_covar`` on the diagonal) from responsibilities ``[N, K]``; a
-    one-hot ``resp`` gives the class-conditional Gaussians of those assignments."""
+    one-hot ``resp`` gives the class-conditional Gaussians of those assignments. ``tied``: one covariance,
+    ``(X^T X - sum_k N_k mu_k mu_k^T) / N`` (the within-component scatter pooled over components), ``[D, D]``
+    (``xtx``: ``X^T X`` when the caller has it, it does not change between EM steps); otherwise one per
+    component, ``[K, D, D]``."""
     nk = resp.sum(dim=0) + 10 * torch.finfo(x.dtype).eps
     means = resp.T @ x / nk[:, None]
     eye = torch.eye(x.shape[1], dtype=x.dtype)
+    if tied:
+        xtx = x.T @ x if xtx is None else xtx
+        covariance = (xtx - (nk[:, None] * means).T @ means) / nk.sum() + reg_covar * eye
+        return nk / nk.sum(), means, covariance
     covariances = torch.stack([((x - means[k]) * resp[:, k:k + 1]).T @ (x - means[k]) / nk[k] + reg_covar * eye
                                for k in range(len(nk))])
     return nk / nk.sum(), means, covariances
 
 
+def _log_mixture(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log sum_k exp(logp_k), responsibilities)`` of ``[N, K]`` joint log-likelihoods, from one ``exp``
+    (``logp`` is overwritten).
+
+    Terms more than 700 nats below a row's largest are raised to ``-700`` first: their ``exp`` (under
+    ``1e-304`` against the largest term's 1) changes nothing a float64 sum can see, and it spares the CPU's
+    slow path for results that underflow (~30x slower ``exp``; far-away components and OOD points are
+    thousands of nats down)."""
+    top = logp.amax(dim=1, keepdim=True)
+    resp = logp.sub_(top).clamp_min_(-700.0).exp_()
+    total = resp.sum(dim=1, keepdim=True)
+    return (top + torch.log(total))[:, 0], resp.div_(total)
+
+
 def fit_gaussian_mixture(x: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor,
                          reg_covar: float = 1e-6, max_iter: int = 100, tol: float = 1e-3
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
-    """EM for a full-covariance Gaussian mixture (Dempster, Laird & Rubin 1977), in float64 torch.
+    """EM for a Gaussian mixture (Dempster, Laird & Rubin 1977), in float64 torch.
 
-    The iteration is scikit-learn's ``GaussianMixture.fit`` (the reference the tests compare with): per
-    step an E-step (responsibilities, mean log-likelihood ``L``), an M-step (``N_k = sum_i r_ik + 10 eps``,
-    means, covariances plus ``reg_covar`` on the diagonal, weights ``N_k / N``), stopping when ``L`` changed
-    by less than ``tol``. Returns ``(weights, means, covariances, iterations, converged)``. Written in torch
-    rather than calling scikit-learn because scikit-learn also runs k-means for its initial responsibilities
-    even when every parameter is given, and its E-step is several times slower on 2 cores.
+    ``covariances`` ``[K, D, D]`` fits one covariance per component (scikit-learn's ``"full"``), ``[D, D]`` one
+    shared by all (``"tied"``). The iteration is scikit-learn's ``GaussianMixture.fit`` (the reference the
+    tests compare with): per step an E-step (responsibilities, mean log-likelihood ``L``), an M-step
+    (``N_k = sum_i r_ik + 10 eps``, means, covariance(s) plus ``reg_covar`` on the diagonal, weights
+    ``N_k / N``), stopping when ``L`` changed by less than ``tol``. Returns ``(weights, means, covariances,
+    iterations, converged)``. Written in torch rather than calling scikit-learn because scikit-learn also runs
+    k-means for its initial responsibilities even when every parameter is given, and its E-step is several
+    times slower on 2 cores (for tied covariances it whitens ``x`` once per component, here once).
     """
+    tied = covariances.dim() == 2
+    xtx = x.T @ x if tied else None
     lower, converged, it = -np.inf, False, 0
     for it in range(1, int(max_iter) + 1):  # noqa: B007 (returned: the steps taken)
-        logp = _log_gaussians(x, means, torch.linalg.cholesky(covariances), torch.log(weights))
-        norm = torch.logsumexp(logp, dim=1)
-        weights, means, covariances = _m_step(x, torch.exp(logp - norm[:, None]), reg_covar)
+        norm, resp = _log_mixture(_log_gaussians(x, means, torch.linalg.cholesky(covariances), torch.log(weights)))
+        weights, means, covariances = _m_step(x, resp, reg_covar, tied, xtx)
         prev, lower = lower, float(norm.mean())
         if abs(lower - prev) < tol:
             converged = True
@@ -223,34 +257,56 @@ def fit_gaussian_mixture(x: torch.Tensor, weights: torch.Tensor, means: torch.Te
     return weights, means, covariances, it, converged
 
 
+def principal_axes(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The ``dim`` leading principal axes of the rows of ``x`` as the columns of a ``[D, dim]`` matrix (exact:
+    eigenvectors of the covariance, largest eigenvalue first)."""
+    xc = x - x.mean(dim=0)
+    _, vecs = torch.linalg.eigh(xc.T @ xc)
+    return vecs[:, -int(dim):].flip(1)
+
+
 @register
 class GMM(Detector):
-    """Gaussian mixture density of the penultimate features: ``log p(h)`` under a ``K``-component GMM.
+    """Gaussian mixture density of the penultimate features: ``log p(P^T h)`` under a ``K``-component GMM.
 
-    A full-covariance Gaussian mixture fitted by EM (:func:`fit_gaussian_mixture`) to the ID training
-    features, one component per class (``n_components=None``); the score is the log-likelihood of the test
-    feature. EM starts from the class-conditional Gaussians (each class's mean, covariance and frequency, from
-    the labels; eight steps to ``tol`` on quick fashion6's 2,700 training features); with ``n_components``
-    set (or classes that do not match the components) it starts from k-means clusters instead (scikit-learn ``KMeans``, seeded by
-    ``FitContext.seed``). Unlike :class:`Mahalanobis` / :class:`GEM` (class means and one covariance from the
-    labels), each component keeps its own covariance and weight and EM moves them off the labels. This is the
-    penultimate-layer GMM baseline of OpenOOD v1.5 (``gmm``, after Lee et al. 2018's generative view);
-    OpenOOD's version concatenates several layers' statistics after PCA, which oodforge's single cached
-    forward pass does not keep. (pytorch-ood's ``GMM`` stops at the labelled Gaussians, no EM, and scores
-    the closest class's Mahalanobis distance.) ``max_train=10000`` caps the images EM runs on (random, seeded;
-    a step costs ``O(N K D^2)``); ``reg_covar`` is added to every covariance's diagonal (scikit-learn's
-    default 1e-6); ``tol`` is the change of the mean log-likelihood that stops EM (scikit-learn's 1e-3).
+    OpenOOD v1.5's ``gmm`` baseline (``gmm_postprocessor.py``, ``configs/postprocessors/gmm.yml``): the
+    training features are projected on their 50 leading principal axes (``pca_dim=50``, ``reduce_dim:
+    pca_50``; features of 50 dims or fewer are kept as they are), a 50-component mixture with one covariance
+    shared by all components (``n_components=50``, ``covariance="tied"``, scikit-learn's
+    ``covariance_type='tied'``) is fitted by EM (:func:`fit_gaussian_mixture`) started from k-means clusters
+    (scikit-learn ``KMeans``, one init, seeded by ``FitContext.seed``, as ``GaussianMixture``'s
+    ``init_params='kmeans'``), and a test feature scores its log-density. OpenOOD computes the layer's score as
+    ``log(sum_k w_k exp(-d_k / 2) + 1e-45)`` in float32, which is this log-density minus a constant where it
+    does not underflow; oodforge keeps the log-sum-exp, so far-away features still rank instead of tying at
+    ``log 1e-45``. OpenOOD's config lists three layers, but their fusion weights (``alpha_list: [0, 0, 1]``)
+    keep only the third; oodforge fits the mixture on the penultimate vector, the one layer its cached
+    forward pass keeps for every detector. OpenOOD's PCA is scikit-learn's, which picks a randomised SVD on
+    large inputs; here the axes are exact.
+
+    ``covariance="full"`` with ``n_components=None`` and ``pca_dim=None`` is oodforge's earlier variant (the
+    default before session 14): one component per class, each with its own covariance, EM started from the
+    class-conditional Gaussians (each class's mean, covariance and frequency from the labels; eight steps to
+    ``tol`` on quick fashion6's 2,700 training features), no projection. ``n_components=None`` always starts
+    from the labels (one component per class); a number starts from k-means. (pytorch-ood's ``GMM`` stops at
+    the labelled Gaussians, no EM, and scores the closest class's Mahalanobis distance: another detector.)
+    ``max_train=10000`` caps the images the projection and EM use (random, seeded; a full step costs
+    ``O(N K D^2)``, a tied one ``O(N D^2 + N K D)``); ``reg_covar`` is added to the covariances' diagonal
+    (scikit-learn's default 1e-6); ``tol`` is the change of the mean log-likelihood that stops EM
+    (scikit-learn's 1e-3, at most ``max_iter=100`` steps as scikit-learn).
     """
 
     name = "gmm"
     paper = ("Gaussian mixture model of the features, fitted by EM (Dempster, Laird, Rubin, J. R. Stat. Soc. B "
              "1977), as OpenOOD v1.5's gmm baseline (Zhang et al., OpenOOD v1.5, arXiv:2306.09301)")
-    param_ranges = {"n_components": "[1, inf)", "max_train": "[1, inf)", "reg_covar": "(0, inf)",
-                    "max_iter": "[1, inf)", "tol": "(0, inf)"}
+    param_ranges = {"n_components": "[1, inf)", "pca_dim": "[1, inf)", "max_train": "[1, inf)",
+                    "reg_covar": "(0, inf)", "max_iter": "[1, inf)", "tol": "(0, inf)"}
+    param_choices = {"covariance": ("tied", "full")}
 
-    def __init__(self, n_components: int | None = None, max_train: int = 10000, reg_covar: float = 1e-6,
-                 max_iter: int = 100, tol: float = 1e-3):
+    def __init__(self, n_components: int | None = 50, covariance: str = "tied", pca_dim: int | None = 50,
+                 max_train: int = 10000, reg_covar: float = 1e-6, max_iter: int = 100, tol: float = 1e-3):
         self.n_components = n_components
+        self.covariance = covariance
+        self.pca_dim = pca_dim
         self.max_train = max_train
         self.reg_covar = reg_covar
         self.max_iter = max_iter
@@ -265,22 +321,32 @@ class GMM(Detector):
         labels = ctx.train.labels[torch.from_numpy(idx)].numpy()
         k = int(self.n_components) if self.n_components is not None else int(ctx.train.logits.shape[1])
         if k > len(x):
-            raise ValueError(f"gmm: n_components={k} exceeds the {len(x)} training features")
+            raise ValueError(f"gmm: n_components={k} exceeds the {len(x)} training features (set a smaller "
+                             "n_components, or n_components=None for one component per class)")
+        self.projection_ = (principal_axes(x, int(self.pca_dim))
+                            if self.pca_dim is not None and int(self.pca_dim) < x.shape[1] else None)
+        if self.projection_ is not None:
+            x = x @ self.projection_
         if self.n_components is None and labels.min() >= 0 and len(np.unique(labels)) == k:
             assign = np.searchsorted(np.unique(labels), labels)
         else:
             from sklearn.cluster import KMeans
 
             assign = KMeans(k, n_init=1, random_state=int(ctx.seed)).fit_predict(x.numpy())
-        start = _m_step(x, torch.from_numpy(np.eye(k)[assign]), float(self.reg_covar))
+        tied = self.covariance == "tied"
+        start = _m_step(x, torch.from_numpy(np.eye(k)[assign]), float(self.reg_covar), tied)
         self.weights_, self.means_, self.covariances_, self.n_iter_, self.converged_ = fit_gaussian_mixture(
             x, *start, float(self.reg_covar), int(self.max_iter), float(self.tol))
         self.chol_ = torch.linalg.cholesky(self.covariances_)
 
     def _score(self, feats: FeatureSet) -> torch.Tensor:
         h = feats.penultimate
-        out = [torch.logsumexp(_log_gaussians(h[i:i + 4096].double(), self.means_, self.chol_, torch.log(self.weights_)),
-                               dim=1) for i in range(0, h.shape[0], 4096)]
+        out = []
+        for i in range(0, h.shape[0], 4096):
+            x = h[i:i + 4096].double()
+            if self.projection_ is not None:
+                x = x @ self.projection_
+            out.append(_log_mixture(_log_gaussians(x, self.means_, self.chol_, torch.log(self.weights_)))[0])
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
