@@ -177,6 +177,28 @@ def test_the_committed_benchmark_summary_rebuilds_byte_for_byte(committed_runs, 
     assert (tmp_path / "summary.json").read_text() == (FORGED / "summary.json").read_text()
 
 
+def test_selection_gap_is_built_from_the_committed_runs_and_the_protocols_pick(committed_runs, monkeypatch):
+    """benchmarks/selection_gap.py: its pick is the summary's pick, its baseline the summary's best post-hoc
+    detector, its best candidate is at least as good on test as the pick (the pick is a candidate), and the
+    committed selection_gap.md is what it writes from the committed runs."""
+    bench_forged, runs = committed_runs
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(__import__("sys").modules, "bench_forged", bench_forged)
+    spec = importlib.util.spec_from_file_location("selection_gap", ROOT / "benchmarks" / "selection_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    summary = json.loads((FORGED / "summary.json").read_text())["picks"]
+    for suite, by_seed in runs.items():
+        for row in gap.gaps(copy.deepcopy(by_seed)):
+            assert row["pick"][0] == summary[suite]["pick"]
+            assert row["baseline"][0] == summary[suite]["best_post_hoc_on_test"][row["group"]]
+            assert row["best candidate"][1][0] >= row["pick"][1][0]
+            assert row["best candidate"][1][0] >= row["best single"][1][0]
+    lines = (FORGED / "selection_gap.md").read_text().splitlines()
+    groups = sum(bool(r[min(r)]["groups"].get(g)) for r in runs.values() for g in ("near", "far"))
+    assert len([ln for ln in lines if ln.startswith("| ") and "---" not in ln]) == 1 + groups  # header + rows
+
+
 def test_a_run_without_the_fields_the_pick_reads_is_refused(tmp_path):
     bench_forged = _bench_forged()
     run = tmp_path / "s" / "seed0"
