@@ -77,23 +77,28 @@ def _cell(entry: tuple[str, tuple[float, float, int] | None]) -> str:
     return f"{name}: {100 * t[0]:.2f} / {100 * t[1]:.2f} ({t[2]})" if t else f"{name}: -"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forged")
-    args = ap.parse_args()
+def table(all_runs: dict) -> str:
+    """The markdown table of :func:`gaps` for every suite of ``all_runs`` (``bench_forged.load_runs``)."""
     lines = ["# Selection gap and candidate gap (benchmarks/selection_gap.py; read on the test sets, chooses nothing)",
              "", "Test AUROC / FPR95 in % (seeds averaged). candidate gap = best candidate - baseline; selection gap "
              "= best candidate - pick (AUROC points).", "",
              "| suite | group | baseline (post-hoc, best on test) | pick (validation) | best candidate (on test) | "
              "candidate gap | selection gap | best single candidate for both groups (on test) | candidates |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for suite, by_seed in load_runs(args.out).items():
+    for suite, by_seed in all_runs.items():
         for row in gaps(by_seed):
             b, p, c = (row[k][1] for k in ("baseline", "pick", "best candidate"))
             lines.append(f"| {suite} | {row['group']} | {_cell(row['baseline'])} | {_cell(row['pick'])} | "
                          f"{_cell(row['best candidate'])} | {100 * (c[0] - b[0]):+.2f} | {100 * (c[0] - p[0]):+.2f} | "
                          f"{_cell(row['best single'])} | {row['candidates']} |")
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forged")
+    args = ap.parse_args()
+    text = table(load_runs(args.out))
     print(text)
     (args.out / "selection_gap.md").write_text(text)
 
