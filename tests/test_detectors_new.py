@@ -70,6 +70,7 @@ def test_registered_with_paper_ranges_and_plain_constructors():
 @pytest.mark.parametrize("name,params,match", [
     ("neco", {"principal_dim": 10}, "principal_dim"), ("neco", {"principal_dim": 0}, "principal_dim"),
     ("kpca", {"kernel": "rbf"}, "kernel"), ("kpca", {"gamma": 0}, "gamma"), ("gmm", {"n_components": 0}, "n_comp"),
+    ("gmm", {"covariance": "diag"}, "covariance"), ("gmm", {"pca_dim": 0}, "pca_dim"),
     ("relation", {"pow": 0}, "pow"), ("cadref", {"logit_score": "odin"}, "logit_score"),
     ("openmax", {"alpha": 4}, "alpha"), ("openmax", {"distance": "l1"}, "distance"),
     ("openmax", {"tail_size": 1}, "tail_size"), ("optfs", {"bins": 0}, "bins"), ("ssd", {"clusters": 0}, "clusters"),
@@ -241,6 +242,19 @@ def test_gmm_default_is_openoods_tied_mixture_on_pca_features():
     np.testing.assert_allclose(offset, offset[0], atol=1e-6)
     with pytest.raises(ValueError, match="n_components=50 exceeds the 30"):
         create("gmm").fit(blobs(seed=23, n=30, dim=4)[3])
+
+
+def test_second_moment_leaves_float64_features_unchanged():
+    """The chunked moments centre a float64 copy: a caller's float64 features (``.double()`` of which is the same
+    memory) are not centred in place (the tied GMM's projection used to shift its own training features)."""
+    from oodforge.detectors.moments import principal_axes, second_moment
+
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(50, 4)) + 5.0)
+    before = x.clone()
+    m = x.mean(dim=0).numpy()
+    np.testing.assert_allclose(second_moment(x, m), np.cov(before.numpy().T, bias=True), rtol=1e-10)
+    principal_axes(x, m)
+    assert torch.equal(x, before)
 
 
 def test_relation_worked_example():

@@ -14,16 +14,9 @@ import torch
 from ..models.featureset import FeatureSet
 from .activation_shaping import _check_head
 from .base import Detector, FitContext, register
-from .moments import chunked_map, second_moment
+from .moments import chunked_map, principal_axes
 
 __all__ = ["NECO", "NuSA", "KernelPCA", "principal_axes"]
-
-
-def principal_axes(x: torch.Tensor, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors (columns) of the second moment of ``x - centre`` (float64)."""
-    vals, vecs = np.linalg.eigh(second_moment(x, centre))
-    order = np.argsort(-vals, kind="stable")
-    return vals[order], np.ascontiguousarray(vecs[:, order])
 
 
 def _unit(h: torch.Tensor) -> torch.Tensor:

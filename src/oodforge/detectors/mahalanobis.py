@@ -19,7 +19,7 @@ import torch
 
 from ..models.featureset import FeatureSet
 from .base import Detector, FitContext, register
-from .moments import class_means, distinct_values, second_moment
+from .moments import class_means, distinct_values, principal_axes, second_moment
 from .odin import iter_image_batches, prepare_model
 
 __all__ = ["Mahalanobis", "GEM", "MahalanobisPP", "GMM", "SSD", "class_means_tied_precision"]
@@ -257,14 +257,6 @@ def fit_gaussian_mixture(x: torch.Tensor, weights: torch.Tensor, means: torch.Te
     return weights, means, covariances, it, converged
 
 
-def principal_axes(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The ``dim`` leading principal axes of the rows of ``x`` as the columns of a ``[D, dim]`` matrix (exact:
-    eigenvectors of the covariance, largest eigenvalue first)."""
-    xc = x - x.mean(dim=0)
-    _, vecs = torch.linalg.eigh(xc.T @ xc)
-    return vecs[:, -int(dim):].flip(1)
-
-
 @register
 class GMM(Detector):
     """Gaussian mixture density of the penultimate features: ``log p(P^T h)`` under a ``K``-component GMM.
@@ -323,8 +315,10 @@ class GMM(Detector):
         if k > len(x):
             raise ValueError(f"gmm: n_components={k} exceeds the {len(x)} training features (set a smaller "
                              "n_components, or n_components=None for one component per class)")
-        self.projection_ = (principal_axes(x, int(self.pca_dim))
-                            if self.pca_dim is not None and int(self.pca_dim) < x.shape[1] else None)
+        self.projection_ = None  # features of pca_dim dims or fewer are kept as they are
+        if self.pca_dim is not None and int(self.pca_dim) < x.shape[1]:
+            _, axes = principal_axes(x, x.mean(dim=0).numpy())
+            self.projection_ = torch.from_numpy(axes[:, :int(self.pca_dim)].copy())
         if self.projection_ is not None:
             x = x @ self.projection_
         if self.n_components is None and labels.min() >= 0 and len(np.unique(labels)) == k:

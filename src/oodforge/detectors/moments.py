@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["CHUNK_BYTES", "chunk_rows", "row_chunks", "class_means", "second_moment", "chunked_map",
-           "chunked_mean", "distinct_values"]
+           "chunked_mean", "distinct_values", "principal_axes"]
 
 CHUNK_BYTES = 4 * 2**20
 
@@ -35,7 +35,9 @@ def row_chunks(x: torch.Tensor, chunk: int | None = None):
 
 
 def _f64(block: torch.Tensor) -> np.ndarray:
-    return block.double().cpu().numpy()
+    """A float64 copy of ``block`` the caller may change in place (``.double()`` of a float64 CPU tensor would be
+    the caller's own memory, and centring it would change their features)."""
+    return block.to(device="cpu", dtype=torch.float64, copy=True).numpy()
 
 
 def class_means(x: torch.Tensor, labels: np.ndarray, classes: np.ndarray, chunk: int | None = None) -> np.ndarray:
@@ -60,6 +62,13 @@ def second_moment(x: torch.Tensor, centres: np.ndarray, labels: np.ndarray | Non
         acc += xc.T @ xc
         del xc
     return acc / x.shape[0]
+
+
+def principal_axes(x: torch.Tensor, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns) of the second moment of ``x - centre`` (float64)."""
+    vals, vecs = np.linalg.eigh(second_moment(x, centre))
+    order = np.argsort(-vals, kind="stable")
+    return vals[order], np.ascontiguousarray(vecs[:, order])
 
 
 def chunked_map(fn, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
