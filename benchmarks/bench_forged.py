@@ -246,17 +246,31 @@ def _val_cell(by_seed: dict, source: str, m: str) -> str:
     return f"{100 * np.mean([v['auroc'] for v in vals]):.2f} / {100 * np.mean([v['fpr95'] for v in vals]):.2f}"
 
 
-def _test_cell(by_seed: dict, m: str, group: str) -> str:
-    """Mean test AUROC / FPR95 of ``m`` on ``group`` over the seeds, ``(± std)`` for forged-outlier methods; a
-    post-hoc detector on the plain classifier reads the same zoo classifier in every seed run, so it shows
-    one run (its classifier-seed spread: ``benchmarks/bench_plain_seeds.py``)."""
+def per_seed_test(by_seed: dict, m: str, group: str) -> np.ndarray | None:
+    """Test ``(AUROC, FPR95)`` of ``m`` on ``group`` (mean over the group's OOD sets), one row per seed run that
+    has it, ``[seeds, 2]``; a post-hoc detector on the plain classifier reads the same zoo classifier in every
+    seed run, so one row (its classifier-seed spread: ``benchmarks/bench_plain_seeds.py``)."""
     per = [group_mean(r, m, group) for _, r in sorted(by_seed.items()) if m in r["methods"]]
     per = [p for p in per if p is not None]
     if is_plain_post_hoc(m, FORGED_LABELS):
         per = per[:1]
-    if not per:
+    return np.array(per) if per else None
+
+
+def best_post_hoc_on_test(run: dict, groups: list[str]) -> dict[str, str | None]:
+    """Per group, the best post-hoc detector on the plain classifier of ``run`` *chosen on the test sets*: the
+    baseline a forged-outlier pick is set beside (never an input to a choice)."""
+    plain = {**run, "methods": {m: v for m, v in run["methods"].items() if is_plain_post_hoc(m, FORGED_LABELS)}}
+    return {g: best_method(plain, group=g)[0] or None for g in groups}
+
+
+def _test_cell(by_seed: dict, m: str, group: str) -> str:
+    """Mean test AUROC / FPR95 of ``m`` on ``group`` over the seeds (:func:`per_seed_test`), ``(± std)`` where
+    there are several."""
+    per = per_seed_test(by_seed, m, group)
+    if per is None:
         return "-"
-    a, f = np.array(per).T * 100
+    a, f = per.T * 100
     return f"{a.mean():.2f} / {f.mean():.2f}" + (f" (± {a.std():.2f} / {f.std():.2f})" if len(per) > 1 else "")
 
 
@@ -315,8 +329,7 @@ def summarise(all_res: dict, out: Path) -> str:
         posthoc_runs = [r for r in runs if any(is_plain_post_hoc(m, FORGED_LABELS) for m in validation_numbers(r))]
         picks["post-hoc detector a user without forged outliers would pick (validation)"] = key(
             pick(posthoc_runs, among="post-hoc", backbones=FORGED_LABELS))
-        plain_posthoc = {**r0, "methods": {m: v for m, v in r0["methods"].items() if is_plain_post_hoc(m, FORGED_LABELS)}}
-        best = {g: best_method(plain_posthoc, group=g)[0] or None for g in groups}
+        best = best_post_hoc_on_test(r0, groups)
         summary[name] = {"pick": key(chosen), "picks": picks, "best_post_hoc_on_test": best, "seeds": seeds,
                          "pick_validation": None if chosen is None else
                          {"auroc": chosen.auroc, "fpr95": chosen.fpr95, "source": chosen.source, "runs": chosen.runs}}

@@ -18,8 +18,8 @@ method, as in ``summary.md``):
 can: new candidates are needed); ``selection gap = best candidate - pick`` says what validation gives away. The
 best candidate is read on the test sets: **a diagnostic of the protocol, never an input** (docs/protocol.md); it
 chooses nothing and is not a result; the maximum over a hundred-odd candidates is also biased upwards by the
-test sets' noise (the winner's curse), so a small positive candidate gap is no proof. Candidates screened on one seed are compared with their one seed (the
-"seeds" column). Output: the table on stdout and ``OUT/selection_gap.md``.
+test sets' noise (the winner's curse), so a small positive candidate gap is no proof. Candidates screened on
+one seed are compared with their one seed (the "seeds" column). Output: the table on stdout and ``OUT/selection_gap.md``.
 """
 
 from __future__ import annotations
@@ -27,22 +27,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench_forged import FORGED_LABELS, load_runs
+from bench_forged import FORGED_LABELS, best_post_hoc_on_test, load_runs, per_seed_test
 
-from oodforge.protocol import is_forged, is_plain_post_hoc, keeps_accuracy, mean_accuracies, pick, validation_numbers
-from oodforge.report import best_method, group_mean
+from oodforge.protocol import (
+    is_forged,
+    keeps_accuracy,
+    mean_accuracies,
+    pick,
+    validation_numbers,
+)
 
 
-def test_numbers(by_seed: dict, method: str, group: str) -> tuple[float, float, int] | None:
-    """Mean test ``(AUROC, FPR95, seeds)`` of ``method`` on ``group`` over the seed runs that have it; a post-hoc
-    detector on the plain classifier reads the same zoo classifier in every seed run, so its first run."""
-    per = [group_mean(r, method, group) for _, r in sorted(by_seed.items()) if method in r["methods"]]
-    per = [p for p in per if p is not None]
-    if is_plain_post_hoc(method, FORGED_LABELS):
-        per = per[:1]
-    if not per:
-        return None
-    return sum(p[0] for p in per) / len(per), sum(p[1] for p in per) / len(per), len(per)
+def mean_test(by_seed: dict, method: str, group: str) -> tuple[float, float, int] | None:
+    """Mean test ``(AUROC, FPR95, seeds)`` of ``method`` on ``group`` (``bench_forged.per_seed_test``)."""
+    per = per_seed_test(by_seed, method, group)
+    return None if per is None else (float(per[:, 0].mean()), float(per[:, 1].mean()), len(per))
 
 
 def gaps(by_seed: dict) -> list[dict]:
@@ -54,19 +53,18 @@ def gaps(by_seed: dict) -> list[dict]:
     candidates = [m for m in validated if is_forged(m, FORGED_LABELS)
                   and keeps_accuracy(m, accuracies)]
     chosen = pick(runs, backbones=FORGED_LABELS)
-    plain = {**r0, "methods": {m: v for m, v in r0["methods"].items() if is_plain_post_hoc(m, FORGED_LABELS)}}
     groups = [g for g in ("near", "far") if r0["groups"].get(g)]
-    baseline = {g: best_method(plain, group=g)[0] for g in groups}
-    tests = {m: {g: test_numbers(by_seed, m, g) for g in groups} for m in candidates}
+    baseline = best_post_hoc_on_test(r0, groups)
+    tests = {m: {g: mean_test(by_seed, m, g) for g in groups} for m in candidates}
     tests = {m: t for m, t in tests.items() if all(t.values())}
     # the one candidate whose worse group is furthest ahead of that group's baseline (what one shipped detector
     # could reach at best)
-    single = max(tests, key=lambda m: min(tests[m][g][0] - test_numbers(by_seed, baseline[g], g)[0] for g in groups))
+    single = max(tests, key=lambda m: min(tests[m][g][0] - mean_test(by_seed, baseline[g], g)[0] for g in groups))
     rows = []
     for group in groups:
         best = max(tests, key=lambda m: tests[m][group][0])
-        rows.append({"group": group, "baseline": (baseline[group], test_numbers(by_seed, baseline[group], group)),
-                     "pick": (chosen.key, test_numbers(by_seed, chosen.key, group)),
+        rows.append({"group": group, "baseline": (baseline[group], mean_test(by_seed, baseline[group], group)),
+                     "pick": (chosen.key, mean_test(by_seed, chosen.key, group)),
                      "best candidate": (best, tests[best][group]), "best single": (single, tests[single][group]),
                      "candidates": len(tests)})
     return rows
