@@ -94,7 +94,11 @@ RECIPE_VARIANTS = {"ascood-lr1e-3": ("ascood", 1e-3, 1), "t2fnorm-lr1e-3": ("t2f
                    "rotpred+pixmix-lr1e-3": ("rotpred+pixmix", 1e-3, 1),
                    "logitnorm+pixmix-lr1e-3": ("logitnorm+pixmix", 1e-3, 1), "t2fnorm-e5": ("t2fnorm", None, 5),
                    "t2fnorm-e10": ("t2fnorm", None, 10)}
-FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_VARIANTS)
+#: recipes trained from scratch as their papers train them, for ``--recipes-only`` (label -> recipe): the zoo's
+#: plain classifier's recorded plan (its epochs, optimizer and schedule: the same budget as the baseline's
+#: classifier) with only the training method changed; issue 28 asks for this beside the fine-tune (session 15)
+SCRATCH_VARIANTS = {"t2fnorm-scratch": "t2fnorm"}
+FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_VARIANTS, *SCRATCH_VARIANTS)
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
 #: ``--fusion-only`` (session 8): oodforge.workflows.FUSIONS on the plain classifier (post-hoc fusions: the
@@ -180,9 +184,14 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         jobs = []
         for label in recipes:
             t0 = time.time()
-            recipe, lr, epochs = RECIPE_VARIANTS.get(label, (label, None, 1))
-            plan = TrainPlan(method=recipe, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"], lr=lr, **backbone(pinfo),
-                             outliers=str(stores["paper"][1]) if recipe.startswith("mixoe") else None)
+            if label in SCRATCH_VARIANTS:
+                recipe = SCRATCH_VARIANTS[label]
+                plan = zoo_recipe(pinfo, seed, method=recipe)
+            else:
+                recipe, lr, epochs = RECIPE_VARIANTS.get(label, (label, None, 1))
+                plan = TrainPlan(method=recipe, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"], lr=lr,
+                                 **backbone(pinfo),
+                                 outliers=str(stores["paper"][1]) if recipe.startswith("mixoe") else None)
             model, info = get_model(suite, plan, log=log, use_zoo=False)
             times[f"train-{label}"] = info.get("train_seconds", round(time.time() - t0, 1))
             extra = ["rotpred"] if recipe.startswith("rotpred") else []
@@ -420,7 +429,7 @@ def main() -> None:
     ap.add_argument("--fusion-only", action="store_true", help="run only the FUSIONS (pairs of FUSION_PARTS) on the "
                     "plain, SSOD and energy-OE backbones into OUT/<suite>/seed<k>/fusion, merged by --summarise")
     ap.add_argument("--recipes-only", default=None, help=f"run only these no-outlier recipes (comma-separated, or "
-                    f"'default' = {','.join(RECIPES)}; or a label of RECIPE_VARIANTS: {', '.join(RECIPE_VARIANTS)}) into "
+                    f"'default' = {','.join(RECIPES)}; or a label of RECIPE_VARIANTS / SCRATCH_VARIANTS: {', '.join([*RECIPE_VARIANTS, *SCRATCH_VARIANTS])}) into "
                     "OUT/<suite>/seed<k>/recipes (another list: recipes-<labels>), merged by --summarise")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
                     "files already in OUT (runs of several processes)")
@@ -435,10 +444,10 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     recipes = () if not args.recipes_only else RECIPES if args.recipes_only == "default" \
         else tuple(r for r in args.recipes_only.split(",") if r)
-    bad = [r for r in recipes if r not in RECIPE_VARIANTS and not is_recipe(r)]
+    bad = [r for r in recipes if r not in RECIPE_VARIANTS and r not in SCRATCH_VARIANTS and not is_recipe(r)]
     if bad:
         raise SystemExit(f"--recipes-only: unknown recipes {bad}; give oodforge recipes (docs/recipes.md) or "
-                         f"{', '.join(RECIPE_VARIANTS)}")
+                         f"{', '.join([*RECIPE_VARIANTS, *SCRATCH_VARIANTS])}")
     out.mkdir(parents=True, exist_ok=True)
     for name in [s for s in args.suites.split(",") if s]:
         for seed in [int(s) for s in args.seeds.split(",")]:

@@ -1,4 +1,4 @@
-"""The demo end to end on one small suite: plain + SSOD training, SHIFT forging, bench, summary."""
+"""The demo end to end on one small suite: plain, SSOD, OE and T2FNorm training, SHIFT forging, bench, summary."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
         assert len(z["msp/val"]) == 150 and len(z["msp/val-outliers"]) == 150 and len(z["msp/val-heldout"]) == 300
     assert any("left out: odin" in line and "oodforge demo --full" in line for line in lines)
     # the fusions of two scores are candidates on every backbone, and post-hoc fusions on the plain one
-    assert {f"{f}{label}" for f in FUSIONS for label in ("", "@ssod", "@oe")} <= methods
+    assert {f"{f}{label}" for f in FUSIONS for label in ("", "@ssod", "@oe", "@t2fnorm")} <= methods
     # the report draws and gives intervals only for the methods the summary compares, and says so
     drawn = {p.name for p in (out / "fashion6" / "plots").glob("scores_*.png")}
     assert 1 <= len(drawn) <= 6 < len(methods)
@@ -45,7 +45,9 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     shipped = pick(res, among="all").key  # the report's "Ship it" recommendation has its plot
     assert f"{shipped}**: [ROC curves" in report
     assert f"Intervals and plots for {len(drawn)} of the {len(methods)} methods" in report
-    assert set(res["models"]) == {"plain", "ssod", "oe"}
+    # beside SSOD and OE, the no-outlier recipe the benchmark's protocol picks (T2FNorm), a forged-side candidate
+    assert set(res["models"]) == {"plain", "ssod", "oe", "t2fnorm"}
+    assert "knn@t2fnorm" in methods and is_forged("knn@t2fnorm")
     # the protocol's validation numbers exist for every method; no test set is read to choose
     assert set(res["validation"]) == methods
     assert res["config"]["shift_synthesis"]["n"] == 1200  # one outlier per training image (K=1)

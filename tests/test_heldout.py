@@ -263,6 +263,13 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
     for label, (recipe, lr, epochs) in bench_forged.RECIPE_VARIANTS.items():
         assert label in bench_forged.FORGED_LABELS and is_recipe(recipe) and epochs >= 1 and (lr is None or lr > 0)
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
+    # a from-scratch variant trains the zoo plain classifier's own plan (epochs, schedule), only its method changed
+    zoo_plain = {"plan": {"method": "plain", "epochs": 12, "seed": 0, "arch": "small_resnet", "init_from": None}}
+    for label, recipe in bench_forged.SCRATCH_VARIANTS.items():
+        assert label in bench_forged.FORGED_LABELS and is_recipe(recipe)
+        assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
+        plan = bench_forged.zoo_recipe(zoo_plain, 1, method=recipe)
+        assert (plan.method, plan.epochs, plan.seed, plan.init_from) == (recipe, 12, 1, None)
 
 
 @pytest.mark.slow

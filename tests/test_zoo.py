@@ -17,9 +17,9 @@ HAVE_FASHION = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-id
 ENTRIES = sorted(zoo.manifest())
 
 
-def test_the_zoo_has_a_plain_and_an_ssod_classifier_per_suite():
-    for suite in ("fashion", "fashion6", "scenes"):
-        for method in ("plain", "ssod"):
+def test_the_zoo_has_every_method_per_suite():
+    for suite in ("fashion", "fashion6", "scenes", "clipart"):
+        for method in zoo.METHODS:
             assert zoo.entry_name(suite, method) in ENTRIES
     for name in ENTRIES:
         rec = zoo.manifest()[name]
@@ -35,7 +35,7 @@ def test_zoo_checkpoint_hash_and_accuracy(suite_name):
     ``zoo.CHECK_IMAGES`` ID test images (the suite is loaded once for all its entries)."""
     suite = load_suite(suite_name)
     names = [n for n in ENTRIES if zoo.manifest()[n]["suite"] == suite_name]
-    assert len(names) == 3
+    assert len(names) == len(zoo.METHODS)  # plain, SSOD, OE and T2FNorm
     for name in names:
         rec = zoo.verify(name)
         assert suite.id_train.identity == rec["train_set"]  # trained on the train split, not on val or test
@@ -66,6 +66,8 @@ def test_zoo_serves_the_default_recipe_on_the_full_suite_only():
     full, quick = load_suite("fashion6"), load_suite("fashion6", quick=True)
     assert zoo_checkpoint(full, TrainPlan()) == zoo.ZOO_DIR / "fashion6-plain"
     assert zoo_checkpoint(full, TrainPlan(method="ssod")) == zoo.ZOO_DIR / "fashion6-ssod"
+    assert zoo_checkpoint(full, TrainPlan(method="t2fnorm")) == zoo.ZOO_DIR / "fashion6-t2fnorm"
+    assert zoo_checkpoint(full, TrainPlan(method="logitnorm")) is None  # a recipe the zoo has no model for
     assert zoo_checkpoint(quick, TrainPlan()) is None  # another training set
     assert zoo_checkpoint(full, TrainPlan(lr=0.1)) is None  # another recipe
     assert zoo_checkpoint(full, TrainPlan(seed=1)) is None
@@ -79,7 +81,7 @@ def test_zoo_serves_clipart_with_its_pretrained_backbone_only():
 
     clipart = load_suite("clipart")  # built once here (about 35 s of rendering): hashes and accuracies too
     assert backbone("clipart") == {"arch": "efficientnet_lite0-finetune", "batch_size": 32}  # what the demo asks
-    for method in ("plain", "ssod", "oe"):
+    for method in zoo.METHODS:
         assert zoo_checkpoint(clipart, TrainPlan(method=method, **backbone("clipart"))) == \
             zoo.ZOO_DIR / f"clipart-{method}"
         rec = zoo.verify(f"clipart-{method}")

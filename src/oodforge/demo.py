@@ -1,7 +1,8 @@
 """``oodforge demo``: the README's main job on the embedded data.
 
 Per suite (``fashion``, ``fashion6``, ``scenes``, ``clipart``): train (or reuse) the plain classifier and the
-SSOD and OE models (``clipart``: EfficientNet-Lite0 fine-tuned, :data:`oodforge.workflows.SUITE_ARCH`), forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
+SSOD, OE and T2FNorm models (``clipart``: EfficientNet-Lite0 fine-tuned, :data:`oodforge.workflows.SUITE_ARCH`),
+forge SHIFT outliers with the CPU variant (Layer-CAM mask + Telea inpainting), then
 benchmark every post-hoc detector, ``shift``, ``ssod`` and the fusions of two scores
 (:data:`oodforge.workflows.FUSIONS`) side by side from cached features.
 The CPU forger is not SHIFT's (CLIPSeg + Stable Diffusion), so the results report ``shift`` as
@@ -49,6 +50,12 @@ DEMO_LEFT_OUT = {"odin": "a gradient and two forward passes per scored image: 71
 
 
 OE_METHODS = [m for m in CLASSIC if m != "odin"]
+#: the no-outlier training recipe the demo runs beside SSOD and OE, and its length when the zoo has no model for
+#: it (``--retrain``; ``--quick`` trains one epoch): T2FNorm fine-tuned for ten epochs from the plain classifier,
+#: the backbone benchmarks/bench_forged.py's protocol picks on validation data for fashion6, scenes and clipart
+#: (label ``t2fnorm-e10``; docs/results.md, session 14). The zoo's ``<suite>-t2fnorm`` models are that plan on seed 0.
+DEMO_RECIPE = "t2fnorm"
+DEMO_RECIPE_EPOCHS = 10
 
 
 def plain_key(res: dict, name: str) -> str | None:
@@ -59,7 +66,8 @@ def plain_key(res: dict, name: str) -> str | None:
 
 def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int, seed: int, device: str, progress: bool,
                   log, use_zoo: bool, outlier_store: Path | None = None):
-    """The SSOD or OE classifier: the zoo's when it has one for this suite, else fine-tuned from the plain one."""
+    """The SSOD, OE or :data:`DEMO_RECIPE` classifier: the zoo's when it has one for this suite, else fine-tuned
+    from the plain one for ``epochs``."""
     from .workflows import zoo_checkpoint
 
     net = suite_backbone(suite.name)
@@ -78,9 +86,9 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
              val_limit: int | None = DEMO_VAL_LIMIT, progress: bool = True, log=print) -> dict:
     """Run the demo; returns ``{suite: results}`` and writes ``out/<suite>/`` plus ``out/summary.md``.
 
-    Per suite: the zoo's plain, SSOD and OE classifiers (or, with ``retrain``/``quick``, trained
-    here: plain for ``epochs``, SSOD and OE fine-tuned from it), SHIFT outliers forged from at most
-    ``forge_limit`` training images and from the ID validation images the protocol reads (held out, for its
+    Per suite: the zoo's plain, SSOD, OE and T2FNorm classifiers (or, with ``retrain``/``quick``, trained
+    here: plain for ``epochs``, SSOD, OE and :data:`DEMO_RECIPE` fine-tuned from it), SHIFT outliers forged from
+    at most ``forge_limit`` training images and from the ID validation images the protocol reads (held out, for its
     validation numbers), then every detector on every backbone: detectors fitted on at most ``fit_limit``
     training images, validated on at most ``val_limit`` ID validation images (and the outliers made from them)
     and without :data:`DEMO_LEFT_OUT`, unless ``full``.
@@ -119,6 +127,8 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
         ssod, sinfo = _second_model(suite, "ssod", pinfo, 1 if quick else ssod_epochs, seed, device, progress, log,
                                     use_zoo)
         oe, oinfo = _second_model(suite, "oe", pinfo, 1, seed, device, progress, log, use_zoo, store_dir)
+        t2f, tinfo = _second_model(suite, DEMO_RECIPE, pinfo, 1 if quick else DEMO_RECIPE_EPOCHS, seed, device,
+                                   progress, log, use_zoo)
         save_outlier_grid(suite.id_train, outliers, out / name / "outliers_grid.png")
 
         heldout = heldout_outliers(fitted_on.id_val, seed=seed)
@@ -137,7 +147,8 @@ def run_demo(out: str | Path = "runs/demo", suites: tuple[str, ...] = DEMO_SUITE
                 # ODIN's gradient passes are the costliest detector; the cheaper post-hoc detectors are enough
                 # to compare backbones (Table 6 of SSOD)
                 job(ssod, ["ssod"] + OE_METHODS + FUSIONS, "ssod", sinfo),
-                job(oe, OE_METHODS + FUSIONS, "oe", oinfo)]
+                job(oe, OE_METHODS + FUSIONS, "oe", oinfo),
+                job(t2f, OE_METHODS + FUSIONS, DEMO_RECIPE, tinfo)]
         config = {"suite": name, "quick": quick, "max_train": max_train, "forge_limit": forge_limit, "epochs": ep,
                   "k": k, "shift_synthesis": synth, "full": full, "fit_limit": fit_limit,
                   "fit_train_images": len(fitted_on.id_train), "val_limit": val_limit,
@@ -234,7 +245,7 @@ def write_summary(all_results: dict, out: Path) -> Path:
              "one held-out forger of the earlier per-group rule (class mixes: near, jigsaws: far). **pick - best**: "
              "the pick's AUROC minus the baseline's on the group's OOD sets pooled, with its 95 % paired bootstrap "
              "interval; a win or a loss only when the interval excludes zero.", "",
-             "| suite | group | ID acc plain / SSOD / OE | pick | best post-hoc (test-chosen) | pick - best | per-group "
+             "| suite | group | ID acc plain / SSOD / OE / T2FNorm | pick | best post-hoc (test-chosen) | pick - best | per-group "
              "pick (diagnostic) | shift | ssod@ssod | energy@oe |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
@@ -252,7 +263,7 @@ def write_summary(all_results: dict, out: Path) -> Path:
 
         shift, diff = plain_key(res, "shift"), _diff_cell
         for group in summ["best_post_hoc"]:
-            lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} | "
+            lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} / {acc(DEMO_RECIPE)} | "
                          f"**{cell(summ['pick'], group)}** | {cell(summ['best_post_hoc'][group], group)} | "
                          f"{diff(summ['vs_best_post_hoc'].get(group))} | "
                          f"{cell(summ['per_group_picks'][group], group)} | {cell(shift, group)} | "

@@ -1,4 +1,4 @@
-"""The model zoo: trained plain, SSOD and OE classifiers for every embedded suite, shipped in the package.
+"""The model zoo: trained plain, SSOD, OE and T2FNorm classifiers for every embedded suite, shipped in the package.
 
 Each entry is a checkpoint folder ``<suite>-<method>/`` (``model.safetensors`` + ``meta.json``)
 made by one recorded ``oodforge train ...`` command (``scripts/build_zoo.sh`` regenerates them
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
 MANIFEST = ZOO_DIR / "manifest.json"
-METHODS = ("plain", "ssod", "oe")
+METHODS = ("plain", "ssod", "oe", "t2fnorm")
 
 
 def sha256_file(path: Path) -> str:
@@ -104,12 +104,15 @@ def record_check_accuracies() -> dict[str, float]:
     """Measure :func:`check_accuracy_of` for every entry and store it in its ``meta.json``
     (``check_accuracy``), for :func:`write_manifest` to copy; returns ``{entry: accuracy}``."""
     from ..data.suites import load_suite
+    from ..models.checkpoint import load_checkpoint
 
     out, suites = {}, {}
     for folder in sorted(p for p in ZOO_DIR.iterdir() if (p / "meta.json").is_file()):
         meta = json.loads((folder / "meta.json").read_text())
         suite = suites.setdefault(meta["suite"], load_suite(meta["suite"]))
-        model, _ = load_zoo_model(meta["suite"], meta["plan"]["method"])
+        # the folder itself, not load_zoo_model: a new entry is not in the manifest (and its sha256) until
+        # write_manifest runs after this
+        model, _ = load_checkpoint(folder)
         meta["check_accuracy"] = {"images": min(CHECK_IMAGES, len(suite.id_test)),
                                   "accuracy": check_accuracy_of(model, suite)}
         tmp = folder / f"meta.json.{os.getpid()}.tmp"
