@@ -2,7 +2,7 @@
 # Regenerate the model zoo (src/oodforge/zoo/): the plain, SSOD, OE and T2FNorm classifiers of every embedded suite.
 # Each checkpoint is made by one recorded `oodforge train` command (also kept in its meta.json), then
 # `python -m oodforge.zoo manifest` writes zoo/manifest.json (command, seed, time, accuracies, sha256).
-# Two lanes run in parallel with one thread each (2-core machine); measured times are in docs/zoo.md.
+# Two lanes run in parallel with one thread each (2-core machine); measured times are in docs/results.md.
 # Usage: scripts/build_zoo.sh [lane]   (lane a, b, c, d, e; 'oe' for c + d; 't2fnorm' for f + g; nothing for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
