@@ -89,3 +89,24 @@ def test_zoo_serves_clipart_with_its_pretrained_backbone_only():
         model, _ = zoo.load_zoo_model("clipart", method)
         assert accuracy(model, clipart.id_test) == pytest.approx(rec["id_test_accuracy"], abs=2e-3)
     assert zoo_checkpoint(clipart, TrainPlan()) is None  # small_resnet was not trained on clipart
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
+def test_a_new_entry_is_checked_before_the_manifest_lists_it(tmp_path, monkeypatch):
+    """scripts/build_zoo.sh runs ``check`` then ``manifest``: a freshly trained entry, not yet in the manifest,
+    must get its accuracy check (it used to be refused as unknown), and the manifest then lists and verifies it."""
+    import oodforge.data.suites as suites
+
+    fake = tmp_path / "zoo"
+    (fake / "fashion6-t2fnorm").mkdir(parents=True)
+    for f in ("meta.json", "model.safetensors"):
+        (fake / "fashion6-t2fnorm" / f).write_bytes((zoo.ZOO_DIR / "fashion6-t2fnorm" / f).read_bytes())
+    monkeypatch.setattr(zoo, "ZOO_DIR", fake)
+    monkeypatch.setattr(zoo, "MANIFEST", fake / "manifest.json")
+    monkeypatch.setattr(zoo, "CHECK_IMAGES", 200)
+    monkeypatch.setattr(suites, "load_suite", lambda name: load_suite(name, quick=True))  # 200 images are enough
+    assert zoo.manifest() == {}
+    checked = zoo.record_check_accuracies()
+    assert set(checked) == {"fashion6-t2fnorm"} and checked["fashion6-t2fnorm"] > 0.9
+    assert zoo.write_manifest()["fashion6-t2fnorm"]["check_accuracy"]["images"] == 200
+    assert zoo.verify("fashion6-t2fnorm")["method"] == "t2fnorm"
