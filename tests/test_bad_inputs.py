@@ -44,6 +44,7 @@ def bad(tmp_path_factory) -> Path:
     (d / "corrupt_image" / "a").mkdir(parents=True)
     (d / "corrupt_image" / "a" / "0.png").write_bytes(b"\x89PNG not really")
     np.savez(d / "labels7.npz", images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.array([0, 1, 7, 2]))
+    np.savez(d / "one_class.npz", images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.zeros(4, np.int64))
     np.savez(d / "no_images_key.npz", pixels=np.zeros((4, 28, 28), np.uint8))
     for name, weights, meta_edit in (("ck_corrupt", b"xx" * 10, {}), ("ck_arch", None, {"arch": "resnet18"}),
                                      ("ck_badjson", None, None)):
@@ -169,6 +170,18 @@ MATRIX = [
     ("synth-k-0", SHIFT + ["--data", "fashion", "--quick", "--k", "0", "--out", "{out}"], "--k"),
     ("synth-layercam-without-checkpoint", ["synth", "shift", "--data", "fashion", "--masker", "layercam",
                                            "--inpainter", "telea", "--out", "{out}"], "--checkpoint"),
+    # the procedural and ASCOOD forgers (issue 28: outlier exposure on any forger's store)
+    ("synth-mix-limit-0", ["synth", "mix", "--data", "fashion", "--quick", "--limit", "0", "--out", "{out}"],
+     "--limit"),
+    ("synth-mix-one-class", ["synth", "mix", "--data", "{d}/one_class.npz", "--out", "{out}"], "two classes"),
+    ("synth-jigsaw-grid-0", ["synth", "jigsaw", "--data", "fashion", "--quick", "--grid", "0", "--out", "{out}"],
+     "--grid"),
+    ("synth-jigsaw-users-folder", ["synth", "jigsaw", "--data", "fashion", "--quick", "--out", "{d}/precious"],
+     "oodforge did not write"),
+    ("synth-ascood-no-checkpoint", ["synth", "ascood", "--data", "fashion", "--quick", "--checkpoint", "{d}/nope",
+                                    "--out", "{out}"], "--checkpoint"),
+    ("synth-ascood-bad-p", ["synth", "ascood", "--data", "fashion", "--quick", "--checkpoint", F, "--p", "1.5",
+                            "--out", "{out}"], "--p"),
     ("demo-unknown-suite", ["demo", "--suites", "fashion,nope", "--out", "{out}"], "--suites"),
     ("demo-out-is-file", ["demo", "--quick", "--out", "{d}/a_file"], "--out"),
     ("demo-forge-limit-0", ["demo", "--quick", "--forge-limit", "0", "--out", "{out}"], "--forge-limit"),

@@ -19,7 +19,7 @@ from PIL import Image
 from oodforge.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TAKES_QUICK = ("bench", "train", "export", "synth shift", "demo")
+TAKES_QUICK = ("bench", "train", "export", "synth shift", "synth mix", "synth jigsaw", "demo")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),

@@ -435,9 +435,12 @@ def _wire() -> None:
     from .deploy.cli import export, predict
     from .ssod.cli import explain
     from .synood.cli import label_contexts, synth_synood
-    from .synth.cli import synth_merge, synth_shift
+    from .synth.cli import synth_ascood, synth_jigsaw, synth_merge, synth_mix, synth_shift
 
     synth_app.command("shift")(synth_shift)
+    synth_app.command("jigsaw")(synth_jigsaw)
+    synth_app.command("mix")(synth_mix)
+    synth_app.command("ascood")(synth_ascood)
     synth_app.command("merge")(synth_merge)
     synth_app.command("synood")(synth_synood)
     app.command("contexts")(label_contexts)

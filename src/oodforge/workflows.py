@@ -210,6 +210,20 @@ def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
             "id_test_accuracy": meta.get("id_test_accuracy")}
 
 
+def trained_forgers(plan: TrainPlan, options: dict) -> list[str]:
+    """The held-out forgers whose kind of outlier a training with ``plan`` sees: the recipe's own
+    (``recipes.recipe_forgers``: MixOE on class mixes) and its ``--outliers`` store's (a jigsaw or class-mix store,
+    :func:`oodforge.outliers.procedural.store_forgers`), each once."""
+    from . import recipes
+    from .outliers.procedural import store_forgers
+    from .outliers.store import OutlierStore
+
+    seen = recipes.recipe_forgers(plan.method, options) if recipes.is_recipe(plan.method) else []
+    if plan.outliers:
+        seen += store_forgers(OutlierStore(plan.outliers).config)
+    return list(dict.fromkeys(seen))
+
+
 def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bool = True,
                 state_dir: str | Path | None = None, log=None, model: Classifier | None = None) -> tuple[Classifier, dict]:
     """Train a classifier on ``suite.id_train`` with ``plan`` in the one training loop.
@@ -220,8 +234,6 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
     The seed is set before the model is built, so the same plan gives bit-identical weights on the
     same machine and thread count. ``state_dir`` makes the run resumable per epoch.
     """
-    from . import recipes
-
     config, objective = plan.train_config(), plan.objective(suite.id_train.image_shape)
     mean, std = normalisation(suite)
     arch = plan.arch_to_build()
@@ -238,7 +250,7 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
             "input_shape": list(suite.id_train.image_shape),
             "plan": {**plan.__dict__, "recipe_options": options},
             # the held-out forgers whose kind of outlier this training saw (protocol.trained_forgers reads it)
-            "forgers": recipes.recipe_forgers(plan.method, options) if recipes.is_recipe(plan.method) else [],
+            "forgers": trained_forgers(plan, options),
             "train_seconds": round(time.time() - t0, 1), "init_from": init,
             "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str, dict))}}
     return model.eval(), meta

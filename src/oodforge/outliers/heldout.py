@@ -30,8 +30,8 @@ import torch
 
 from ..data.base import ArrayDataset
 
-__all__ = ["HELDOUT_FORGERS", "FORGER_FOR_GROUP", "HeldoutOutliers", "jigsaw", "class_mix", "heldout_parts",
-           "heldout_outliers"]
+__all__ = ["HELDOUT_FORGERS", "FORGER_FOR_GROUP", "HeldoutOutliers", "jigsaw", "class_mix", "average",
+           "heldout_parts", "heldout_outliers"]
 
 
 def jigsaw(images: torch.Tensor, grid: int = 4, seed: int = 0) -> torch.Tensor:
@@ -73,8 +73,12 @@ def class_mix(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torc
     for c in classes:
         mine, others = np.flatnonzero(y == c), np.flatnonzero(y != c)
         partner[mine] = rng.choice(others, size=len(mine))
-    mixed = (images.to(torch.int32) + images[torch.from_numpy(partner)].to(torch.int32) + 1) // 2
-    return mixed.to(torch.uint8)
+    return average(images, images[torch.from_numpy(partner)])
+
+
+def average(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The pixel-wise mean of two uint8 image batches (mixup at lambda 0.5), rounded half up to uint8."""
+    return ((a.to(torch.int32) + b.to(torch.int32) + 1) // 2).to(torch.uint8)
 
 
 HELDOUT_FORGERS = {"jigsaw": "tiles of a 4x4 grid shuffled", "mix": "average of two images of different classes"}

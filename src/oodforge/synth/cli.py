@@ -1,4 +1,4 @@
-"""Command functions for ``oodforge synth shift`` and ``oodforge synth merge``.
+"""Command functions for ``oodforge synth shift``, ``jigsaw``, ``mix``, ``ascood`` and ``merge``.
 
 Plain typer-annotated functions: :mod:`oodforge.cli` registers them (one CLI, no standalone copy).
 """
@@ -176,6 +176,93 @@ def _inpainter(inpainter: str, inpaint_model: str, steps: int, guidance: float, 
     if inpainter in ("telea", "ns"):
         return make_inpainter(inpainter, radius=radius)
     return make_inpainter(inpainter)
+
+
+DATA = typer.Option(..., "--data", help="ID training data: a suite name (fashion, fashion6, scenes, clipart), a suite "
+                    "file (*.toml) or a path (image folder, .npz, CIFAR batches, ...).")
+OUT = typer.Option(..., "--out", help="Outlier store folder (created, or resumed when it exists).")
+LIMIT = typer.Option(None, "--limit", help="Use only the first N ID images.")
+SEED = typer.Option(0, "--seed", help="Seed: outlier i gets its own seed derived from it; also the suite's seed.")
+IMAGE_SIZE = typer.Option(None, "--image-size", help="When --data is a path: resize its images to this size.")
+DATA_ROOT = typer.Option(None, "--data-root", help="Folder with the Fashion-MNIST files.")
+QUICK = typer.Option(False, "--quick", help="Use the suite's small quick split.")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+
+
+def _forge_procedural(kind: str, data: str, out: Path, limit, seed: int, image_size, data_root, quick: bool,
+                      progress: bool, grid: int = 4) -> None:
+    from ..checks import check_out_dir, check_positive
+    from ..data.suites import load_source_data
+    from ..outliers.procedural import forge_procedural
+    from ..outliers.store import StoreError
+
+    check_out_dir(out)
+    for value, option in ((limit, "--limit"), (image_size, "--image-size"), (grid, "--grid")):
+        check_positive(value, option)
+    dataset = load_source_data(data, data_root, seed, quick, "train", image_size)
+    t0 = time.time()
+    try:
+        store = forge_procedural(dataset, kind, out, seed=seed, limit=limit, grid=grid, progress=progress)
+    except (StoreError, ValueError) as e:
+        _fail(f"--data {data}: {e}" if isinstance(e, ValueError) else str(e))
+    typer.echo(f"{len(store)} {kind} outliers in {out}; this run: {time.time() - t0:.1f} s. Train on them with "
+               f"`oodforge train --method oe --outliers {out} ...`; the protocol then validates that backbone on the "
+               f"other held-out forgers only (docs/protocol.md)")
+
+
+def synth_jigsaw(data: str = DATA, out: Path = OUT, grid: int = typer.Option(4, "--grid", help="Tiles per side "
+                 "(the held-out forger's 4)."), limit: Optional[int] = LIMIT,
+                 seed: int = SEED, image_size: Optional[int] = IMAGE_SIZE, data_root: Optional[str] = DATA_ROOT,
+                 quick: bool = QUICK, progress: bool = PROGRESS) -> None:
+    """Forge jigsaw outliers (each ID training image's tiles shuffled) into a resumable outlier store."""
+    _forge_procedural("jigsaw", data, out, limit, seed, image_size, data_root, quick, progress, grid)
+
+
+def synth_mix(data: str = DATA, out: Path = OUT, limit: Optional[int] = LIMIT, seed: int = SEED,
+              image_size: Optional[int] = IMAGE_SIZE, data_root: Optional[str] = DATA_ROOT, quick: bool = QUICK,
+              progress: bool = PROGRESS) -> None:
+    """Forge class mixes (each ID training image averaged with one of another class) into an outlier store."""
+    _forge_procedural("mix", data, out, limit, seed, image_size, data_root, quick, progress)
+
+
+def synth_ascood(
+    data: str = DATA, out: Path = OUT,
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="The classifier whose input gradients rank the pixels "
+                                    "(ASCOOD's attribution): this data's."),
+    p: float = typer.Option(0.15, "--p", help="Share of pixels perturbed (the authors' CIFAR-10 script: 0.15)."),
+    op: str = typer.Option("shuffle", "--op", help="shuffle (permute the ranked pixels) | gradient (nudge them)."),
+    alpha: float = typer.Option(10.0, "--alpha", help="Step size of op=gradient (OpenOOD's config: 10)."),
+    limit: Optional[int] = LIMIT, seed: int = SEED, image_size: Optional[int] = IMAGE_SIZE,
+    data_root: Optional[str] = DATA_ROOT, quick: bool = QUICK,
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    batch_size: int = typer.Option(64, "--batch-size", help="ID images per attribution step."),
+) -> None:
+    """Forge ASCOOD outliers (the most ID-relevant pixels of each ID image perturbed) into an outlier store."""
+    from ..checks import check_device, check_out_dir, check_positive
+    from ..data.suites import load_source_data
+    from ..outliers.store import StoreError
+    from ..recipes.ascood import check_options, forge_ascood
+
+    check_out_dir(out)
+    check_device(device)
+    try:
+        check_options(p, op, alpha, alpha, 1.0, 1.0)
+    except ValueError as e:  # the recipe's message names its recipe option; here the flag is the option
+        _fail(str(e).replace("recipe option ascood_p", "--p").replace("recipe option ascood_op", "--op")
+              .replace("recipe option ascood_alpha_max", "--alpha"))
+    for value, option in ((limit, "--limit"), (image_size, "--image-size"), (batch_size, "--batch-size")):
+        check_positive(value, option)
+    if not checkpoint.is_dir():
+        _fail(f"--checkpoint {checkpoint}: no such checkpoint folder (a folder written by `oodforge train`)")
+    dataset = load_source_data(data, data_root, seed, quick, "train", image_size)
+    model = _classifier(dataset, data, checkpoint, (None, None, None, None, None, None), device)
+    t0 = time.time()
+    try:
+        store = forge_ascood(dataset, out, model, share=p, op=op, alpha=alpha, seed=seed, limit=limit,
+                             batch_size=batch_size)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{len(store)} ascood outliers in {out}; this run: {time.time() - t0:.1f} s")
 
 
 def synth_merge(
