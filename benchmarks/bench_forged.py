@@ -40,6 +40,7 @@ zoo SSOD model's rows that runs made before per-seed SSOD carry). Results:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ from oodforge.data.suites import load_suite
 from oodforge.keys import split_key
 from oodforge.models.features import default_cache_dir
 from oodforge.outliers.heldout import FORGER_FOR_GROUP, heldout_outliers
+from oodforge.outliers.procedural import forge_procedural
 from oodforge.protocol import is_plain_post_hoc, mean_accuracies, pick, validation_numbers
 from oodforge.recipes import is_recipe
 from oodforge.report import best_method, group_mean
@@ -60,6 +62,7 @@ from oodforge.workflows import (
     FUSIONS,
     POST_HOC,
     TrainPlan,
+    cache_root,
     forge_cpu_outliers,
     get_model,
     suite_backbone,
@@ -98,7 +101,14 @@ RECIPE_VARIANTS = {"ascood-lr1e-3": ("ascood", 1e-3, 1), "t2fnorm-lr1e-3": ("t2f
 #: plain classifier's recorded plan (its epochs, optimizer and schedule: the same budget as the baseline's
 #: classifier) with only the training method changed; issue 28 asks for this beside the fine-tune (session 15)
 SCRATCH_VARIANTS = {"t2fnorm-scratch": "t2fnorm"}
-FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_VARIANTS, *SCRATCH_VARIANTS)
+#: outlier exposure on a store of a procedural forger (oodforge.outliers.procedural, made from at most FORGE_LIMIT
+#: ID training images), for ``--recipes-only`` (label -> (outlier loss, forger, peak lr)): the zoo OE recipe's
+#: energy loss, lr and single epoch on class mixes or jigsaws instead of SHIFT's outliers (issue 28: outlier
+#: exposure on any forger's store; session 15). The backbone records the forger, so its validation number is the
+#: other held-out forger's alone
+STORE_VARIANTS = {"energy-mix-lr1e-2": ("energy", "mix", 1e-2), "energy-jigsaw-lr1e-2": ("energy", "jigsaw", 1e-2)}
+FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_VARIANTS, *SCRATCH_VARIANTS, *STORE_VARIANTS)
+PART_LABELS = (*RECIPE_VARIANTS, *SCRATCH_VARIANTS, *STORE_VARIANTS)  # what --recipes-only takes besides recipes
 CHEAP = [m for m in POST_HOC if m not in ("odin",)]
 FORGE_LIMIT = 10000
 #: ``--fusion-only`` (session 8): oodforge.workflows.FUSIONS on the plain classifier (post-hoc fusions: the
@@ -187,6 +197,13 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
             if label in SCRATCH_VARIANTS:
                 recipe = SCRATCH_VARIANTS[label]
                 plan = zoo_recipe(pinfo, seed, method=recipe)
+            elif label in STORE_VARIANTS:
+                loss, kind, lr = STORE_VARIANTS[label]
+                key = hashlib.sha256(suite.id_train.identity.encode()).hexdigest()[:12]  # quick and full apart
+                recipe, store = "oe", cache_root() / "outliers" / f"{name}-train-{kind}-seed{seed}-{key}"
+                forge_procedural(suite.id_train, kind, store, seed=seed, limit=FORGE_LIMIT)
+                plan = TrainPlan(method="oe", epochs=1, seed=seed, lr=lr, oe_loss=loss, init_from=pinfo["checkpoint"],
+                                 outliers=str(store), **backbone(pinfo))
             else:
                 recipe, lr, epochs = RECIPE_VARIANTS.get(label, (label, None, 1))
                 plan = TrainPlan(method=recipe, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"], lr=lr,
@@ -429,7 +446,7 @@ def main() -> None:
     ap.add_argument("--fusion-only", action="store_true", help="run only the FUSIONS (pairs of FUSION_PARTS) on the "
                     "plain, SSOD and energy-OE backbones into OUT/<suite>/seed<k>/fusion, merged by --summarise")
     ap.add_argument("--recipes-only", default=None, help=f"run only these no-outlier recipes (comma-separated, or "
-                    f"'default' = {','.join(RECIPES)}; or a label of RECIPE_VARIANTS / SCRATCH_VARIANTS: {', '.join([*RECIPE_VARIANTS, *SCRATCH_VARIANTS])}) into "
+                    f"'default' = {','.join(RECIPES)}; or a label of RECIPE_VARIANTS / SCRATCH_VARIANTS / STORE_VARIANTS: {', '.join(PART_LABELS)}) into "
                     "OUT/<suite>/seed<k>/recipes (another list: recipes-<labels>), merged by --summarise")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the results.json "
                     "files already in OUT (runs of several processes)")
@@ -444,10 +461,10 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     recipes = () if not args.recipes_only else RECIPES if args.recipes_only == "default" \
         else tuple(r for r in args.recipes_only.split(",") if r)
-    bad = [r for r in recipes if r not in RECIPE_VARIANTS and r not in SCRATCH_VARIANTS and not is_recipe(r)]
+    bad = [r for r in recipes if r not in PART_LABELS and not is_recipe(r)]
     if bad:
         raise SystemExit(f"--recipes-only: unknown recipes {bad}; give oodforge recipes (docs/recipes.md) or "
-                         f"{', '.join([*RECIPE_VARIANTS, *SCRATCH_VARIANTS])}")
+                         f"{', '.join(PART_LABELS)}")
     out.mkdir(parents=True, exist_ok=True)
     for name in [s for s in args.suites.split(",") if s]:
         for seed in [int(s) for s in args.seeds.split(",")]:
