@@ -104,8 +104,8 @@ SCRATCH_VARIANTS = {"t2fnorm-scratch": "t2fnorm"}
 #: outlier exposure on a store of a procedural forger (oodforge.outliers.procedural, made from at most FORGE_LIMIT
 #: ID training images), for ``--recipes-only`` (label -> (outlier loss, forger, peak lr)): the zoo OE recipe's
 #: energy loss, lr and single epoch on class mixes or jigsaws instead of SHIFT's outliers (issue 28: outlier
-#: exposure on any forger's store; session 15). The backbone records the forger, so its validation number is the
-#: other held-out forger's alone
+#: exposure on any forger's store; session 15). The backbone records the forger; with one held-out forger left it
+#: has no validation number (protocol.MIN_UNSEEN_FORGERS) and is listed, never picked
 STORE_VARIANTS = {"energy-mix-lr1e-2": ("energy", "mix", 1e-2), "energy-jigsaw-lr1e-2": ("energy", "jigsaw", 1e-2)}
 FORGED_LABELS = (*VARIANTS, "maxcov", "ssod", *RECIPE_VARIANTS, *SCRATCH_VARIANTS, *STORE_VARIANTS)
 PART_LABELS = (*RECIPE_VARIANTS, *SCRATCH_VARIANTS, *STORE_VARIANTS)  # what --recipes-only takes besides recipes

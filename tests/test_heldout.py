@@ -139,8 +139,13 @@ def test_protocol_picks_on_the_forgers_each_method_never_saw_and_keeps_id_accura
                                             "msp@mixoe": {"mix": v(1.0), "jigsaw": v(0.80)}}}
     numbers = validation_numbers(res)
     assert numbers["react@oe"] == pytest.approx(v(0.91)) and numbers["knn@oe"] == pytest.approx(v(0.90))
-    # a backbone trained on class mixes is validated on the jigsaws alone (its perfect mix number is not read)
-    assert numbers["msp@mixoe"] == pytest.approx(v(0.80))
+    # a backbone trained on class mixes has one held-out forger left, the jigsaws: fewer than the two unseen
+    # forgers a validation number needs (protocol.MIN_UNSEEN_FORGERS), so it has none and cannot be picked
+    assert "msp@mixoe" not in numbers
+    with_third = {**res, "validation_heldout_by_forger": {**res["validation_heldout_by_forger"],
+                                                          "msp@mixoe": {"mix": v(1.0), "jigsaw": v(0.80),
+                                                                        "rotation": v(0.70)}}}
+    assert validation_numbers(with_third)["msp@mixoe"] == pytest.approx(v(0.75))  # its mix number is never read
     assert pick(res, backbones=("oe", "bad", "mixoe")).key == "react@oe"  # one pick per suite
     # knn@bad would win, but its backbone is 1 point below the plain classifier's ID val accuracy
     assert "knn@bad" not in [p.key for p in ranking(res, backbones=("oe", "bad", "mixoe"))]
@@ -272,7 +277,7 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
         assert (plan.method, plan.epochs, plan.seed, plan.init_from) == (recipe, 12, 1, None)
     # outlier exposure on a procedural forger's store: a forged-side label whose forger is a held-out one
     for label, (loss, kind, lr) in bench_forged.STORE_VARIANTS.items():
-        assert label in bench_forged.FORGED_LABELS and kind in ("mix", "jigsaw") and lr > 0
+        assert label in bench_forged.FORGED_LABELS and kind in ("mix", "jigsaw") and lr > 0 and loss in ("oe", "energy")
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
 
 

@@ -295,7 +295,8 @@ def test_train_cli_runs_a_recipe_from_a_checkpoint_and_refuses_bad_options(tmp_p
     from oodforge.protocol import trained_forgers, validation_numbers
 
     assert trained_forgers(res, "msp@mixoe") == {"mix"}
-    assert validation_numbers(res)["msp@mixoe"] == res["validation_heldout_by_forger"]["msp@mixoe"]["jigsaw"]
+    # one unseen held-out forger (the jigsaws) is fewer than the two a validation number needs
+    assert "msp@mixoe" not in validation_numbers(res) and "jigsaw" in res["validation_heldout_by_forger"]["msp@mixoe"]
     capsys.readouterr()
     for argv, fragment in [(["--method", "logitnorm", "--recipe-option", "rot_lambda=2"], "belongs to rotpred"),
                            (["--method", "rotpred+oe"], "unknown training method"),

@@ -11,8 +11,9 @@ store, these included, so this module writes them as :class:`~.store.OutlierStor
 
 Each outlier ``(i, 0)`` has its own seed (:func:`.store.outlier_seed`: its tile order, its partner), so a killed run
 resumes where it stopped and gives the same store. A backbone trained on such a store records the forger
-(:func:`store_forgers` -> ``models.<label>.forgers``), and the protocol then validates it on the other held-out
-forgers only (``protocol.trained_forgers``; docs/protocol.md).
+(:func:`store_forgers` -> ``models.<label>.forgers``), and the protocol validates it only on held-out forgers it
+never saw, at least ``protocol.MIN_UNSEEN_FORGERS`` of them: with today's two held-out forgers such a backbone has
+no validation number and cannot be picked; a third held-out forger would make it a candidate (docs/protocol.md).
 """
 
 from __future__ import annotations

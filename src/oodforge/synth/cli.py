@@ -206,8 +206,8 @@ def _forge_procedural(kind: str, data: str, out: Path, limit, seed: int, image_s
     except (StoreError, ValueError) as e:
         _fail(f"--data {data}: {e}" if isinstance(e, ValueError) else str(e))
     typer.echo(f"{len(store)} {kind} outliers in {out}; this run: {time.time() - t0:.1f} s. Train on them with "
-               f"`oodforge train --method oe --outliers {out} ...`; the protocol then validates that backbone on the "
-               f"other held-out forgers only (docs/protocol.md)")
+               f"`oodforge train --method oe --outliers {out} ...`; the protocol validates that backbone only on "
+               f"held-out forgers it never saw, at least two (docs/protocol.md)")
 
 
 def synth_jigsaw(data: str = DATA, out: Path = OUT, grid: int = typer.Option(4, "--grid", help="Tiles per side "
