@@ -263,10 +263,10 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
-def _val_cell(by_seed: dict, source: str, m: str) -> str:
-    """Mean validation AUROC / FPR95 of ``m`` (``protocol.validation_numbers`` with ``source``) over the seeds
-    whose run has it."""
-    vals = [n[m] for n in (validation_numbers(r, source) for r in by_seed.values()) if m in n]
+def _val_cell(numbers: list[dict], m: str) -> str:
+    """Mean validation AUROC / FPR95 of ``m`` over the seeds whose run has it; ``numbers``: each seed run's
+    ``protocol.validation_numbers`` for one source (computed once per run, not once per method)."""
+    vals = [n[m] for n in numbers if m in n]
     if not vals:
         return "-"
     return f"{100 * np.mean([v['auroc'] for v in vals]):.2f} / {100 * np.mean([v['fpr95'] for v in vals]):.2f}"
@@ -329,10 +329,12 @@ def summarise(all_res: dict, out: Path) -> str:
                   f"| method | ID val acc (mean over seeds) | {' | '.join(COLUMNS)} | val seeds | near (test) | "
                   "far (test) |", "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"]
         accuracies = mean_accuracies(by_seed.values())
+        numbers = {src: [validation_numbers(by_seed[k], src) for k in seeds] for src in COLUMNS.values()}
+        default = dict(zip(seeds, (validation_numbers(by_seed[k]) for k in seeds)))
         for m in r0["methods"]:
             vacc = accuracies[split_key(m)[2] or "plain"]
-            cells = [_val_cell(by_seed, src, m) for src in COLUMNS.values()]
-            val_seeds = ",".join(str(k) for k, r in sorted(by_seed.items()) if m in validation_numbers(r)) or "-"
+            cells = [_val_cell(numbers[src], m) for src in COLUMNS.values()]
+            val_seeds = ",".join(str(k) for k in seeds if m in default[k]) or "-"
             lines.append(f"| {m} | {100 * vacc:.2f} | {' | '.join(cells)} | {val_seeds} | "
                          f"{_test_cell(by_seed, m, 'near')} | {_test_cell(by_seed, m, 'far')} |")
         groups = [g for g in ("near", "far") if r0["groups"].get(g)]
