@@ -15,8 +15,7 @@ from oodforge.outliers.heldout import average
 from oodforge.outliers.procedural import forge_procedural, store_forgers
 from oodforge.outliers.store import OutlierStore
 from oodforge.protocol import trained_forgers, validation_numbers
-from oodforge.workflows import TrainPlan
-from oodforge.workflows import trained_forgers as plan_forgers
+from oodforge.workflows import TrainPlan, plan_forgers
 
 HAVE_FASHION = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

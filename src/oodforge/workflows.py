@@ -210,7 +210,7 @@ def initialise_from(model: Classifier, checkpoint: str | Path) -> dict:
             "id_test_accuracy": meta.get("id_test_accuracy")}
 
 
-def trained_forgers(plan: TrainPlan, options: dict) -> list[str]:
+def plan_forgers(plan: TrainPlan, options: dict) -> list[str]:
     """The held-out forgers whose kind of outlier a training with ``plan`` sees: the recipe's own
     (``recipes.recipe_forgers``: MixOE on class mixes) and its ``--outliers`` store's (a jigsaw or class-mix store,
     :func:`oodforge.outliers.procedural.store_forgers`), each once."""
@@ -250,7 +250,7 @@ def train_model(suite: Suite, plan: TrainPlan, device: str = "cpu", progress: bo
             "input_shape": list(suite.id_train.image_shape),
             "plan": {**plan.__dict__, "recipe_options": options},
             # the held-out forgers whose kind of outlier this training saw (protocol.trained_forgers reads it)
-            "forgers": trained_forgers(plan, options),
+            "forgers": plan_forgers(plan, options),
             "train_seconds": round(time.time() - t0, 1), "init_from": init,
             "history": {k: v for k, v in history.items() if isinstance(v, (list, int, float, str, dict))}}
     return model.eval(), meta

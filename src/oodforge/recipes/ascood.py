@@ -158,33 +158,40 @@ def ascood_outliers(model, images: torch.Tensor, labels: torch.Tensor, share: fl
     of the batch it is in; default ``seed + i``."""
     check_options(share, op, alpha, alpha, 1.0, sigma if sigma is not None else 1.0)
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(images))]
-    x = images.float().div(255.0)
-    out = perturb(model, x, labels.long(), share, op, alpha, sigma, [np.random.default_rng(s) for s in seeds])
-    return out.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    device = next(model.parameters()).device  # the attribution runs where the model is (``synth ascood --device``)
+    x = images.to(device).float().div(255.0)
+    out = perturb(model, x, labels.to(device).long(), share, op, alpha, sigma,
+                  [np.random.default_rng(s) for s in seeds])
+    return out.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu()
 
 
-def _number(option: str, value) -> float:
+def _number(what: str, value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"recipe option {option} must be a number, got {value!r}")
+        raise ValueError(f"{what} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"recipe option {option} must be a number, got {value!r}") from None
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
 
 
-def check_options(share: float, op: str, alpha_max: float, alpha_min: float, w: float, sigma: float) -> None:
-    """Refuse bad ASCOOD options, naming the recipe option."""
+def check_options(share: float, op: str, alpha_max: float, alpha_min: float, w: float, sigma: float,
+                  names: dict[str, str] | None = None) -> None:
+    """Refuse bad ASCOOD options, naming each as ``names`` says (default: the recipe option, ``recipe option
+    ascood_p``; ``oodforge synth ascood`` passes its flags, ``{"ascood_p": "--p", ...}``)."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, f"recipe option {key}")
+
     if op not in OPS:
-        raise ValueError(f"recipe option ascood_op must be one of {', '.join(OPS)}, got {op!r}")
-    if not 0 < _number("ascood_p", share) <= 1:
-        raise ValueError(f"recipe option ascood_p (the share of pixels perturbed) must be in (0, 1], got {share}")
-    if not _number("ascood_sigma", sigma) > 0:
-        raise ValueError(f"recipe option ascood_sigma must be > 0, got {sigma}")
-    if not _number("ascood_w", w) >= 0:
-        raise ValueError(f"recipe option ascood_w must be >= 0, got {w}")
-    for name, value in (("ascood_alpha_max", alpha_max), ("ascood_alpha_min", alpha_min)):
-        if not _number(name, value) >= 0:
-            raise ValueError(f"recipe option {name} must be >= 0, got {value}")
+        raise ValueError(f"{name('ascood_op')} must be one of {', '.join(OPS)}, got {op!r}")
+    if not 0 < _number(name("ascood_p"), share) <= 1:
+        raise ValueError(f"{name('ascood_p')} (the share of pixels perturbed) must be in (0, 1], got {share}")
+    if not _number(name("ascood_sigma"), sigma) > 0:
+        raise ValueError(f"{name('ascood_sigma')} must be > 0, got {sigma}")
+    if not _number(name("ascood_w"), w) >= 0:
+        raise ValueError(f"{name('ascood_w')} must be >= 0, got {w}")
+    for key, value in (("ascood_alpha_max", alpha_max), ("ascood_alpha_min", alpha_min)):
+        if not _number(name(key), value) >= 0:
+            raise ValueError(f"{name(key)} must be >= 0, got {value}")
 
 
 def uniform_kl(logits: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 
 from ..models.cli import FEATURES, HEAD, MEAN, MODEL, STD, WEIGHTS, check_model_options
+from ..recipes.ascood import ALPHA as ASCOOD_ALPHA
+from ..recipes.ascood import SHARE as ASCOOD_SHARE
 
 
 def _fail(msg: str) -> None:
@@ -229,9 +231,11 @@ def synth_ascood(
     data: str = DATA, out: Path = OUT,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="The classifier whose input gradients rank the pixels "
                                     "(ASCOOD's attribution): this data's."),
-    p: float = typer.Option(0.15, "--p", help="Share of pixels perturbed (the authors' CIFAR-10 script: 0.15)."),
+    p: float = typer.Option(ASCOOD_SHARE, "--p", help="Share of pixels perturbed (the authors' CIFAR-10 script: "
+                            f"{ASCOOD_SHARE})."),
     op: str = typer.Option("shuffle", "--op", help="shuffle (permute the ranked pixels) | gradient (nudge them)."),
-    alpha: float = typer.Option(10.0, "--alpha", help="Step size of op=gradient (OpenOOD's config: 10)."),
+    alpha: float = typer.Option(ASCOOD_ALPHA, "--alpha", help=f"Step size of op=gradient (OpenOOD's config: "
+                                f"{ASCOOD_ALPHA:g})."),
     limit: Optional[int] = LIMIT, seed: int = SEED, image_size: Optional[int] = IMAGE_SIZE,
     data_root: Optional[str] = DATA_ROOT, quick: bool = QUICK,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
@@ -246,10 +250,11 @@ def synth_ascood(
     check_out_dir(out)
     check_device(device)
     try:
-        check_options(p, op, alpha, alpha, 1.0, 1.0)
-    except ValueError as e:  # the recipe's message names its recipe option; here the flag is the option
-        _fail(str(e).replace("recipe option ascood_p", "--p").replace("recipe option ascood_op", "--op")
-              .replace("recipe option ascood_alpha_max", "--alpha"))
+        check_options(p, op, alpha, alpha, 1.0, 1.0,
+                      names={"ascood_p": "--p", "ascood_op": "--op", "ascood_alpha_max": "--alpha",
+                             "ascood_alpha_min": "--alpha"})
+    except ValueError as e:
+        _fail(str(e))
     for value, option in ((limit, "--limit"), (image_size, "--image-size"), (batch_size, "--batch-size")):
         check_positive(value, option)
     if not checkpoint.is_dir():
