@@ -270,11 +270,11 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
     # a from-scratch variant trains the zoo plain classifier's own plan (epochs, schedule), only its method changed
     zoo_plain = {"plan": {"method": "plain", "epochs": 12, "seed": 0, "arch": "small_resnet", "init_from": None}}
-    for label, recipe in bench_forged.SCRATCH_VARIANTS.items():
-        assert label in bench_forged.FORGED_LABELS and is_recipe(recipe)
+    for label, (recipe, factor) in bench_forged.SCRATCH_VARIANTS.items():
+        assert label in bench_forged.FORGED_LABELS and is_recipe(recipe) and factor >= 1
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
-        plan = bench_forged.zoo_recipe(zoo_plain, 1, method=recipe)
-        assert (plan.method, plan.epochs, plan.seed, plan.init_from) == (recipe, 12, 1, None)
+        plan = bench_forged.zoo_recipe(zoo_plain, 1, method=recipe, epochs=factor * 12)
+        assert (plan.method, plan.epochs, plan.seed, plan.init_from) == (recipe, factor * 12, 1, None)
     # outlier exposure on a procedural forger's store: a forged-side label whose forger is a held-out one
     for label, (loss, kind, lr) in bench_forged.STORE_VARIANTS.items():
         assert label in bench_forged.FORGED_LABELS and kind in ("mix", "jigsaw") and lr > 0 and loss in ("oe", "energy")
