@@ -409,28 +409,31 @@ MERGED_ENTRIES = ("methods", "validation", "validation_heldout", "validation_hel
 REQUIRED = ("methods", "groups", "models", "validation_heldout")
 
 
-def read_run(folder: Path) -> dict:
+def read_run(folder: Path, required: tuple[str, ...] = REQUIRED) -> dict:
     """One saved run (its ``results.json`` alone), with the result keys of older runs brought up to date;
-    refuses (one line) a run that lacks a field the pick reads instead of skipping it."""
+    refuses (one line) a run that lacks a field of ``required`` (by default what the pick reads, and with
+    ``models`` every backbone's ID val accuracy) instead of skipping it."""
     path = folder / "results.json"
     res = json.loads(path.read_text())
-    missing = [k for k in REQUIRED if k not in res]
-    missing += [f"models.{label}.id_val_accuracy" for label, m in res.get("models", {}).items()
-                if "id_val_accuracy" not in m]
+    missing = [k for k in required if k not in res]
+    if "models" in required:
+        missing += [f"models.{label}.id_val_accuracy" for label, m in res.get("models", {}).items()
+                    if "id_val_accuracy" not in m]
     if missing:
         raise SystemExit(f"{path}: lacks {', '.join(missing)}, which the protocol's pick reads; re-run it")
     return upgrade_keys(res)
 
 
-def load_runs(out: Path) -> dict:
+def load_runs(out: Path, required: tuple[str, ...] = REQUIRED) -> dict:
     """``{suite: {seed: results}}`` from ``OUT/<suite>/seed<k>/results.json``, each with the part runs in its
     sub-folders (``seed<k>/ssod``, :func:`run_suite` with ``ssod_only``) merged over it: a part's rows replace
-    the seed run's rows of the same method (a seed run made before per-seed SSOD carries the zoo model's)."""
+    the seed run's rows of the same method (a seed run made before per-seed SSOD carries the zoo model's).
+    ``required``: :func:`read_run`'s (a script that picks nothing, as bench_plain_seeds.py, asks for less)."""
     found: dict = {}
     for f in sorted(out.glob("*/seed*/results.json")):
-        res = read_run(f.parent)
+        res = read_run(f.parent, required)
         for part in sorted(p.parent for p in f.parent.glob("*/results.json")):
-            extra = read_run(part)
+            extra = read_run(part, required)
             if extra["groups"] != res["groups"]:
                 raise SystemExit(f"{part}: its OOD groups differ from {f.parent}'s; re-run it")
             for entry in MERGED_ENTRIES:

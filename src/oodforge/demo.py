@@ -52,8 +52,9 @@ DEMO_LEFT_OUT = {"odin": "a gradient and two forward passes per scored image: 71
 OE_METHODS = [m for m in CLASSIC if m != "odin"]
 #: the no-outlier training recipe the demo runs beside SSOD and OE, and its length when the zoo has no model for
 #: it (``--retrain``; ``--quick`` trains one epoch): T2FNorm fine-tuned for ten epochs from the plain classifier,
-#: the backbone benchmarks/bench_forged.py's protocol picks on validation data for fashion6 and clipart (label
-#: ``t2fnorm-e10``; it was scenes' too until T2FNorm from scratch led there: docs/results.md, sessions 14-15).
+#: the backbone benchmarks/bench_forged.py's protocol picks on validation data for fashion6 (label ``t2fnorm-e10``;
+#: it was scenes' and clipart's too until T2FNorm from scratch led on scenes and ASCOOD from scratch on clipart:
+#: docs/results.md, sessions 14-16).
 #: The zoo's ``<suite>-t2fnorm`` models are that plan on seed 0.
 DEMO_RECIPE = "t2fnorm"
 DEMO_RECIPE_EPOCHS = 10
