@@ -147,6 +147,13 @@ def zoo_recipe(info: dict, seed: int, **changes) -> TrainPlan:
     return TrainPlan(**{**{k: v for k, v in info["plan"].items() if k in fields}, "seed": seed, **changes})
 
 
+def scratch_plan(label: str, pinfo: dict, seed: int) -> TrainPlan:
+    """The plan of :data:`SCRATCH_VARIANTS`' ``label``: the zoo plain classifier's (``pinfo``) own plan on ``seed``
+    with the recipe's method and the epochs times the variant's factor (from scratch, as the plain one)."""
+    recipe, factor = SCRATCH_VARIANTS[label]
+    return zoo_recipe(pinfo, seed, method=recipe, epochs=factor * pinfo["plan"]["epochs"])
+
+
 def oe_plan(variant: str, seed: int, pinfo: dict, store: Path) -> TrainPlan:
     """One epoch of outlier exposure of recipe ``variant`` (:data:`VARIANTS`) from the classifier ``pinfo``
     describes, on the outlier store folder ``store``."""
@@ -201,8 +208,7 @@ def run_suite(name: str, seed: int, variants: list[str], out: Path, log, quick: 
         for label in recipes:
             t0 = time.time()
             if label in SCRATCH_VARIANTS:
-                recipe, factor = SCRATCH_VARIANTS[label]
-                plan = zoo_recipe(pinfo, seed, method=recipe, epochs=factor * pinfo["plan"]["epochs"])
+                recipe, plan = SCRATCH_VARIANTS[label][0], scratch_plan(label, pinfo, seed)
             elif label in STORE_VARIANTS:
                 loss, kind, lr = STORE_VARIANTS[label]
                 key = hashlib.sha256(suite.id_train.identity.encode()).hexdigest()[:12]  # quick and full apart
@@ -420,7 +426,7 @@ def read_run(folder: Path, required: tuple[str, ...] = REQUIRED) -> dict:
         missing += [f"models.{label}.id_val_accuracy" for label, m in res.get("models", {}).items()
                     if "id_val_accuracy" not in m]
     if missing:
-        raise SystemExit(f"{path}: lacks {', '.join(missing)}, which the protocol's pick reads; re-run it")
+        raise SystemExit(f"{path}: lacks {', '.join(missing)}, which the summary reads; re-run it")
     return upgrade_keys(res)
 
 

@@ -273,7 +273,7 @@ def test_bench_forged_refuses_an_unknown_recipe_before_any_work_and_labels_its_v
     for label, (recipe, factor) in bench_forged.SCRATCH_VARIANTS.items():
         assert label in bench_forged.FORGED_LABELS and is_recipe(recipe) and factor >= 1
         assert not is_plain_post_hoc(f"knn@{label}", bench_forged.FORGED_LABELS)
-        plan = bench_forged.zoo_recipe(zoo_plain, 1, method=recipe, epochs=factor * 12)
+        plan = bench_forged.scratch_plan(label, zoo_plain, 1)
         assert (plan.method, plan.epochs, plan.seed, plan.init_from) == (recipe, factor * 12, 1, None)
     # outlier exposure on a procedural forger's store: a forged-side label whose forger is a held-out one
     for label, (loss, kind, lr) in bench_forged.STORE_VARIANTS.items():

@@ -177,6 +177,24 @@ def test_the_committed_benchmark_summary_rebuilds_byte_for_byte(committed_runs, 
     assert (tmp_path / "summary.json").read_text() == (FORGED / "summary.json").read_text()
 
 
+def test_the_committed_plain_seeds_summary_rebuilds_byte_for_byte(monkeypatch, tmp_path):
+    """``bench_plain_seeds.py --summarise`` rebuilds its committed summary from the committed runs, which carry
+    no validation numbers (it picks nothing): bench_forged.load_runs must not ask it for them (session 16)."""
+    bench_forged = _bench_forged()
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(__import__("sys").modules, "bench_forged", bench_forged)
+    spec = importlib.util.spec_from_file_location("bench_plain_seeds", ROOT / "benchmarks" / "bench_plain_seeds.py")
+    plain_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_seeds)
+    committed = ROOT / "benchmarks" / "results" / "plain_seeds"
+    plain_seeds.summarise(bench_forged.load_runs(committed, required=plain_seeds.PLAIN_SEEDS_REQUIRED), tmp_path)
+    assert "## clipart (seeds 0, 1, 2)" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.md").read_text() == (committed / "summary.md").read_text()
+    assert (tmp_path / "summary.json").read_text() == (committed / "summary.json").read_text()
+    with pytest.raises(SystemExit, match="lacks validation_heldout"):  # the protocol's default still asks for them
+        bench_forged.load_runs(committed)
+
+
 def test_selection_gap_is_built_from_the_committed_runs_and_the_protocols_pick(committed_runs, monkeypatch):
     """benchmarks/selection_gap.py: its pick is the summary's pick, its baseline the summary's best post-hoc
     detector, its best candidate is at least as good on test as the pick (the pick is a candidate), and the
