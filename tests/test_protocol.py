@@ -133,6 +133,16 @@ def _bench_forged():
     return module
 
 
+def _script_over(bench_forged, name: str, monkeypatch):
+    """``benchmarks/<name>.py``, a script that imports ``bench_forged``, loaded over this ``bench_forged`` copy."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(__import__("sys").modules, "bench_forged", bench_forged)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def committed_runs():
     bench_forged = _bench_forged()
@@ -181,11 +191,7 @@ def test_the_committed_plain_seeds_summary_rebuilds_byte_for_byte(monkeypatch, t
     """``bench_plain_seeds.py --summarise`` rebuilds its committed summary from the committed runs, which carry
     no validation numbers (it picks nothing): bench_forged.load_runs must not ask it for them (session 16)."""
     bench_forged = _bench_forged()
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    monkeypatch.setitem(__import__("sys").modules, "bench_forged", bench_forged)
-    spec = importlib.util.spec_from_file_location("bench_plain_seeds", ROOT / "benchmarks" / "bench_plain_seeds.py")
-    plain_seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plain_seeds)
+    plain_seeds = _script_over(bench_forged, "bench_plain_seeds", monkeypatch)
     committed = ROOT / "benchmarks" / "results" / "plain_seeds"
     plain_seeds.summarise(bench_forged.load_runs(committed, required=plain_seeds.PLAIN_SEEDS_REQUIRED), tmp_path)
     assert "## clipart (seeds 0, 1, 2)" in (tmp_path / "summary.md").read_text()
@@ -200,11 +206,7 @@ def test_selection_gap_is_built_from_the_committed_runs_and_the_protocols_pick(c
     detector, its best candidate is at least as good on test as the pick (the pick is a candidate), and the
     committed selection_gap.md is what it writes from the committed runs."""
     bench_forged, runs = committed_runs
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    monkeypatch.setitem(__import__("sys").modules, "bench_forged", bench_forged)
-    spec = importlib.util.spec_from_file_location("selection_gap", ROOT / "benchmarks" / "selection_gap.py")
-    gap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gap)
+    gap = _script_over(bench_forged, "selection_gap", monkeypatch)
     summary = json.loads((FORGED / "summary.json").read_text())["picks"]
     for suite, by_seed in runs.items():
         for row in gap.gaps(copy.deepcopy(by_seed)):
