@@ -1,4 +1,4 @@
-"""The demo end to end on one small suite: plain, SSOD, OE and T2FNorm training, SHIFT forging, bench, summary."""
+"""The demo end to end on one small suite: plain, SSOD, OE and recipe (T2FNorm) training, SHIFT forging, bench, summary."""
 
 from __future__ import annotations
 
@@ -76,3 +76,27 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert "shift[layercam+telea]:" in summary
     assert any("demo finished" in line for line in lines)
     assert "without odin" in summary and "`oodforge demo --full`" in summary
+
+
+def test_a_recipe_backbone_trains_as_its_benchmark_label_says(monkeypatch):
+    """Without the zoo, the demo's recipe backbone is trained as the benchmark's picked label: fine-tuned from the
+    plain classifier for ``finetune_epochs`` (``t2fnorm-e10``), or from scratch on the plain classifier's own plan
+    (``t2fnorm-scratch``, ``ascood-scratch``: its epochs, no ``init_from``, the recipe lr of a scratch run)."""
+    import oodforge.demo as demo
+    from oodforge.data.base import Suite
+
+    plans = []
+    monkeypatch.setattr(demo, "get_model", lambda suite, plan, **kw: plans.append(plan) or (None, {}))
+    pinfo = {"checkpoint": "zoo/scenes-plain", "plan": {"epochs": 12}}
+    suite = Suite.__new__(Suite)
+    suite.name = "scenes"
+    for name in ("scenes", "fashion6"):
+        recipe = demo.demo_recipe(name)
+        demo._second_model(suite, recipe.method, pinfo, recipe.finetune_epochs, 0, "cpu", False, None, False)
+    scratch, finetune = plans
+    assert (scratch.method, scratch.epochs, scratch.init_from, scratch.lr) == ("t2fnorm", 12, None, None)
+    config = scratch.train_config()  # the plain classifier's optimiser and schedule: its own plan
+    assert (config.lr, config.schedule) == (0.05, "onecycle")
+    assert (finetune.method, finetune.epochs, finetune.init_from) == ("t2fnorm", 10, "zoo/scenes-plain")
+    assert demo.demo_recipe("clipart") == demo.DemoRecipe("ascood", None, "ascood-scratch", ("kpca",))
+    assert demo.demo_recipe("my-suite.toml") == demo.DEFAULT_DEMO_RECIPE

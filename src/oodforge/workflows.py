@@ -272,8 +272,8 @@ def suite_backbone(suite_name: str) -> dict:
 def zoo_checkpoint(suite: Suite, plan: TrainPlan) -> Path | None:
     """The zoo folder that holds the classifier ``plan`` asks for on ``suite``, or ``None``.
 
-    The zoo serves the default recipe only (plain, SSOD, OE or T2FNorm, no explicit hyperparameters, the backbone
-    the entry was trained with: ``small_resnet``, or for ``clipart`` EfficientNet-Lite0 fine-tuned, see
+    The zoo serves the default recipe only (plain, SSOD, OE, T2FNorm or ASCOOD, no explicit hyperparameters, the
+    backbone the entry was trained with: ``small_resnet``, or for ``clipart`` EfficientNet-Lite0 fine-tuned, see
     :data:`SUITE_ARCH`) on the full suite it was trained on (checked by training-set identity).
     """
     from . import zoo

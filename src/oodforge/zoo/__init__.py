@@ -1,4 +1,5 @@
-"""The model zoo: trained plain, SSOD, OE and T2FNorm classifiers for every embedded suite, shipped in the package.
+"""The model zoo: trained plain, SSOD and OE classifiers for every embedded suite and the no-outlier recipe backbone
+the demo runs on it (T2FNorm; ASCOOD on clipart: :data:`oodforge.demo.DEMO_RECIPES`), shipped in the package.
 
 Each entry is a checkpoint folder ``<suite>-<method>/`` (``model.safetensors`` + ``meta.json``)
 made by one recorded ``oodforge train ...`` command (``scripts/build_zoo.sh`` regenerates them
@@ -19,7 +20,8 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
 MANIFEST = ZOO_DIR / "manifest.json"
-METHODS = ("plain", "ssod", "oe", "t2fnorm")
+#: the training methods the zoo holds models of (not every suite has every recipe)
+METHODS = ("plain", "ssod", "oe", "t2fnorm", "ascood")
 
 
 def sha256_file(path: Path) -> str:
