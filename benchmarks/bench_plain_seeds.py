@@ -1,7 +1,7 @@
 """Seed spread of the post-hoc detectors: the zoo's plain recipe trained with seeds 0, 1, 2 (issue 9).
 
     .venv/bin/python benchmarks/bench_plain_seeds.py [--suites scenes,fashion6] [--seeds 0,1,2]
-        [--out benchmarks/results/plain_seeds] [--summarise]
+        [--out benchmarks/results/plain_seeds] [--fusion-only] [--summarise]
 
 ``benchmarks/bench_forged.py`` re-runs the forged-outlier side per seed on the zoo's seed-0 classifier, so
 its post-hoc rows have no spread. The issue asks for three seeds of the best post-hoc detector too, and
@@ -19,7 +19,8 @@ when the classifier's seed varies too, which is the spread to set beside the pos
 
 Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's format) and ``OUT/summary.md`` / ``.json``:
 per detector and group, mean ± std over the classifier seeds of mean AUROC / FPR95 (%), and the ID
-test and val accuracy of each classifier.
+test and val accuracy of each classifier. ``--fusion-only`` adds the post-hoc fusions of two scores
+(``oodforge.workflows.FUSIONS``, part of issue 28's baseline) as a part run per seed, merged by the summary.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from oodforge.data.suites import load_suite
 from oodforge.models.features import default_cache_dir
 from oodforge.protocol import is_plain_post_hoc
 from oodforge.report import group_mean
-from oodforge.workflows import POST_HOC, forge_cpu_outliers, get_model
+from oodforge.workflows import FUSIONS, POST_HOC, forge_cpu_outliers, get_model
 
 
 def plain_classifier(suite, seed: int, log):
@@ -58,14 +59,18 @@ def oe_job(suite, plain, pinfo: dict, variant: str, seed: int, log) -> BenchJob:
                                                        "train_seconds": info.get("train_seconds")})
 
 
-def run_seed(name: str, seed: int, out: Path, log, oe_variant: str | None = None) -> dict:
+def run_seed(name: str, seed: int, out: Path, log, oe_variant: str | None = None, fusion_only: bool = False) -> dict:
+    """Every post-hoc detector (``fusion_only``: the post-hoc fusions, into the part folder ``seed<k>/fusion``
+    that :func:`bench_forged.load_runs` merges over the seed's run) on seed ``seed``'s plain classifier."""
     suite = load_suite(name)
     model, info = plain_classifier(suite, seed, log)
-    jobs = [BenchJob(model, POST_HOC, info={"train_seconds": info.get("train_seconds")})]
+    jobs = [BenchJob(model, FUSIONS if fusion_only else POST_HOC, info={"train_seconds": info.get("train_seconds")})]
     if oe_variant:
         jobs.append(oe_job(suite, model, info, oe_variant, seed, log))
-    res = run_bench(suite, jobs, out / name / f"seed{seed}", cache_dir=default_cache_dir(), seed=seed,
-                    progress=False, config={"bench": "bench_plain_seeds", "oe_variant": oe_variant}, log=log)
+    run_dir = out / name / f"seed{seed}" / ("fusion" if fusion_only else "")
+    res = run_bench(suite, jobs, run_dir, cache_dir=default_cache_dir(), seed=seed, progress=False,
+                    config={"bench": "bench_plain_seeds", "oe_variant": oe_variant, "fusion_only": fusion_only},
+                    log=log)
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
@@ -121,6 +126,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/plain_seeds")
     ap.add_argument("--oe-variant", choices=sorted(VARIANTS), help="also forge, fine-tune and benchmark this OE "
                     "recipe on each seed's classifier")
+    ap.add_argument("--fusion-only", action="store_true", help="run only the post-hoc fusions (oodforge.workflows."
+                    "FUSIONS, part of the baseline since issue 28) into OUT/<suite>/seed<k>/fusion")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the runs in OUT")
     args = ap.parse_args()
     out = Path(args.out)
@@ -130,7 +137,7 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 print(f"=== {name} seed {seed} ===", flush=True)
                 t0 = time.time()
-                run_seed(name, seed, out, log=print, oe_variant=args.oe_variant)
+                run_seed(name, seed, out, log=print, oe_variant=args.oe_variant, fusion_only=args.fusion_only)
                 print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     print(summarise(load_runs(out, required=PLAIN_SEEDS_REQUIRED), out))
 
