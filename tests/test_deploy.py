@@ -300,6 +300,16 @@ def test_nested_and_unsupported_detectors(run, tmp_path):
         GuardedClassifier.fit(run.model, run.suite, "mcm")
 
 
+def test_every_detector_exports_but_the_clip_ones():
+    """The protocol may pick any detector on any backbone, and `oodforge export` must ship what it picks: every
+    registered detector is serialisable except the CLIP ones, whose CLIP model a guard does not hold."""
+    from oodforge.deploy.state import SERIALISABLE
+    from oodforge.detectors import available
+
+    assert set(available()) - set(SERIALISABLE) == {"mcm", "neglabel", "synood"}
+    assert set(SERIALISABLE) <= set(available())
+
+
 def test_calibration_rule_and_input_checks(run):
     from oodforge.deploy import calibrate_threshold
 
@@ -328,6 +338,10 @@ def test_calibration_rule_and_input_checks(run):
                       "knn:k=5,backend=torch"]),
     ("small_resnet", ["ash", "entropy", "fdbd", "gen", "klm", "nci", "nnguide", "rankfeat", "rmds", "scale",
                       "tempscale", "vra"]),
+    # issue 24's detectors (session 17: kpca@ascood-scratch, clipart's pick, could not be exported before)
+    ("small_resnet", ["adascale_a", "adascale_l", "cadref", "caref", "doctor", "gem", "gmm", "iodin", "kpca",
+                      "mahalanobispp", "neco", "nusa", "openmax", "optfs", "relation", "residual", "ssd"]),
+    ("rotpred:small_resnet", ["rotpred"]),
 ])
 def test_roundtrip_on_a_toy_suite(arch, methods, tmp_path):
     """Every other kind of fitted state (model references, needs_inputs detectors, torch knn) survives a reload."""

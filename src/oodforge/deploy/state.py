@@ -28,10 +28,14 @@ from torch import nn
 
 from ..detectors import REGISTRY, Detector, available, create
 
-#: the registered detectors that export (tested in tests/test_deploy.py); others fail with a clear error
-SERIALISABLE = ("ash", "dice", "energy", "entropy", "fdbd", "fusion", "gen", "gradnorm", "klm", "knn", "mahalanobis",
-                "maxlogit", "msp", "nci", "nnguide", "odin", "rankfeat", "react", "rmds", "scale", "she", "shift",
-                "ssod", "ssod-combined", "tempscale", "vim", "vra")
+#: the registered detectors that export (each tested in tests/test_deploy.py); others fail with a clear error. Not
+#: here: ``mcm`` / ``neglabel`` (they score with a CLIP model beside the classifier, which a guard does not hold) and
+#: ``synood`` (SynOOD's CLIP pipeline)
+SERIALISABLE = ("adascale_a", "adascale_l", "ash", "cadref", "caref", "dice", "doctor", "energy", "entropy", "fdbd",
+                "fusion", "gem", "gen", "gmm", "gradnorm", "iodin", "klm", "knn", "kpca", "mahalanobis",
+                "mahalanobispp", "maxlogit", "msp", "nci", "neco", "nnguide", "nusa", "odin", "openmax", "optfs",
+                "rankfeat", "react", "relation", "residual", "rmds", "rotpred", "scale", "she", "shift", "ssd", "ssod",
+                "ssod-combined", "tempscale", "vim", "vra")
 
 
 class UnsupportedDetectorError(ValueError):
@@ -139,6 +143,9 @@ def _one(det: Detector, attr: str, v, model: nn.Module, key: str, tensors: dict)
                 and len({len(x) for x in rows}) == 1 and len({type(x) for x in rows}) == 1:
             tensors[key] = torch.tensor([[float(y) for y in x] for x in rows], dtype=torch.float64)
             return {"kind": "seq", "outer": type(v).__name__, "inner": type(rows[0]).__name__}
+        if rows and all(isinstance(x, Detector) for x in rows):  # ``ssd``'s one fitted Mahalanobis per cluster
+            return {"kind": "detectors", "outer": type(v).__name__,
+                    "items": [_one(det, attr, x, model, f"{key}.{i}", tensors) for i, x in enumerate(rows)]}
         raise _unsupported(det.name, f"attribute {key!r} is a list of non-numbers")
     if isinstance(v, Detector):
         sub_tensors: dict[str, torch.Tensor] = {}
@@ -174,48 +181,55 @@ def restore_detector(manifest: dict, tensors: dict[str, torch.Tensor], model: nn
 
 def _restore_attrs(det: Detector, state: dict, tensors: dict, model: nn.Module, device: str, prefix: str) -> None:
     for attr, spec in state.items():
-        key = prefix + attr
-        kind = spec["kind"]
-        if kind == "classifier":
-            v = model
-        elif kind == "device":
-            v = torch.device(device) if spec.get("type") == "torch.device" else str(device)
-        elif kind == "none":
-            v = None
-        elif kind == "str":
-            v = spec["value"]
-        elif kind == "tensor":
-            v = tensors[key]
-        elif kind == "ndarray":
-            v = tensors[key].numpy()
-        elif kind == "number":
-            t, typ = tensors[key], spec["type"]
-            if typ.startswith("numpy."):
-                v = np.dtype(typ[len("numpy."):]).type(t.item())
-            else:
-                v = {"bool": bool, "int": int, "float": float}[typ](t.item())
-        elif kind == "seq":
-            rows = tensors[key].tolist()
-            if spec.get("inner"):
-                inner = tuple if spec["inner"] == "tuple" else list
-                rows = [inner(r) for r in rows]
-            v = tuple(rows) if spec["outer"] == "tuple" else rows
-        elif kind == "detector":
-            v = create(spec["name"], **spec.get("params", {}))
-            _restore_attrs(v, spec["state"], tensors, model, device, key + ".")
-        elif kind == "module":
-            sub = {k[len(key) + 1:]: t for k, t in tensors.items() if k.startswith(key + ".")}
-            builder = MODULE_BUILDERS.get(spec["class"])
-            if builder is None:
-                raise ValueError(f"detector state: unknown module class {spec['class']!r} for {key!r}")
-            v = builder(sub)
-            v.load_state_dict(sub, strict=True)
-            v = v.to(device).train(bool(spec.get("training", False)))
-        elif kind == "faiss_flat_l2":
-            v = _faiss_index(det, tensors[key])
+        setattr(det, attr, _restore_value(det, spec, tensors, model, device, prefix + attr))
+
+
+def _restore_value(det: Detector, spec: dict, tensors: dict, model: nn.Module, device: str, key: str):
+    """One attribute's value from its manifest entry ``spec`` (written by :func:`_one` under ``key``)."""
+    kind = spec["kind"]
+    if kind == "classifier":
+        v = model
+    elif kind == "device":
+        v = torch.device(device) if spec.get("type") == "torch.device" else str(device)
+    elif kind == "none":
+        v = None
+    elif kind == "str":
+        v = spec["value"]
+    elif kind == "tensor":
+        v = tensors[key]
+    elif kind == "ndarray":
+        v = tensors[key].numpy()
+    elif kind == "number":
+        t, typ = tensors[key], spec["type"]
+        if typ.startswith("numpy."):
+            v = np.dtype(typ[len("numpy."):]).type(t.item())
         else:
-            raise ValueError(f"detector state: unknown kind {kind!r} for {key!r}")
-        setattr(det, attr, v)
+            v = {"bool": bool, "int": int, "float": float}[typ](t.item())
+    elif kind == "seq":
+        rows = tensors[key].tolist()
+        if spec.get("inner"):
+            inner = tuple if spec["inner"] == "tuple" else list
+            rows = [inner(r) for r in rows]
+        v = tuple(rows) if spec["outer"] == "tuple" else rows
+    elif kind == "detector":
+        v = create(spec["name"], **spec.get("params", {}))
+        _restore_attrs(v, spec["state"], tensors, model, device, key + ".")
+    elif kind == "module":
+        sub = {k[len(key) + 1:]: t for k, t in tensors.items() if k.startswith(key + ".")}
+        builder = MODULE_BUILDERS.get(spec["class"])
+        if builder is None:
+            raise ValueError(f"detector state: unknown module class {spec['class']!r} for {key!r}")
+        v = builder(sub)
+        v.load_state_dict(sub, strict=True)
+        v = v.to(device).train(bool(spec.get("training", False)))
+    elif kind == "faiss_flat_l2":
+        v = _faiss_index(det, tensors[key])
+    elif kind == "detectors":
+        v = [_restore_value(det, item, tensors, model, device, f"{key}.{i}") for i, item in enumerate(spec["items"])]
+        v = tuple(v) if spec["outer"] == "tuple" else v
+    else:
+        raise ValueError(f"detector state: unknown kind {kind!r} for {key!r}")
+    return v
 
 
 def _faiss_index(det: Detector, vectors: torch.Tensor):
