@@ -143,8 +143,7 @@ def zoo_model(suite, method: str, log):
 def zoo_recipe(info: dict, seed: int, **changes) -> TrainPlan:
     """The plan a zoo checkpoint was trained with (its meta.json ``plan``, the command of
     scripts/build_zoo.sh), on ``seed`` and with ``changes``: the zoo's recipe on another seed."""
-    fields = set(TrainPlan.__dataclass_fields__)
-    return TrainPlan(**{**{k: v for k, v in info["plan"].items() if k in fields}, "seed": seed, **changes})
+    return TrainPlan.from_record(info, seed=seed, **changes)
 
 
 def scratch_plan(label: str, pinfo: dict, seed: int) -> TrainPlan:

@@ -104,8 +104,8 @@ def _second_model(suite: Suite, method: str, pinfo: dict, epochs: int | None, se
     net = suite_backbone(suite.name)
     if use_zoo and zoo_checkpoint(suite, TrainPlan(method=method, **net)) is not None:
         return get_model(suite, TrainPlan(method=method, **net), device=device, progress=progress, log=log)
-    if epochs is None:  # from scratch: the plain classifier's epochs and schedule, only the method changed
-        plan = TrainPlan(method=method, epochs=pinfo["plan"]["epochs"], seed=seed, **net)
+    if epochs is None:  # from scratch: the plain classifier's recorded plan, only the method changed
+        plan = TrainPlan.from_record(pinfo, method=method, seed=seed)
     else:
         recipe = {k: v for k, v in OE_RECIPE.items() if k != "epochs"} if method == "oe" else {}
         plan = TrainPlan(method=method, epochs=epochs, seed=seed, init_from=pinfo["checkpoint"],

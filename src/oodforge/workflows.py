@@ -93,6 +93,17 @@ class TrainPlan:
     m_out: float | None = None
     recipe_options: dict | None = None  # a recipe's (oodforge.recipes) options; None = the papers' defaults
 
+    @classmethod
+    def from_record(cls, info: dict, **changes) -> TrainPlan:
+        """The plan a checkpoint was trained with (its ``meta.json`` ``plan``, e.g. a zoo entry's recorded command)
+        with ``changes``: the same recipe on another seed, or (``method=...``) another loss on the same budget. A
+        change of method drops the recorded recipe options, which belong to the recorded method."""
+        fields = set(cls.__dataclass_fields__)
+        recorded = {k: v for k, v in info["plan"].items() if k in fields}
+        if "method" in changes and changes["method"] != recorded.get("method"):
+            recorded["recipe_options"] = None
+        return cls(**{**recorded, **changes})
+
     def key(self, suite: Suite) -> str:
         fields = {k: v for k, v in self.__dict__.items() if not (k == "recipe_options" and v is None)}
         blob = json.dumps({**fields, "train": suite.id_train.identity, "shape": suite.image_shape},
