@@ -42,6 +42,7 @@ from oodforge.data import (
     stratified_indices,
 )
 from oodforge.data.fashion import DEFAULT_FASHION_ROOT
+from oodforge.data.suites import fashion6_near_classes
 
 REAL_FASHION = (DEFAULT_FASHION_ROOT / "train-images-idx3-ubyte.gz").is_file()
 
@@ -482,6 +483,9 @@ def test_fashion6_suite_remaps_and_holds_out(fake_fashion):
             # the near set is exactly the held-out TEST images
             t_imgs, t_labels = arrays["t10k"]
             np.testing.assert_array_equal(s.ood["held-out-classes"].images.numpy()[:, 0], t_imgs[np.isin(t_labels, held)])
+            # ... and fashion6_near_classes names each near image's class in the suite's order (the pixel marker)
+            names = fashion6_near_classes(root)
+            assert len(names) == len(near) and (names == np.array(FASHION_MNIST_CLASSES, dtype=object)[near]).all()
 
 
 @pytest.mark.skipif(not REAL_FASHION, reason="Debian dataset-fashion-mnist not installed")

@@ -125,14 +125,26 @@ def _remap(ds: ArrayDataset, keep: list[int], identity: str, class_names: list[s
     return ArrayDataset(ds.images.numpy()[idx], lut[labels[idx]], class_names, identity)
 
 
+def _fashion6_near_index(test_labels: np.ndarray) -> np.ndarray:
+    """Which Fashion-MNIST test images, in order, make fashion6's near set (the held-out classes)."""
+    held = [FASHION_MNIST_CLASSES.index(c) for c in FASHION6_HELD_OUT]
+    return np.flatnonzero(np.isin(test_labels, held))
+
+
+def fashion6_near_classes(data_root=None) -> np.ndarray:
+    """The Fashion-MNIST class name of every image of the full fashion6 suite's near set, in the suite's order (the
+    OOD set itself carries no labels): for diagnostics that split near-OOD by class (benchmarks/near_by_class.py)."""
+    labels = load_fashion_mnist("test", data_root).labels.numpy()
+    return np.array(FASHION_MNIST_CLASSES, dtype=object)[labels[_fashion6_near_index(labels)]]
+
+
 def _fashion6(data_root, seed: int, quick: bool) -> Suite:
     keep = [FASHION_MNIST_CLASSES.index(c) for c in FASHION6_CLASSES]
-    held = [FASHION_MNIST_CLASSES.index(c) for c in FASHION6_HELD_OUT]
     train_full, test_full = load_fashion_mnist("train", data_root), load_fashion_mnist("test", data_root)
     train = _remap(train_full, keep, "fashion6/train", FASHION6_CLASSES)
     test = _remap(test_full, keep, "fashion6/test", FASHION6_CLASSES)
     t_labels = test_full.labels.numpy()
-    near_idx = np.flatnonzero(np.isin(t_labels, held))
+    near_idx = _fashion6_near_index(t_labels)
     near = ArrayDataset(test_full.images.numpy()[near_idx], None, None, "fashion6/held-out-classes")
     if quick:
         train, test = _quick(train, QUICK_ID_SIZES["train"], seed), _quick(test, QUICK_ID_SIZES["test"], seed)
