@@ -19,8 +19,9 @@ when the classifier's seed varies too, which is the spread to set beside the pos
 
 Results: ``OUT/<suite>/seed<k>/results.json`` (the bench's format) and ``OUT/summary.md`` / ``.json``:
 per detector and group, mean ± std over the classifier seeds of mean AUROC / FPR95 (%), and the ID
-test and val accuracy of each classifier. ``--fusion-only`` adds the post-hoc fusions of two scores
-(``oodforge.workflows.FUSIONS``, part of issue 28's baseline) as a part run per seed, merged by the summary.
+test and val accuracy of each classifier. Each run includes the post-hoc fusions of two scores
+(``oodforge.workflows.FUSIONS``, part of issue 28's baseline); ``--fusion-only`` adds them to runs made before that,
+as a part run per seed merged by the summary.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def oe_job(suite, plain, pinfo: dict, variant: str, seed: int, log) -> BenchJob:
 
 
 def run_seed(name: str, seed: int, out: Path, log, oe_variant: str | None = None, fusion_only: bool = False) -> dict:
-    """Every post-hoc detector (``fusion_only``: the post-hoc fusions, into the part folder ``seed<k>/fusion``
-    that :func:`bench_forged.load_runs` merges over the seed's run) on seed ``seed``'s plain classifier."""
+    """Every post-hoc detector and the post-hoc fusions (issue 28's baseline) on seed ``seed``'s plain classifier;
+    ``fusion_only``: the fusions alone, into the part folder ``seed<k>/fusion`` that :func:`bench_forged.load_runs`
+    merges over a seed run made before the fusions were part of it."""
     suite = load_suite(name)
     model, info = plain_classifier(suite, seed, log)
-    jobs = [BenchJob(model, FUSIONS if fusion_only else POST_HOC, info={"train_seconds": info.get("train_seconds")})]
+    jobs = [BenchJob(model, FUSIONS if fusion_only else POST_HOC + FUSIONS,
+                     info={"train_seconds": info.get("train_seconds")})]
     if oe_variant:
         jobs.append(oe_job(suite, model, info, oe_variant, seed, log))
     run_dir = out / name / f"seed{seed}" / ("fusion" if fusion_only else "")
@@ -127,9 +130,12 @@ def main() -> None:
     ap.add_argument("--oe-variant", choices=sorted(VARIANTS), help="also forge, fine-tune and benchmark this OE "
                     "recipe on each seed's classifier")
     ap.add_argument("--fusion-only", action="store_true", help="run only the post-hoc fusions (oodforge.workflows."
-                    "FUSIONS, part of the baseline since issue 28) into OUT/<suite>/seed<k>/fusion")
+                    "FUSIONS, part of the baseline since issue 28) into OUT/<suite>/seed<k>/fusion, for runs made "
+                    "before they were")
     ap.add_argument("--summarise", action="store_true", help="only rebuild OUT/summary.md from the runs in OUT")
     args = ap.parse_args()
+    if args.fusion_only and args.oe_variant:
+        ap.error("--fusion-only adds the plain classifier's fusions to earlier runs; run --oe-variant apart")
     out = Path(args.out)
     if not args.summarise:
         out.mkdir(parents=True, exist_ok=True)
