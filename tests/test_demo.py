@@ -78,25 +78,26 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert "without odin" in summary and "`oodforge demo --full`" in summary
 
 
+
 def test_a_recipe_backbone_trains_as_its_benchmark_label_says(monkeypatch):
     """Without the zoo, the demo's recipe backbone is trained as the benchmark's picked label: fine-tuned from the
-    plain classifier for ``finetune_epochs`` (``t2fnorm-e10``), or from scratch on the plain classifier's own plan
-    (``t2fnorm-scratch``, ``ascood-scratch``: its epochs, no ``init_from``, the recipe lr of a scratch run)."""
+    plain classifier for ``finetune_epochs`` (``t2fnorm-e10``), or from scratch on the plain classifier's recorded
+    plan (``t2fnorm-scratch``, ``ascood-scratch``: its epochs and schedule, no ``init_from``)."""
+    from types import SimpleNamespace
+
     import oodforge.demo as demo
-    from oodforge.data.base import Suite
 
     plans = []
     monkeypatch.setattr(demo, "get_model", lambda suite, plan, **kw: plans.append(plan) or (None, {}))
-    pinfo = {"checkpoint": "zoo/scenes-plain", "plan": {"epochs": 12}}
-    suite = Suite.__new__(Suite)
-    suite.name = "scenes"
+    pinfo = {"checkpoint": "zoo/scenes-plain", "plan": {"method": "plain", "epochs": 12, "seed": 0, "lr": None}}
     for name in ("scenes", "fashion6"):
         recipe = demo.demo_recipe(name)
-        demo._second_model(suite, recipe.method, pinfo, recipe.finetune_epochs, 0, "cpu", False, None, False)
+        demo._second_model(SimpleNamespace(name=name), recipe.method, pinfo, recipe.finetune_epochs, 1, "cpu",
+                           False, None, False)
     scratch, finetune = plans
-    assert (scratch.method, scratch.epochs, scratch.init_from, scratch.lr) == ("t2fnorm", 12, None, None)
+    assert (scratch.method, scratch.epochs, scratch.seed, scratch.init_from) == ("t2fnorm", 12, 1, None)
     config = scratch.train_config()  # the plain classifier's optimiser and schedule: its own plan
     assert (config.lr, config.schedule) == (0.05, "onecycle")
     assert (finetune.method, finetune.epochs, finetune.init_from) == ("t2fnorm", 10, "zoo/scenes-plain")
-    assert demo.demo_recipe("clipart") == demo.DemoRecipe("ascood", None, "ascood-scratch", ("kpca",))
+    assert finetune.train_config().lr == 0.01  # the recipe fine-tune's (workflows.RECIPE_FINETUNE)
     assert demo.demo_recipe("my-suite.toml") == demo.DEFAULT_DEMO_RECIPE

@@ -201,6 +201,29 @@ def test_the_committed_plain_seeds_summary_rebuilds_byte_for_byte(monkeypatch, t
         bench_forged.load_runs(committed)
 
 
+def test_the_demo_runs_the_backbone_of_each_committed_pick():
+    """oodforge.demo.DEMO_RECIPES follows the benchmark: each recipe is the plan of its bench_forged label, and that
+    label is the backbone of the suite's committed pick (fashion's pick is on the OE backbone, which the demo runs
+    anyway). A pick that moves to another backbone fails here until the demo and the zoo follow it."""
+    from oodforge.demo import DEMO_RECIPES, OE_METHODS
+    from oodforge.keys import split_key
+    from oodforge.workflows import FUSIONS
+
+    bench_forged = _bench_forged()
+    picks = json.loads((FORGED / "summary.json").read_text())["picks"]
+    for suite, recipe in DEMO_RECIPES.items():
+        if recipe.finetune_epochs is None:
+            assert bench_forged.SCRATCH_VARIANTS[recipe.label] == (recipe.method, 1), suite
+        else:
+            assert bench_forged.RECIPE_VARIANTS[recipe.label] == (recipe.method, None, recipe.finetune_epochs), suite
+        detector, _, label = split_key(picks[suite]["pick"])
+        if suite == "fashion":
+            assert label == bench_forged.FUSION_VARIANT  # the zoo's OE recipe, the demo's "oe" backbone
+            continue
+        assert label == recipe.label, suite
+        assert detector in OE_METHODS + FUSIONS + list(recipe.detectors), suite  # the demo runs the pick's detector
+
+
 def test_selection_gap_is_built_from_the_committed_runs_and_the_protocols_pick(committed_runs, monkeypatch):
     """benchmarks/selection_gap.py: its pick is the summary's pick, its baseline the summary's best post-hoc
     detector, its best candidate is at least as good on test as the pick (the pick is a candidate), and the
