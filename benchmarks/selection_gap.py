@@ -12,7 +12,11 @@ method, as in ``summary.md``):
   could have picked (its backbone keeps ID validation accuracy within 0.5 points, and it has a validation
   number): what a perfect per-group selection would ship from today's candidates;
 * **best single candidate**: the one candidate whose worse group is furthest ahead of that group's baseline
-  (what one shipped detector could reach at best; per-group bests are two detectors).
+  (what one shipped detector could reach at best; per-group bests are two detectors);
+* **how the validation ranks**: Spearman's rho between the pick's validation AUROC (``protocol.ranking``: the
+  candidates with a validation number in every seed run) and the group's test AUROC over those candidates, and
+  the pick's rank on the group's test AUROC among them (1 = the best): a low rho or a far rank says the
+  validation outliers do not order candidates as that group of test sets does.
 
 ``candidate gap = best candidate - baseline`` says whether any candidate wins at all (if not, no selection rule
 can: new candidates are needed); ``selection gap = best candidate - pick`` says what validation gives away. The
@@ -28,12 +32,14 @@ import argparse
 from pathlib import Path
 
 from bench_forged import FORGED_LABELS, best_post_hoc_on_test, load_runs, per_seed_test
+from scipy.stats import spearmanr
 
 from oodforge.protocol import (
     is_forged,
     keeps_accuracy,
     mean_accuracies,
     pick,
+    ranking,
     validation_numbers,
 )
 
@@ -60,10 +66,14 @@ def gaps(by_seed: dict) -> list[dict]:
     # the one candidate whose worse group is furthest ahead of that group's baseline (what one shipped detector
     # could reach at best)
     single = max(tests, key=lambda m: min(tests[m][g][0] - mean_test(by_seed, baseline[g], g)[0] for g in groups))
+    ranked = [p for p in ranking(runs, backbones=FORGED_LABELS) if p.key in tests]  # the pick's candidates
     rows = []
     for group in groups:
         best = max(tests, key=lambda m: tests[m][group][0])
-        rows.append({"group": group, "baseline": (baseline[group], mean_test(by_seed, baseline[group], group)),
+        test_order = sorted(ranked, key=lambda p: -tests[p.key][group][0])
+        rho = spearmanr([p.auroc for p in ranked], [tests[p.key][group][0] for p in ranked])[0]
+        rows.append({"rho": float(rho), "pick test rank": 1 + [p.key for p in test_order].index(chosen.key),
+                     "ranked": len(ranked), "group": group, "baseline": (baseline[group], mean_test(by_seed, baseline[group], group)),
                      "pick": (chosen.key, mean_test(by_seed, chosen.key, group)),
                      "best candidate": (best, tests[best][group]), "best single": (single, tests[single][group]),
                      "candidates": len(tests)})
@@ -81,14 +91,16 @@ def table(all_runs: dict) -> str:
              "", "Test AUROC / FPR95 in % (seeds averaged). candidate gap = best candidate - baseline; selection gap "
              "= best candidate - pick (AUROC points).", "",
              "| suite | group | baseline (post-hoc, best on test) | pick (validation) | best candidate (on test) | "
-             "candidate gap | selection gap | best single candidate for both groups (on test) | candidates |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "candidate gap | selection gap | best single candidate for both groups (on test) | candidates | "
+             "rho(val, test) | pick's test rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for suite, by_seed in all_runs.items():
         for row in gaps(by_seed):
             b, p, c = (row[k][1] for k in ("baseline", "pick", "best candidate"))
             lines.append(f"| {suite} | {row['group']} | {_cell(row['baseline'])} | {_cell(row['pick'])} | "
                          f"{_cell(row['best candidate'])} | {100 * (c[0] - b[0]):+.2f} | {100 * (c[0] - p[0]):+.2f} | "
-                         f"{_cell(row['best single'])} | {row['candidates']} |")
+                         f"{_cell(row['best single'])} | {row['candidates']} | {row['rho']:.2f} | "
+                         f"{row['pick test rank']} of {row['ranked']} |")
     return "\n".join(lines) + "\n"
 
 
