@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/heldout_proxy.py [--out benchmarks/results/forged]
 
 For every suite with held-out validation numbers (``bench_forged.py`` runs), over every method of the lowest
-seed whose committed ``results.json`` records per-forger numbers for all its methods (read by
-``bench_forged.read_run``, nothing else; the seed is printed):
+seed's run (its part runs merged: ``bench_forged.load_runs``, nothing else; the seed is printed) that records
+per-forger numbers (runs made before session 6 do not):
 Spearman's rank correlation between a validation AUROC (ID val vs class mixes, vs jigsaws, vs both) and
 the method's mean test AUROC on the near and on the far group. A forger that stands for a group should
 rank methods as that group does. This is a **diagnostic of the protocol, written after the test numbers
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_forged import read_run
+from bench_forged import load_runs
 from scipy.stats import spearmanr
 
 from oodforge.report import group_mean
@@ -42,16 +42,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/forged")
     out = Path(ap.parse_args().out)
     table, seeds = {}, {}
-    for suite_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        runs = sorted(suite_dir.glob("seed*/results.json"), key=lambda f: int(f.parent.name[4:]))
-        for f in runs:
-            res = read_run(f.parent)
-            if set(res["validation_heldout"]) <= set(res.get("validation_heldout_by_forger", {})):
-                table[suite_dir.name], seeds[suite_dir.name] = proxy_table(res), int(f.parent.name[4:])
-                break
-        else:
-            if runs:
-                print(f"{suite_dir.name}: no run records per-forger numbers for all its methods; skipped")
+    for suite, by_seed in load_runs(out).items():
+        recorded = [k for k in sorted(by_seed) if by_seed[k].get("validation_heldout_by_forger")]
+        if not recorded:
+            print(f"{suite}: no run records per-forger numbers; skipped")
+            continue
+        table[suite], seeds[suite] = proxy_table(by_seed[recorded[0]]), recorded[0]
     print("| suite | seed | group | methods | rho(val mix, test) | rho(val jigsaw, test) | rho(val both, test) |")
     print("|---|---|---|---|---|---|---|")
     for suite, groups in table.items():
