@@ -240,6 +240,30 @@ def test_selection_gap_is_built_from_the_committed_runs_and_the_protocols_pick(c
     assert gap.table(copy.deepcopy(runs)) == (FORGED / "selection_gap.md").read_text()
 
 
+def test_the_scorecard_is_the_done_when_rule_over_the_committed_runs(committed_runs, monkeypatch):
+    """benchmarks/scorecard.py: a metric wins only by more than the larger seed std (a tie inside it, a loss beyond
+    it the other way; FPR95 lower is better), its pick and zoo baseline are the summary's, a group meets the
+    done-when only when every verdict is a win, and the committed scorecard.md is what it writes."""
+    bench_forged, runs = committed_runs
+    card = _script_over(bench_forged, "scorecard", monkeypatch)
+    spread = np.array([0.90, 0.92, 0.94])  # std 0.0163
+    assert card.verdict(spread, np.array([0.90]), True) == "win"
+    assert card.verdict(spread, np.array([0.91]), True) == "tie"
+    assert card.verdict(spread, np.array([0.95]), True) == "loss"
+    assert card.verdict(np.array([0.10]), np.array([0.20]), False) == "win"
+    assert card.verdict(np.array([0.10, 0.40]), np.array([0.05]), False) == "loss"  # std 0.15, 0.20 worse
+    assert card.verdict(np.array([0.10, 0.40]), np.array([0.15]), False) == "tie"
+    plain = json.loads((ROOT / "benchmarks" / "results" / "plain_seeds" / "summary.json").read_text())
+    summary = json.loads((FORGED / "summary.json").read_text())["picks"]
+    for suite, by_seed in runs.items():
+        for row in card.rows(copy.deepcopy(by_seed), suite, plain):
+            assert row["pick"][0] == summary[suite]["pick"]
+            assert row["zoo"][0] == summary[suite]["best_post_hoc_on_test"][row["group"]]
+            verdicts = [v for v in (row["zoo verdict"], row["seeds verdict"]) if v]
+            assert row["meets"] == all(v == ("win", "win") for v in verdicts)
+    assert card.table(copy.deepcopy(runs), plain) == (FORGED / "scorecard.md").read_text()
+
+
 def test_a_run_without_the_fields_the_pick_reads_is_refused(tmp_path):
     bench_forged = _bench_forged()
     run = tmp_path / "s" / "seed0"
