@@ -72,11 +72,11 @@ def gaps(by_seed: dict) -> list[dict]:
         best = max(tests, key=lambda m: tests[m][group][0])
         test_order = sorted(ranked, key=lambda p: -tests[p.key][group][0])
         rho = spearmanr([p.auroc for p in ranked], [tests[p.key][group][0] for p in ranked])[0]
-        rows.append({"rho": float(rho), "pick test rank": 1 + [p.key for p in test_order].index(chosen.key),
-                     "ranked": len(ranked), "group": group, "baseline": (baseline[group], mean_test(by_seed, baseline[group], group)),
+        rows.append({"group": group, "baseline": (baseline[group], mean_test(by_seed, baseline[group], group)),
                      "pick": (chosen.key, mean_test(by_seed, chosen.key, group)),
                      "best candidate": (best, tests[best][group]), "best single": (single, tests[single][group]),
-                     "candidates": len(tests)})
+                     "candidates": len(tests), "rho": float(rho), "ranked": len(ranked),
+                     "pick test rank": 1 + [p.key for p in test_order].index(chosen.key)})
     return rows
 
 
