@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from oodforge.demo import run_demo
+from oodforge.demo import run_demo, write_summary
 from oodforge.protocol import is_forged, pick
 from oodforge.workflows import FUSIONS
 
@@ -66,6 +66,8 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     for group in ("near", "far"):
         row = next(line for line in summary.splitlines() if line.startswith(f"| fashion6 | {group} |"))
         assert f"| **{chosen.key}: " in row and saved["best_post_hoc"][group] in row
+        # the recipe column names the backbone the run trained (its recorded benchmark label)
+        assert f"/ {100 * res['models']['t2fnorm']['id_accuracy']:.2f} (t2fnorm-e10) |" in row
         # a win only when the paired bootstrap interval of the difference excludes zero
         c = saved["vs_best_post_hoc"][group]
         assert c["low"] <= c["difference"] <= c["high"] and c["verdict"] in row
@@ -76,6 +78,10 @@ def test_quick_demo_reports_shift_and_ssod_beside_post_hoc(tmp_path):
     assert "shift[layercam+telea]:" in summary
     assert any("demo finished" in line for line in lines)
     assert "without odin" in summary and "`oodforge demo --full`" in summary
+    # a run summarised again later names the recipe it recorded, not the one DEMO_RECIPES holds by then
+    res["models"]["t2fnorm"]["recipe"] = "t2fnorm-e5"
+    write_summary({"fashion6": res}, out)
+    assert "(t2fnorm-e5) |" in (out / "summary.md").read_text()
 
 
 

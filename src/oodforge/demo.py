@@ -81,7 +81,7 @@ DEMO_RECIPES = {"fashion": DemoRecipe("t2fnorm", 10, "t2fnorm-e10"),
                 "clipart": DemoRecipe("ascood", None, "ascood-scratch", detectors=("kpca",))}
 #: a suite of the user's (``oodforge demo --suites my-suite.toml``): T2FNorm fine-tuned for ten epochs, the pick's
 #: backbone on fashion6 (and on scenes and clipart until the from-scratch runs of sessions 15-16)
-DEFAULT_DEMO_RECIPE = DemoRecipe("t2fnorm", 10, "t2fnorm-e10")
+DEFAULT_DEMO_RECIPE = DEMO_RECIPES["fashion6"]
 
 
 def demo_recipe(suite_name: str) -> DemoRecipe:
@@ -298,10 +298,11 @@ def write_summary(all_results: dict, out: Path) -> Path:
             return "-" if v is None else f"{m}: {100 * v[0]:.2f} / {100 * v[1]:.2f}"
 
         shift, diff = plain_key(res, "shift"), _diff_cell
+        # the recipe backbone this run trained, as the run recorded it (not today's DEMO_RECIPES)
+        recipe, rec_label = next(((lab, m["recipe"]) for lab, m in accs.items() if "recipe" in m), ("", "-"))
         for group in summ["best_post_hoc"]:
-            recipe = demo_recipe(name)
             lines.append(f"| {name} | {group} | {acc('plain')} / {acc('ssod')} / {acc('oe')} / "
-                         f"{acc(recipe.method)} ({recipe.label}) | "
+                         f"{acc(recipe)} ({rec_label}) | "
                          f"**{cell(summ['pick'], group)}** | {cell(summ['best_post_hoc'][group], group)} | "
                          f"{diff(summ['vs_best_post_hoc'].get(group))} | "
                          f"{cell(summ['per_group_picks'][group], group)} | {cell(shift, group)} | "
