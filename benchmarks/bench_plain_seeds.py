@@ -122,6 +122,17 @@ def summarise(runs: dict, out: Path) -> str:
 PLAIN_SEEDS_REQUIRED = ("methods", "groups")
 
 
+def rows_a_rerun_would_drop(out: Path, name: str, seed: int, oe_variant: str | None, fusion_only: bool) -> list[str]:
+    """The backbone labels of the committed run ``OUT/<suite>/seed<k>`` (or its ``fusion`` part) that re-running it
+    with these flags would not make again: :func:`run_seed` rewrites the folder's ``results.json`` whole, so a
+    seed run made with ``--oe-variant`` and re-made without it would lose its OE rows (it happened in session 18)."""
+    path = out / name / f"seed{seed}" / ("fusion" if fusion_only else "") / "results.json"
+    if not path.is_file():
+        return []
+    made = {"plain", *([oe_variant] if oe_variant else [])}
+    return sorted(set(json.loads(path.read_text()).get("models", {})) - made)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="scenes,fashion6")
@@ -137,10 +148,18 @@ def main() -> None:
     if args.fusion_only and args.oe_variant:
         ap.error("--fusion-only adds the plain classifier's fusions to earlier runs; run --oe-variant apart")
     out = Path(args.out)
+    suites, seeds = [s for s in args.suites.split(",") if s], [int(s) for s in args.seeds.split(",")]
     if not args.summarise:
+        for name in suites:  # before any work: a re-run must not drop rows the committed run holds
+            for seed in seeds:
+                lost = rows_a_rerun_would_drop(out, name, seed, args.oe_variant, args.fusion_only)
+                if lost:
+                    raise SystemExit(f"{out / name / f'seed{seed}'}: its results.json holds the backbone(s) "
+                                     f"{', '.join(lost)}, which this re-run would drop; pass --oe-variant "
+                                     f"{lost[0]} to re-make them, or move the folder away first")
         out.mkdir(parents=True, exist_ok=True)
-        for name in [s for s in args.suites.split(",") if s]:
-            for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in suites:
+            for seed in seeds:
                 print(f"=== {name} seed {seed} ===", flush=True)
                 t0 = time.time()
                 run_seed(name, seed, out, log=print, oe_variant=args.oe_variant, fusion_only=args.fusion_only)

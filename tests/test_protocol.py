@@ -201,6 +201,24 @@ def test_the_committed_plain_seeds_summary_rebuilds_byte_for_byte(monkeypatch, t
         bench_forged.load_runs(committed)
 
 
+def test_a_plain_seeds_rerun_that_would_drop_committed_rows_is_refused_before_any_work(monkeypatch):
+    """Re-running a seed of bench_plain_seeds.py rewrites its results.json whole: a committed run made with
+    ``--oe-variant`` (scenes) re-made without it would lose its OE rows, so the script refuses before training."""
+    plain_seeds = _script_over(_bench_forged(), "bench_plain_seeds", monkeypatch)
+    committed = ROOT / "benchmarks" / "results" / "plain_seeds"
+    oe = "energy-paper-lr1e-2"
+    assert plain_seeds.rows_a_rerun_would_drop(committed, "scenes", 1, None, False) == [oe]
+    assert plain_seeds.rows_a_rerun_would_drop(committed, "scenes", 1, oe, False) == []
+    assert plain_seeds.rows_a_rerun_would_drop(committed, "scenes", 1, None, True) == []  # its fusion part: plain
+    assert plain_seeds.rows_a_rerun_would_drop(committed, "no-such-suite", 1, None, False) == []
+    monkeypatch.setattr(plain_seeds, "run_seed", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.setattr("sys.argv", ["bench_plain_seeds.py", "--suites", "scenes", "--seeds", "2",
+                                     "--out", str(committed)])
+    with pytest.raises(SystemExit, match=f"holds the backbone.s. {oe}, which this re-run would drop; pass "
+                                         f"--oe-variant {oe}"):
+        plain_seeds.main()
+
+
 def test_the_demo_runs_the_backbone_of_each_committed_pick():
     """oodforge.demo.DEMO_RECIPES follows the benchmark: each recipe is the plan of its bench_forged label, and that
     label is the backbone of the suite's committed pick (fashion's pick is on the OE backbone, which the demo runs
