@@ -282,6 +282,22 @@ def test_the_scorecard_is_the_done_when_rule_over_the_committed_runs(committed_r
     assert card.table(copy.deepcopy(runs), plain) == (FORGED / "scorecard.md").read_text()
 
 
+def test_the_committed_heldout_proxy_table_is_what_the_script_writes(committed_runs, monkeypatch, tmp_path):
+    """benchmarks/heldout_proxy.py rebuilds its committed rank correlations from the committed (merged) runs, over
+    every method of seed 0 with per-forger numbers (more than the main run's alone)."""
+    bench_forged, _ = committed_runs
+    proxy = _script_over(bench_forged, "heldout_proxy", monkeypatch)
+    for f in FORGED.glob("*/seed*/**/results.json"):  # the runs, not the tables, into a scratch OUT
+        (tmp_path / f.relative_to(FORGED)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f.relative_to(FORGED)).write_bytes(f.read_bytes())
+    monkeypatch.setattr("sys.argv", ["heldout_proxy.py", "--out", str(tmp_path)])
+    proxy.main()
+    rebuilt = json.loads((tmp_path / "heldout_proxy.json").read_text())
+    assert rebuilt == json.loads((FORGED / "heldout_proxy.json").read_text())
+    main_run = json.loads((FORGED / "scenes" / "seed0" / "results.json").read_text())
+    assert rebuilt["scenes"]["near"]["both"][1] > len(main_run["methods"])  # the part runs' methods too
+
+
 def test_a_run_without_the_fields_the_pick_reads_is_refused(tmp_path):
     bench_forged = _bench_forged()
     run = tmp_path / "s" / "seed0"
